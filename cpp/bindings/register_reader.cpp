@@ -1,0 +1,118 @@
+// StoreReader -> finegym_store._core.Reader. Every array handed out is a
+// read-only view into the mapping whose numpy base is the Reader object, so
+// the mapping stays alive as long as any view does.
+#include <pybind11/pybind11.h>
+
+#include "bindings.hpp"
+#include "finegym/reader.hpp"
+
+using finegym::DType;
+using finegym::StoreReader;
+
+py::dtype to_numpy(DType t) { return py::dtype(finegym::dtype_name(t)); }
+
+DType from_numpy(const py::dtype& dt, const char* what) {
+    const std::string name = py::str(dt).cast<std::string>();
+    try {
+        return finegym::dtype_from_name(name);
+    } catch (const std::invalid_argument&) {
+        throw py::value_error(std::string(what) + " has dtype " + name +
+                              "; expected one of uint8, int32, int64, float16, float32");
+    }
+}
+
+namespace {
+
+py::array readonly_view(py::handle owner, DType dtype, std::vector<py::ssize_t> shape, const unsigned char* data) {
+    const auto item = static_cast<py::ssize_t>(finegym::dtype_size(dtype));
+    std::vector<py::ssize_t> strides(shape.size());
+    py::ssize_t stride = item;
+    for (std::size_t i = shape.size(); i-- > 0;) {
+        strides[i] = stride;
+        stride *= shape[i];
+    }
+    // The const_cast is safe: the array is flagged read-only below, and the
+    // mapping itself is PROT_READ, so numpy cannot write through it.
+    py::array out(to_numpy(dtype), std::move(shape), std::move(strides),
+                  const_cast<unsigned char*>(data), owner);
+    py::detail::array_proxy(out.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
+    return out;
+}
+
+std::vector<py::ssize_t> to_ssize(const std::vector<std::uint64_t>& v) {
+    return {v.begin(), v.end()};
+}
+
+}  // namespace
+
+void register_reader(py::module_& m) {
+    py::class_<StoreReader>(m, "Reader", "A memory-mapped store (internal; see finegym_store.Store).")
+        .def(py::init([](const std::string& path) {
+                 py::gil_scoped_release release;  // opening touches only C++ state and the file
+                 return std::make_unique<StoreReader>(path);
+             }),
+             py::arg("path"))
+        .def_property_readonly("path", &StoreReader::path)
+        .def_property_readonly("file_size", &StoreReader::file_size)
+        .def_property_readonly("version", [](const StoreReader& r) { return r.header().version; })
+        .def("__len__", [](const StoreReader& r) { return r.num_instances(); })
+        .def_property_readonly("num_classes",
+                               [](const StoreReader& r) -> py::object {
+                                   if (!r.schema().has_classes) return py::none();
+                                   return py::int_(r.schema().num_classes);
+                               })
+        .def_property_readonly("has_attrs", [](const StoreReader& r) { return r.schema().has_attrs; })
+        .def("sections",
+             [](const StoreReader& r) {
+                 py::list out;
+                 for (const auto& s : r.sections()) {
+                     py::dict d;
+                     d["name"] = s.name;
+                     d["dtype"] = finegym::dtype_name(s.dtype);
+                     d["shape"] = py::tuple(py::cast(s.shape));
+                     d["offset"] = s.offset;
+                     d["length"] = s.length;
+                     d["checksum"] = s.checksum;
+                     out.append(d);
+                 }
+                 return out;
+             })
+        .def("has_section", [](const StoreReader& r, const std::string& name) {
+            return finegym::find_section(r.sections(), name) >= 0;
+        })
+        .def(
+            "section",
+            [](py::object self, const std::string& name) {
+                const auto& r = self.cast<const StoreReader&>();
+                const auto& s = r.section(name);
+                return readonly_view(self, s.dtype, to_ssize(s.shape), r.bytes(s));
+            },
+            py::arg("name"), "Read-only view of a whole section.")
+        .def("columns",
+             [](const StoreReader& r) {
+                 py::list out;
+                 for (const auto& c : r.schema().columns) {
+                     py::object t = c.ragged() ? py::object(py::none()) : py::object(py::int_(c.segments));
+                     out.append(py::make_tuple(c.name, finegym::dtype_name(c.dtype), t, c.channels));
+                 }
+                 return out;
+             })
+        .def(
+            "features",
+            [](py::object self, const std::string& column, std::int64_t i) {
+                const auto& r = self.cast<const StoreReader&>();
+                const auto& col = r.column(column);
+                const auto rows = r.instance(col, i);
+                return readonly_view(self, col.dtype,
+                                     {static_cast<py::ssize_t>(rows.rows), static_cast<py::ssize_t>(col.channels)},
+                                     rows.data);
+            },
+            py::arg("column"), py::arg("index"), "Read-only (T_i, C) view of one instance.")
+        .def(
+            "verify",
+            [](const StoreReader& r) {
+                py::gil_scoped_release release;  // hashes the mapping only; no Python objects touched
+                return r.verify();
+            },
+            "Names of sections whose checksum does not match (empty when intact).");
+}

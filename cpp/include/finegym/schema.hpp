@@ -1,0 +1,40 @@
+// What a store is made of, on top of the raw section table: which sections
+// must exist, their dtypes and shapes, and the feature columns they form.
+// The writer validates the table it is about to commit with the same function
+// the reader uses to open a file, so both agree on the layout by construction.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "finegym/format.hpp"
+
+namespace finegym {
+
+struct FeatureColumn {
+    std::string name;
+    DType dtype = DType::Float32;
+    std::uint64_t segments = 0;  // T for fixed columns, 0 when ragged
+    std::uint64_t channels = 0;  // C
+    std::size_t values = 0;      // index of the features/NAME section
+    std::size_t offsets = 0;     // index of features/NAME/offsets (ragged only)
+    bool ragged() const noexcept { return segments == 0; }
+};
+
+struct Schema {
+    std::uint64_t num_instances = 0;
+    std::uint64_t num_classes = 0;  // 0 when the store has no label hierarchy
+    bool has_classes = false;
+    bool has_attrs = false;
+    std::vector<FeatureColumn> columns;  // in section-table order
+};
+
+// Checks names, dtypes, shapes and alignment of every section against the
+// schema in format.hpp. Throws FormatError naming `path` and the section.
+Schema validate_schema(const std::vector<Section>& sections, std::uint64_t num_instances, const std::string& path);
+
+// Index of the section called `name`, or -1.
+std::ptrdiff_t find_section(const std::vector<Section>& sections, std::string_view name);
+
+}  // namespace finegym

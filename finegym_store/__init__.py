@@ -1,0 +1,31 @@
+"""finegym-store: a memory-mapped, columnar store for FineGym features.
+
+    import finegym_store as fgs
+    fgs.convert("gym99_val.fgs", {"i3d": "i3d_val.pkl"}, split="gym99_val_element.txt")
+    store = fgs.open("gym99_val.fgs")
+    x = store.features("i3d", 0)        # (12, 2048) float32 view, no copy
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from ._core import FORMAT_VERSION
+from .errors import ConversionError, FormatError, UnsafePickleError
+from .store import Classes, Column, Meta, Store, Strings, open
+from .convert import convert  # noqa: E402 (needs __version__)
+
+__all__ = [
+    "__version__",
+    "FORMAT_VERSION",
+    "open",
+    "convert",
+    "Store",
+    "Column",
+    "Strings",
+    "Meta",
+    "Classes",
+    "FormatError",
+    "ConversionError",
+    "UnsafePickleError",
+]

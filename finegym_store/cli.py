@@ -1,0 +1,158 @@
+"""The ``finegym-store`` command: convert, info, verify, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+from . import __version__
+from .errors import ConversionError, FormatError
+
+
+def _feature_arg(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH (e.g. i3d=i3d_val.pkl), got {text!r}")
+    return name, path
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="finegym-store",
+        description="Convert FineGym feature pickles into a memory-mapped store, and inspect stores.",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("convert", help="convert feature pickles into a store",
+                       description="Convert one or more feature pickles (one per model) into a store.")
+    c.add_argument("out", help="path of the store to write (e.g. gym99_val.fgs)")
+    c.add_argument("-f", "--feature", dest="features", action="append", type=_feature_arg, required=True,
+                   metavar="NAME=PATH", help="a feature column and its pickle; repeat for several models")
+    c.add_argument("--split", help="FineGym split file (<id> <label> per line): order and labels")
+    c.add_argument("--categories", help="FineGym categories file: the label hierarchy")
+    c.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="stored dtype")
+    c.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    c.add_argument("--trust-pickle", action="store_true",
+                   help="unpickle without the allow-list (only for files you trust)")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    i = sub.add_parser("info", help="schema, counts, class histogram and size of a store")
+    i.add_argument("store")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+
+    v = sub.add_parser("verify", help="check every section's checksum (exit 1 on damage)")
+    v.add_argument("store")
+
+    d = sub.add_parser("demo", help="the whole job on built-in synthetic sample data")
+    d.add_argument("-n", "--instances", type=int, default=2000, help="instances to synthesize (default 2000)")
+    d.add_argument("--workdir", help="keep the generated files here (default: a temporary folder)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _info(path: str) -> dict:
+    from .store import open as open_store
+
+    store = open_store(path)
+    labels = np.asarray(store.labels)
+    labelled = labels[labels >= 0]
+    counts = np.bincount(labelled) if len(labelled) else np.zeros(0, dtype=np.int64)
+    present = counts[counts > 0]
+    names = store.label_names or {}
+    info = {
+        "path": store.path,
+        "format_version": store.format_version,
+        "file_size": store.file_size,
+        "instances": len(store),
+        "labelled": int(len(labelled)),
+        "columns": {
+            name: {
+                "dtype": str(col.dtype),
+                "shape": list(col.shape),
+                "bytes": int(col.values.nbytes),
+            }
+            for name, col in ((n, store.column(n)) for n in store.columns)
+        },
+        "classes_in_hierarchy": len(store.classes) if store.classes is not None else None,  # type: ignore[arg-type]
+        "classes_present": int(len(present)),
+    }
+    if len(present):
+        order = np.argsort(counts)
+        info["class_sizes"] = {"min": int(present.min()), "median": float(np.median(present)),
+                               "max": int(present.max())}
+        info["largest"] = [[int(k), int(counts[k]), names.get(int(k))] for k in order[::-1][:3]]
+        info["smallest"] = [[int(k), int(counts[k]), names.get(int(k))] for k in order if counts[k] > 0][:3]
+    return info
+
+
+def _print_info(info: dict) -> None:
+    print(f"{info['path']}: finegym-store format v{info['format_version']}, "
+          f"{info['file_size'] / 2**20:.1f} MiB")
+    print(f"instances: {info['instances']} ({info['labelled']} labelled)")
+    print("columns:")
+    for name, c in info["columns"].items():
+        shape = "(" + ", ".join("T" if d is None else str(d) for d in c["shape"]) + ")"
+        print(f"  {name:<16} {c['dtype']:<8} {shape:<22} {c['bytes'] / 2**20:10.1f} MiB")
+    if info["classes_in_hierarchy"] is not None:
+        print(f"label hierarchy: {info['classes_in_hierarchy']} classes")
+    if "class_sizes" in info:
+        s = info["class_sizes"]
+        print(f"classes present: {info['classes_present']}; instances per class: min {s['min']}, "
+              f"median {s['median']:g}, max {s['max']}")
+        for title in ("largest", "smallest"):
+            row = ", ".join(f"{k} ({n}{': ' + nm[:40] if nm else ''})" for k, n, nm in info[title])
+            print(f"  {title}: {row}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "convert":
+            from .convert import convert
+
+            names = [n for n, _ in args.features]
+            if len(set(names)) != len(names):
+                raise ConversionError(f"a column name is given twice: {names}")
+            store = convert(args.out, dict(args.features), split=args.split, categories=args.categories,
+                            dtype=args.dtype, overwrite=args.overwrite, progress=not args.quiet,
+                            trust_pickle=args.trust_pickle)
+            print(f"wrote {store.path}: {len(store)} instances, columns {', '.join(store.columns)}, "
+                  f"{store.file_size / 2**20:.1f} MiB")
+        elif args.command == "info":
+            info = _info(args.store)
+            if args.json:
+                print(json.dumps(info, indent=2))
+            else:
+                _print_info(info)
+        elif args.command == "verify":
+            from .store import open as open_store
+
+            damaged = open_store(args.store).verify()
+            if damaged:
+                print(f"{args.store}: DAMAGED sections: {', '.join(damaged)}", file=sys.stderr)
+                return 1
+            print(f"{args.store}: OK (every section checksum matches)")
+        elif args.command == "demo":
+            from .demo import run_demo
+
+            if args.instances < 1:
+                raise ValueError("--instances must be at least 1")
+            run_demo(args.instances, workdir=args.workdir, seed=args.seed, progress=not args.quiet)
+    except FormatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (ConversionError, ValueError, KeyError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Unpickling FineGym feature pickles without running code from them.
+
+A pickle can call any importable function while loading. The released feature
+pickles only need numpy array reconstruction and plain containers, so we
+resolve exactly those globals and refuse every other one with
+UnsafePickleError, before it is called.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+from typing import Any, BinaryIO, Callable
+
+import numpy as np
+
+from .errors import ConversionError, UnsafePickleError
+
+__all__ = ["load", "ALLOWED_GLOBALS"]
+
+
+def _numpy_core(submodule: str, name: str) -> Any:
+    # numpy >= 2 renamed numpy.core to numpy._core; old pickles (and any
+    # pickle written by numpy 1.x) still name numpy.core. Resolve to the
+    # object directly, so loading emits no DeprecationWarning.
+    core = getattr(np, "_core", None) or np.core
+    return getattr(getattr(core, submodule), name)
+
+
+_RESOLVERS: dict[tuple[str, str], Callable[[], Any]] = {}
+for _core_name in ("numpy.core", "numpy._core"):
+    _RESOLVERS[(f"{_core_name}.multiarray", "_reconstruct")] = lambda: _numpy_core("multiarray", "_reconstruct")
+    _RESOLVERS[(f"{_core_name}.multiarray", "scalar")] = lambda: _numpy_core("multiarray", "scalar")
+    _RESOLVERS[(f"{_core_name}.numeric", "_frombuffer")] = lambda: _numpy_core("numeric", "_frombuffer")
+_RESOLVERS[("numpy", "ndarray")] = lambda: np.ndarray
+_RESOLVERS[("numpy", "dtype")] = lambda: np.dtype
+_RESOLVERS[("collections", "OrderedDict")] = lambda: __import__("collections").OrderedDict
+for _builtins in ("builtins", "__builtin__"):  # __builtin__: Python 2 pickles
+    for _name, _obj in (("dict", dict), ("list", list), ("tuple", tuple), ("set", set),
+                        ("frozenset", frozenset), ("bytearray", bytearray)):
+        _RESOLVERS[(_builtins, _name)] = (lambda o=_obj: o)
+
+#: The (module, name) globals a pickle may refer to.
+ALLOWED_GLOBALS = frozenset(_RESOLVERS)
+
+
+class _AllowListUnpickler(pickle.Unpickler):
+    def __init__(self, file: BinaryIO, source: str) -> None:
+        # latin1 decodes Python 2 str payloads (numpy array bytes) losslessly.
+        super().__init__(file, encoding="latin1")
+        self._source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        resolve = _RESOLVERS.get((module, name))
+        if resolve is None:
+            raise UnsafePickleError(
+                f"{self._source}: refusing to unpickle global '{module}.{name}': only numpy arrays "
+                "and plain containers are allowed. If you trust this file, pass trust_pickle=True "
+                "(--trust-pickle on the command line)."
+            )
+        return resolve()
+
+
+class _CountingReader(io.RawIOBase):
+    """Wraps a binary file and reports bytes read to a callback (progress)."""
+
+    def __init__(self, raw: BinaryIO, on_read: Callable[[int], None]) -> None:
+        self._raw = raw
+        self._on_read = on_read
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        n = self._raw.readinto(b)
+        self._on_read(n or 0)
+        return n or 0
+
+
+def load(
+    path: str | os.PathLike[str],
+    *,
+    trust: bool = False,
+    on_read: Callable[[int], None] | None = None,
+) -> Any:
+    """Load a pickle file through the allow-list (or plainly, if ``trust``).
+
+    Raises ConversionError (naming the file) for a truncated or malformed
+    pickle and UnsafePickleError for a refused global."""
+    path = os.fspath(path)
+    with open(path, "rb") as raw:
+        f: BinaryIO = raw
+        if on_read is not None:
+            f = io.BufferedReader(_CountingReader(raw, on_read), buffer_size=1 << 20)  # type: ignore[assignment]
+        try:
+            if trust:
+                return pickle.load(f, encoding="latin1")  # the caller opted in explicitly
+            return _AllowListUnpickler(f, path).load()
+        except UnsafePickleError:
+            raise
+        except EOFError:
+            raise ConversionError(f"{path}: the pickle ends early (truncated file?)") from None
+        except (pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+            raise ConversionError(f"{path}: not a readable pickle: {e}") from e
+        except MemoryError:
+            raise ConversionError(f"{path}: ran out of memory while unpickling") from None

@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+#: The real FineGym annotation files (CI has them; users need not).
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "finegym"
+
+
+def shared_file(name: str) -> Path:
+    path = SHARED / name
+    if not path.exists():
+        if os.environ.get("CI"):
+            raise FileNotFoundError(f"{path} is missing; CI must provide ../shared/finegym")
+        pytest.skip(f"{path} not present (only CI and developer machines have ../shared/finegym)")
+    return path
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
