@@ -80,14 +80,14 @@ def _info(path: str) -> dict:
             }
             for name, col in ((n, store.column(n)) for n in store.columns)
         },
-        "classes_in_hierarchy": len(store.classes) if store.classes is not None else None,  # type: ignore[arg-type]
+        "classes_in_hierarchy": len(store.classes.label) if store.classes is not None else None,
         "classes_present": int(len(present)),
     }
     if len(present):
         order = np.argsort(counts)
         info["class_sizes"] = {"min": int(present.min()), "median": float(np.median(present)),
                                "max": int(present.max())}
-        info["largest"] = [[int(k), int(counts[k]), names.get(int(k))] for k in order[::-1][:3]]
+        info["largest"] = [[int(k), int(counts[k]), names.get(int(k))] for k in order[::-1] if counts[k] > 0][:3]
         info["smallest"] = [[int(k), int(counts[k]), names.get(int(k))] for k in order if counts[k] > 0][:3]
     return info
 

@@ -114,11 +114,13 @@ def _check_keys(where: str, table: Mapping[str, Any], expected: set[str], agains
     if not table:
         raise ConversionError(f"{where}: the feature dict is empty")
     keys = set(table)
-    if keys == expected:
-        return
+    # Before the equality shortcut: without a split, `expected` is the table's
+    # own key set, so non-str keys would otherwise reach the writer.
     not_str = [k for k in keys if not isinstance(k, str)]
     if not_str:
         raise ConversionError(f"{where}: keys must be str element ids, found {type(not_str[0]).__name__} {not_str[0]!r}")
+    if keys == expected:
+        return
     missing, extra = expected - keys, keys - expected
     parts = []
     if missing:

@@ -36,6 +36,24 @@ for _core_name in ("numpy.core", "numpy._core"):
 _RESOLVERS[("numpy", "ndarray")] = lambda: np.ndarray
 _RESOLVERS[("numpy", "dtype")] = lambda: np.dtype
 _RESOLVERS[("collections", "OrderedDict")] = lambda: __import__("collections").OrderedDict
+
+
+def _latin1_encode(text: Any, encoding: Any = "utf-8", errors: Any = "strict") -> bytes:
+    # Python 3 writes bytes into protocol 0-2 pickles (numpy array data among
+    # them) as _codecs.encode(str, 'latin1'); allow exactly that call.
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1") or errors != "strict":
+        raise pickle.UnpicklingError("_codecs.encode is only allowed as encode(str, 'latin1')")
+    return text.encode("latin1")
+
+
+def _empty_bytes() -> bytes:
+    # ... and an empty bytes object as bytes().
+    return b""
+
+
+_RESOLVERS[("_codecs", "encode")] = lambda: _latin1_encode
+for _builtins in ("builtins", "__builtin__"):
+    _RESOLVERS[(_builtins, "bytes")] = lambda: _empty_bytes
 for _builtins in ("builtins", "__builtin__"):  # __builtin__: Python 2 pickles
     for _name, _obj in (("dict", dict), ("list", list), ("tuple", tuple), ("set", set),
                         ("frozenset", frozenset), ("bytearray", bytearray)):
@@ -101,7 +119,10 @@ def load(
             raise
         except EOFError:
             raise ConversionError(f"{path}: the pickle ends early (truncated file?)") from None
-        except (pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
-            raise ConversionError(f"{path}: not a readable pickle: {e}") from e
         except MemoryError:
             raise ConversionError(f"{path}: ran out of memory while unpickling") from None
+        except Exception as e:
+            # Malformed input surfaces as many types: UnpicklingError, ValueError,
+            # TypeError, OverflowError (a length field past sys.maxsize), numpy's
+            # RuntimeError/SystemError for a bad dtype state, ...
+            raise ConversionError(f"{path}: not a readable pickle: {type(e).__name__}: {e}") from e

@@ -1,6 +1,7 @@
 #include "finegym/format.hpp"
 
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <limits>
 #include <stdexcept>
@@ -121,8 +122,11 @@ Header decode_header(const unsigned char* b, std::uint64_t actual_size, const st
     h.num_sections = get<std::uint32_t>(b, hdr::num_sections);
     h.flags = get<std::uint64_t>(b, hdr::flags);
     h.checksum = get<std::uint64_t>(b, hdr::checksum);
-    if (h.flags != 0)
-        fail(path, "unknown flags 0x" + std::to_string(h.flags) + " (written by a newer finegym-store?)");
+    if (h.flags != 0) {
+        char hex[19];
+        std::snprintf(hex, sizeof hex, "0x%llx", static_cast<unsigned long long>(h.flags));
+        fail(path, std::string("unknown flags ") + hex + " (written by a newer finegym-store?)");
+    }
     if (h.num_sections == 0 || h.num_sections > kMaxSections)
         fail(path, "section_count " + std::to_string(h.num_sections) + " is outside 1.." + std::to_string(kMaxSections));
     if (h.table_offset < kHeaderSize || h.table_offset % kSectionAlign != 0)

@@ -1,0 +1,626 @@
+"""Damaged, truncated and foreign files: opening raises FormatError (a
+ValueError naming the path and the problem) and never crashes.
+
+Byte offsets follow docs/FORMAT.md. Tests that damage the header or the
+section table recompute the header checksum, so that the check of the field
+itself is what fails, not the checksum.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+import finegym_store as fgs
+from finegym_store import _core, synth
+
+N = 7
+FIX_T, FIX_C = 4, 8
+RAG_C = 6
+RAG_T = [3, 1, 5, 2, 4, 1, 6]
+
+CATS = """\
+Clabel:   0; set:  1; Glabel:   1; (VT) round-off, flic-flac with 1/1 turn
+Clabel:   1; set: 21; Glabel:  67; (FX) split leap
+Clabel:   2; set: 31; Glabel: 120; (BB) wolf jump
+"""
+
+# Header fields: (byte offset, struct format).
+HEADER = {
+    "magic": (0, "8s"),
+    "version": (8, "<I"),
+    "header_size": (12, "<I"),
+    "file_size": (16, "<Q"),
+    "instance_count": (24, "<Q"),
+    "section_table_offset": (32, "<Q"),
+    "section_count": (40, "<I"),
+    "section_entry_size": (44, "<I"),
+    "flags": (48, "<Q"),
+    "header_checksum": (56, "<Q"),
+}
+# Section table entry fields.
+ENTRY = {"offset": (64, "<Q"), "length": (72, "<Q"), "checksum": (80, "<Q"), "dtype": (88, "<B"), "ndim": (89, "<B")}
+
+
+def get(buf, field, table=HEADER, base=0):
+    at, fmt = table[field]
+    return struct.unpack_from(fmt, buf, base + at)[0]
+
+
+def put(buf, field, value, table=HEADER, base=0):
+    at, fmt = table[field]
+    struct.pack_into(fmt, buf, base + at, value)
+
+
+def rehash(buf: bytearray) -> None:
+    """Recompute the header checksum the way a reader checks it: XXH64 of
+    header bytes [0, 56) then section_count x 128 bytes at section_table_offset
+    (whatever those fields now say)."""
+    toff, count = get(buf, "section_table_offset"), get(buf, "section_count")
+    table = bytes(buf[toff : toff + count * 128]) if toff < len(buf) else b""
+    put(buf, "header_checksum", _core.hash64(bytes(buf[:56]) + table))
+
+
+def entries(buf) -> dict[str, int]:
+    """{section name: byte position of its table entry}."""
+    toff, count = get(buf, "section_table_offset"), get(buf, "section_count")
+    out = {}
+    for i in range(count):
+        at = toff + 128 * i
+        out[bytes(buf[at : at + 64]).split(b"\0", 1)[0].decode()] = at
+    return out
+
+
+def set_name(buf, at: int, name: bytes) -> None:
+    buf[at : at + 64] = name.ljust(64, b"\0")
+
+
+@dataclass
+class Base:
+    path: str
+    data: bytes
+    sections: dict[str, dict]  # name -> {offset, length, shape, ...}
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    @property
+    def table_offset(self) -> int:
+        return get(self.data, "section_table_offset")
+
+    @property
+    def section_count(self) -> int:
+        return get(self.data, "section_count")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Base:
+    d = tmp_path_factory.mktemp("corrupt_base")
+    rng = np.random.default_rng(99)
+    ids = synth.make_ids(N, seed=3)
+    fix = {k: rng.standard_normal((FIX_T, FIX_C, 1, 1)).astype(np.float32) for k in ids}
+    rag = {k: rng.standard_normal((t, RAG_C)).astype(np.float32) for k, t in zip(ids, RAG_T)}
+    (d / "split.txt").write_text("".join(f"{k} {i % 3}\n" for i, k in enumerate(ids)))
+    (d / "cats.txt").write_text(CATS)
+    store = fgs.convert(d / "base.fgs", {"fix": fix, "rag": rag}, split=d / "split.txt",
+                        categories=d / "cats.txt", progress=False)
+    assert store.column("rag").ragged and store.classes is not None and store.verify() == []
+    sections = {s["name"]: s for s in store.sections()}
+    return Base(store.path, (d / "base.fgs").read_bytes(), sections)
+
+
+@pytest.fixture
+def damaged(base, tmp_path):
+    """write(bytes) -> path of a file holding them."""
+
+    def write(data, name="damaged.fgs"):
+        path = tmp_path / name
+        path.write_bytes(bytes(data))
+        return str(path)
+
+    return write
+
+
+def open_fails(path, pattern):
+    with pytest.raises(fgs.FormatError, match=pattern) as info:
+        fgs.open(path)
+    msg = str(info.value)
+    assert path in msg and "is not a valid finegym-store file" in msg
+    return msg
+
+
+def test_format_error_is_value_error():
+    assert issubclass(fgs.FormatError, ValueError)
+
+
+def test_base_store_is_valid(base):
+    store = fgs.open(base.path)
+    assert len(store) == N
+    assert store.column("fix").shape == (N, FIX_T, FIX_C)
+    assert store.column("rag").shape == (N, None, RAG_C)
+    np.testing.assert_array_equal(store.column("rag").lengths(), RAG_T)
+    assert base.sections["features/fix"]["offset"] % 4096 == 0
+    assert get(base.data, "file_size") == base.size
+    # The test's checksum recipe reproduces the writer's.
+    buf = bytearray(base.data)
+    rehash(buf)
+    assert bytes(buf) == base.data
+
+
+# -- (a) header fields -------------------------------------------------------------------------
+
+HEADER_CASES = [
+    ("magic", lambda b: b"FGSTORX\0", r"bad magic"),
+    ("magic", lambda b: b"\0" * 8, r"bad magic"),
+    ("magic", lambda b: b"FGSTORE1", r"bad magic"),
+    ("version", lambda b: 0, r"format version 0 is not supported; this build reads version 1"),
+    ("version", lambda b: 2, r"format version 2 is not supported"),
+    ("version", lambda b: 2**32 - 1, r"format version 4294967295 is not supported"),
+    ("header_size", lambda b: 128, r"header_size is 128, expected 64"),
+    ("header_size", lambda b: 0, r"header_size is 0, expected 64"),
+    ("file_size", lambda b: b.size + 1, r"records a file of \d+ bytes but the file has \d+"),
+    ("file_size", lambda b: b.size - 64, r"records a file of \d+ bytes but the file has \d+"),
+    ("file_size", lambda b: 0, r"records a file of 0 bytes"),
+    ("file_size", lambda b: 2**64 - 1, r"records a file of 18446744073709551615 bytes"),
+    ("instance_count", lambda b: N + 1, rf"section 'ids/offsets' is int64\({N + 1},\), expected int64\({N + 2},\)"),
+    ("instance_count", lambda b: N - 1, rf"section 'ids/offsets' is int64\({N + 1},\), expected int64\({N},\)"),
+    ("instance_count", lambda b: 0, r"section 'ids/offsets' is int64\(8,\), expected int64\(1,\)"),
+    ("instance_count", lambda b: 2**62, r"instance_count 4611686018427387904 is implausibly large"),
+    ("instance_count", lambda b: 2**64 - 1, r"instance_count \d+ is implausibly large"),
+    ("section_table_offset", lambda b: b.table_offset + 8, r"section_table_offset \d+ is not a multiple of 64"),
+    ("section_table_offset", lambda b: b.table_offset + 1, r"section_table_offset \d+ is not a multiple of 64"),
+    ("section_table_offset", lambda b: 0, r"section_table_offset 0 is not a multiple of 64 past the header"),
+    ("section_table_offset", lambda b: b.size, r"the section table \(\d+ entries at offset \d+\) runs past the end"),
+    ("section_table_offset", lambda b: b.table_offset + 64, r"section table .* runs past the end of the file"),
+    ("section_table_offset", lambda b: 2**64 - 64, r"runs past the end of the file"),
+    # Inside the file but pointing at the padding before the first section: entry 0 is all zero.
+    ("section_table_offset", lambda b: 64, r"section entry 0: empty name"),
+    ("section_count", lambda b: 0, r"section_count 0 is outside 1\.\.65536"),
+    ("section_count", lambda b: 65537, r"section_count 65537 is outside 1\.\.65536"),
+    ("section_count", lambda b: 2**32 - 1, r"section_count 4294967295 is outside"),
+    ("section_count", lambda b: b.section_count + 1, r"runs past the end of the file"),
+    ("section_count", lambda b: 65536, r"runs past the end of the file"),
+    ("section_entry_size", lambda b: 64, r"section_entry_size is 64, expected 128"),
+    ("section_entry_size", lambda b: 129, r"section_entry_size is 129, expected 128"),
+    ("flags", lambda b: 1, r"unknown flags"),
+    ("flags", lambda b: 2**63, r"unknown flags"),
+]
+
+
+@pytest.mark.parametrize("field, value, pattern", HEADER_CASES,
+                         ids=[f"{f}-{i}" for i, (f, _, _) in enumerate(HEADER_CASES)])
+def test_header_field(base, damaged, field, value, pattern):
+    buf = bytearray(base.data)
+    put(buf, field, value(base))
+    rehash(buf)
+    open_fails(damaged(buf), pattern)
+
+
+def test_header_field_names_all_covered():
+    assert {f for f, _, _ in HEADER_CASES} == set(HEADER) - {"header_checksum"}
+
+
+def test_unknown_flags_message_is_hex(base, damaged):
+    buf = bytearray(base.data)
+    put(buf, "flags", 0x10)
+    rehash(buf)
+    open_fails(damaged(buf), r"unknown flags 0x10 ")
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda buf, b: put(buf, "instance_count", N + 1),
+        lambda buf, b: put(buf, "header_checksum", get(buf, "header_checksum") ^ 1),
+        lambda buf, b: put(buf, "dtype", 9, ENTRY, entries(buf)["labels"]),
+        lambda buf, b: put(buf, "checksum", 0, ENTRY, entries(buf)["features/fix"]),
+        lambda buf, b: buf.__setitem__(slice(b.size - 1, b.size), b"\x01"),  # last table byte (a zero shape dim)
+    ],
+    ids=["instance_count", "checksum_itself", "entry_dtype", "entry_checksum", "last_table_byte"],
+)
+def test_change_without_rehash_fails_the_checksum(base, damaged, mutate):
+    buf = bytearray(base.data)
+    mutate(buf, base)
+    assert bytes(buf) != base.data
+    open_fails(damaged(buf), r"header checksum mismatch \(the header or section table is damaged\)")
+
+
+# -- (b) section table entries ----------------------------------------------------------------
+
+
+def _name(name: bytes):
+    def mutate(buf, at, b):
+        set_name(buf, at, name)
+
+    return mutate
+
+
+def _field(field, value):
+    def mutate(buf, at, b):
+        put(buf, field, value(b) if callable(value) else value, ENTRY, at)
+
+    return mutate
+
+
+def _byte(pos, value):
+    def mutate(buf, at, b):
+        buf[at + pos] = value
+
+    return mutate
+
+
+def _shape(*dims):
+    def mutate(buf, at, b):
+        buf[at + 89] = len(dims)
+        buf[at + 96 : at + 128] = b"\0" * 32
+        for i, d in enumerate(dims):
+            struct.pack_into("<Q", buf, at + 96 + 8 * i, d(b) if callable(d) else d)
+
+    return mutate
+
+
+def _all(*mutations):
+    def mutate(buf, at, b):
+        for m in mutations:
+            m(buf, at, b)
+
+    return mutate
+
+
+S_RAG = sum(RAG_T)
+FIX_BYTES = N * FIX_T * FIX_C * 4
+
+ENTRY_CASES = [
+    # name
+    ("labels", _byte(10, ord("x")), r"section entry \d+ \('labels'\): name padding is not zero"),
+    ("labels", _byte(63, 1), r"\('labels'\): name padding is not zero"),
+    ("labels", _byte(0, ord("!")), r"section entry \d+: name contains byte 33, expected \[A-Za-z0-9_\./-\]"),
+    ("labels", _byte(3, ord(" ")), r"section entry \d+: name contains byte 32"),
+    ("labels", _byte(0, 0xC3), r"section entry \d+: name contains byte 195"),
+    ("labels", _name(b"a" * 64), r"section entry \d+: name is not NUL-terminated within 64 bytes"),
+    ("labels", _byte(0, 0), r"section entry \d+: empty name"),
+    ("labels", _name(b"labelz"), r"required section 'labels' is missing"),
+    ("attrs", _name(b"attrz"), r"unexpected section 'attrz'"),
+    ("meta/event_end", _name(b"meta/event_start"), r"section 'meta/event_start' appears twice"),
+    ("features/fix", _name(b"features/" + b"a" * 41), r"column name must be 1\.\.40 characters"),
+    ("features/fix", _name(b"features/a.b"), r"'features/a\.b': column name must be"),
+    ("features/rag/offsets", _name(b"features/zzz/offsets"), r"required section 'features/rag/offsets' is missing"),
+    ("classes/glabel", _name(b"classes/glabels"), r"required section 'classes/glabel' is missing"),
+    # offset
+    ("labels", _field("offset", lambda b: b.sections["labels"]["offset"] + 8),
+     r"section 'labels': offset \d+ is not a multiple of 64"),
+    ("labels", _field("offset", 1), r"section 'labels': offset 1 is not a multiple of 64"),
+    ("labels", _field("offset", 0), r"section 'labels': bytes \[0, \+28\) lie outside the data area \[64, \d+\)"),
+    ("labels", _field("offset", lambda b: b.table_offset), r"section 'labels': bytes .* lie outside the data area"),
+    ("labels", _field("offset", lambda b: b.size + 4096), r"lie outside the data area"),
+    ("labels", _field("offset", 2**64 - 64), r"lie outside the data area"),
+    ("features/fix", _field("offset", lambda b: b.table_offset - 64), r"section 'features/fix': bytes .* outside"),
+    ("features/fix", _field("offset", lambda b: b.sections["features/fix"]["offset"] + 64),
+     r"section 'features/fix' starts at \d+, not a multiple of 4096"),
+    # length
+    ("labels", _field("length", 4 * N + 4), r"section 'labels': length 32 does not match its shape and dtype"),
+    ("labels", _field("length", 0), r"section 'labels': length 0 does not match"),
+    ("labels", _field("length", 2**64 - 4), r"does not match its shape and dtype"),
+    ("features/fix", _field("length", FIX_BYTES - 4), r"section 'features/fix': length \d+ does not match"),
+    # dtype
+    ("labels", _field("dtype", 0), r"section 'labels': unknown dtype code 0, expected 1\.\.5"),
+    ("labels", _field("dtype", 9), r"section 'labels': unknown dtype code 9"),
+    ("labels", _field("dtype", 255), r"unknown dtype code 255"),
+    ("labels", _field("dtype", 5), rf"section 'labels' is float32\({N},\), expected int32\({N},\)"),
+    ("ids/offsets", _field("dtype", 1), r"section 'ids/offsets': length \d+ does not match"),
+    ("features/fix", _field("dtype", 2), r"section 'features/fix' is int32, expected float32 or float16"),
+    ("ids/data", _shape(1, lambda b: b.sections["ids/data"]["length"]),
+     r"section 'ids/data' is uint8\(1, \d+\), expected a 1-D uint8 array"),
+    ("classes/event/data", _all(_field("dtype", 4), _shape(3)),  # "VTFXBB" as 3 float16
+     r"section 'classes/event/data' is float16\(3,\), expected a 1-D uint8 array"),
+    # ndim
+    ("labels", _field("ndim", 0), r"section 'labels': ndim 0 is outside 1\.\.4"),
+    ("labels", _field("ndim", 5), r"section 'labels': ndim 5 is outside 1\.\.4"),
+    ("labels", _field("ndim", 255), r"ndim 255 is outside"),
+    ("labels", _field("ndim", 2), r"section 'labels': length 28 does not match"),  # shape (N, 0)
+    # reserved
+    ("labels", _byte(90, 1), r"section 'labels': reserved bytes are not zero"),
+    ("labels", _byte(95, 0x80), r"section 'labels': reserved bytes are not zero"),
+    # shape
+    ("labels", _shape(N + 1), r"section 'labels': length 28 does not match its shape"),
+    ("labels", _shape(N, 1), rf"section 'labels' is int32\({N}, 1\), expected int32\({N},\)"),
+    ("labels", _shape(1, N), rf"section 'labels' is int32\(1, {N}\), expected int32\({N},\)"),
+    ("labels", _all(_shape(N), _byte(96 + 8, 1)), r"section 'labels': shape dim 1 is set but ndim is 1"),
+    ("labels", _all(_shape(N), _byte(96 + 31, 1)), r"section 'labels': shape dim 3 is set but ndim is 1"),
+    ("labels", _shape(2**40, 2**40), r"section 'labels': shape overflows"),
+    ("labels", _shape(2**62, 4), r"section 'labels': shape overflows|does not match"),
+    ("features/fix", _shape(N * FIX_T, FIX_C), r"required section 'features/fix/offsets' is missing"),
+    ("features/fix", _shape(N, FIX_T * FIX_C, 1), None),  # a different but valid view of the same bytes
+    ("features/fix", _shape(N + 1, FIX_T, FIX_C), r"section 'features/fix': length \d+ does not match"),
+    ("features/fix", _all(_shape(N, 0, FIX_C), _field("length", 0)),
+     rf"section 'features/fix' has shape \({N}, 0, {FIX_C}\), expected \({N}, T > 0, C > 0\)"),
+    ("features/fix", _shape(FIX_BYTES // 4), r"section 'features/fix' has 1 dims, expected 3 \(N, T, C\) or 2"),
+    ("features/fix", _shape(N, FIX_T, FIX_C // 2, 2), r"has 4 dims, expected 3"),
+    ("features/rag", _shape(1, S_RAG, RAG_C), rf"features/rag' has shape \(1, {S_RAG}, {RAG_C}\), expected \({N}, T > 0"),
+    ("features/rag", _all(_shape(S_RAG, 0), _field("length", 0)), r"section 'features/rag' has C = 0 channels"),
+    ("features/rag/offsets", _shape(N + 1, 1), rf"section 'features/rag/offsets' is int64\({N + 1}, 1\), expected"),
+    ("classes/label", _shape(1, 3), r"section 'classes/label' must be 1-D"),
+    ("classes/set", _all(_shape(2), _field("length", 8)), r"section 'classes/set' is int32\(2,\), expected int32\(3,\)"),
+    ("attrs", _shape(1, lambda b: b.sections["attrs"]["length"]), r"section 'attrs' must be 1-D uint8"),
+]
+
+
+@pytest.mark.parametrize("section, mutate, pattern", ENTRY_CASES,
+                         ids=[f"{s}-{i}" for i, (s, _, _) in enumerate(ENTRY_CASES)])
+def test_section_entry(base, damaged, section, mutate, pattern):
+    buf = bytearray(base.data)
+    at = entries(buf)[section]
+    mutate(buf, at, base)
+    assert bytes(buf) != base.data
+    rehash(buf)
+    path = damaged(buf)
+    if pattern is None:
+        assert len(fgs.open(path)) == N
+    else:
+        open_fails(path, pattern)
+
+
+def test_entries_in_another_order_still_open(base, damaged):
+    # The order of the table carries no meaning: reversing it is still a valid store.
+    buf = bytearray(base.data)
+    toff, count = base.table_offset, base.section_count
+    rows = [bytes(buf[toff + 128 * i : toff + 128 * (i + 1)]) for i in range(count)]
+    buf[toff : toff + 128 * count] = b"".join(reversed(rows))
+    rehash(buf)
+    store = fgs.open(damaged(buf))
+    ref = fgs.open(base.path)
+    for i in range(N):
+        np.testing.assert_array_equal(store.features("rag", i), ref.features("rag", i))
+    assert store.verify() == []
+
+
+# -- (c) data sections the header checksum does not cover ------------------------------------------
+
+
+def _put_offsets(buf, base, name, index, value):
+    struct.pack_into("<q", buf, base.sections[name]["offset"] + 8 * index, value)
+
+
+def _offsets(base, name):
+    s = base.sections[name]
+    return np.frombuffer(base.data, dtype="<i8", count=s["length"] // 8, offset=s["offset"])
+
+
+@pytest.mark.parametrize(
+    "name, index, value, pattern",
+    [
+        ("features/rag/offsets", 2, lambda o: o[1] - 1,
+         r"section 'features/rag/offsets' entry 2 is \d+; offsets must start at 0, never decrease"),
+        ("features/rag/offsets", 0, lambda o: 1, r"section 'features/rag/offsets' entry 0 is 1; offsets must start at 0"),
+        ("features/rag/offsets", 3, lambda o: -1, r"section 'features/rag/offsets' entry 3 is -1"),
+        ("features/rag/offsets", N, lambda o: o[N] - 1, rf"section 'features/rag/offsets' ends at {S_RAG - 1}, expected {S_RAG}"),
+        ("features/rag/offsets", N, lambda o: o[N] + 1, rf"'features/rag/offsets' entry {N} is {S_RAG + 1}.*stay within {S_RAG}"),
+        ("features/rag/offsets", 4, lambda o: 2**62, rf"'features/rag/offsets' entry 4 is \d+.*stay within {S_RAG}"),
+        ("features/rag/offsets", 1, lambda o: -(2**63), r"'features/rag/offsets' entry 1 is -9223372036854775808"),
+        ("ids/offsets", N, lambda o: o[N] + 1, rf"section 'ids/offsets' entry {N} is \d+.*stay within \d+"),
+        ("ids/offsets", 3, lambda o: 10**9, r"section 'ids/offsets' entry 3 is 1000000000"),
+        ("ids/offsets", N, lambda o: o[N] - 1, r"section 'ids/offsets' ends at \d+, expected \d+"),
+        ("meta/video/offsets", 2, lambda o: o[3] + 1, r"section 'meta/video/offsets' entry 3 is"),
+        ("meta/video/offsets", 0, lambda o: -5, r"section 'meta/video/offsets' entry 0 is -5"),
+        ("classes/name/offsets", 3, lambda o: o[3] + 1000, r"section 'classes/name/offsets' entry 3 is"),
+        ("classes/event/offsets", 1, lambda o: o[2] + 1, r"section 'classes/event/offsets' entry 2 is"),
+    ],
+)
+def test_bad_offsets_in_data(base, damaged, name, index, value, pattern):
+    buf = bytearray(base.data)
+    _put_offsets(buf, base, name, index, int(value(_offsets(base, name))))
+    open_fails(damaged(buf), pattern)
+
+
+@pytest.mark.parametrize(
+    "names",
+    [["features/fix"], ["features/rag"], ["labels"], ["ids/data"], ["features/fix", "classes/name/data"]],
+)
+def test_verify_names_damaged_sections(base, damaged, names):
+    buf = bytearray(base.data)
+    for name in names:
+        s = base.sections[name]
+        buf[s["offset"] + s["length"] // 2] ^= 0x01
+    store = fgs.open(damaged(buf))  # data bytes are not checked on open
+    assert len(store) == N
+    table_order = [n for n in base.sections if n in names]
+    assert store.verify() == table_order
+    assert fgs.open(base.path).verify() == []
+
+
+def test_verify_cli_reports_damage(base, damaged):
+    buf = bytearray(base.data)
+    s = base.sections["features/rag"]
+    buf[s["offset"]] ^= 0xFF
+    path = damaged(buf)
+    from finegym_store.cli import main
+
+    assert main(["verify", path]) == 1
+    assert main(["verify", base.path]) == 0
+
+
+# -- (d) truncation and non-files ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cut", ["0", "1", "63", "64", "65", "4096", "half", "table", "size-128", "size-1"])
+def test_truncated(base, damaged, cut):
+    length = {"half": base.size // 2, "table": base.table_offset, "size-128": base.size - 128,
+              "size-1": base.size - 1}.get(cut) or int(cut)
+    path = damaged(base.data[:length])
+    if length < 64:
+        open_fails(path, rf"it is {length} bytes, smaller than the 64-byte header")
+    else:
+        open_fails(path, rf"records a file of {base.size} bytes but the file has {length} \(truncated or appended to\)")
+
+
+def test_appended_bytes(base, damaged):
+    open_fails(damaged(base.data + b"\0"), r"truncated or appended to")
+
+
+def test_empty_file(damaged):
+    open_fails(damaged(b""), r"it is 0 bytes, smaller than the 64-byte header")
+
+
+def test_foreign_files(damaged):
+    open_fails(damaged(b"PK\x03\x04" + b"\0" * 200), r"bad magic")
+    open_fails(damaged(pickle_bytes()), r"bad magic")
+    open_fails(damaged(b"FGSTORE\0" + b"\0" * 56), r"format version 0")
+
+
+def pickle_bytes():
+    return pickle.dumps({"a": np.zeros((4, 8), np.float32)})
+
+
+def test_directory(tmp_path):
+    with pytest.raises(IsADirectoryError, match=str(tmp_path)):
+        fgs.open(tmp_path)
+
+
+def test_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nope\.fgs"):
+        fgs.open(tmp_path / "nope.fgs")
+
+
+def test_symlink_to_store_opens(base, tmp_path):
+    link = tmp_path / "link.fgs"
+    os.symlink(base.path, link)
+    assert len(fgs.open(link)) == N
+
+
+# -- (e) fuzz, in a child process so that a crash cannot take pytest down ---------------------------
+
+FUZZ = textwrap.dedent(
+    r"""
+    import collections, json, os, random, struct, sys
+    import numpy as np
+    import finegym_store as fgs
+    from finegym_store import _core
+
+    base_path, work, count, seed, regions = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), json.loads(sys.argv[5])
+    base = open(base_path, "rb").read()
+    toff = struct.unpack_from("<Q", base, 32)[0]
+    nsec = struct.unpack_from("<I", base, 40)[0]
+    rnd = random.Random(seed)
+    outcomes = collections.Counter()
+
+    def rehash(b):
+        t = struct.unpack_from("<Q", b, 32)[0]
+        c = struct.unpack_from("<I", b, 40)[0]
+        table = bytes(b[t : t + 128 * c]) if t < len(b) else b""
+        struct.pack_into("<Q", b, 56, _core.hash64(bytes(b[:56]) + table))
+
+    def value():
+        return rnd.choice([0, 1, 0xFF, 0x7F, 0x80, 0x40, rnd.randrange(256)])
+
+    def mutate():
+        kind = rnd.choice(["header", "table", "table", "offsets", "offsets", "garbage", "cut", "fields"])
+        if kind == "garbage":
+            n = rnd.choice([0, 1, 8, 63, 64, 65, 128, 500, 4096, len(base)])
+            data = bytearray(rnd.randrange(256) for _ in range(n))
+            if n >= 8 and rnd.random() < 0.7:
+                data[:8] = b"FGSTORE\0"
+            if n >= 64 and rnd.random() < 0.7:
+                struct.pack_into("<IIQ", data, 8, 1, 64, n)
+            return kind, data
+        b = bytearray(base)
+        if kind == "cut":
+            n = rnd.randrange(64, len(base))
+            b = b[:n]
+            struct.pack_into("<Q", b, 16, n)
+            rehash(b)
+            return kind, b
+        if kind == "fields":  # a whole u64 of an entry (offset, length, shape) set to a nasty value
+            e = toff + 128 * rnd.randrange(nsec)
+            at = e + rnd.choice([64, 72, 96, 104, 112, 120])
+            v = rnd.choice([0, 1, 63, 64, 4096, 2**32, 2**63, 2**64 - 1, 2**64 - 64, len(base), toff, rnd.randrange(len(base))])
+            struct.pack_into("<Q", b, at, v)
+            rehash(b)
+            return kind, b
+        if kind == "header":
+            lo, hi = 0, 56
+        elif kind == "table":
+            lo, hi = toff, len(base)
+        else:
+            lo, hi = regions[rnd.randrange(len(regions))]
+        for _ in range(rnd.randint(1, 6)):
+            b[rnd.randrange(lo, hi)] = value()
+        if kind != "offsets" and rnd.random() < 0.85:
+            rehash(b)
+        return kind, b
+
+    path = os.path.join(work, "fuzz.fgs")
+    for i in range(count):
+        kind, data = mutate()
+        with open(path, "wb") as f:
+            f.write(data)
+        try:
+            store = fgs.open(path)
+        except fgs.FormatError:
+            outcomes["FormatError"] += 1
+            continue
+        outcomes["opened"] += 1
+        # Everything a reader can reach must stay inside the mapping.
+        n = len(store)
+        store.labels.tobytes()
+        for name in store.columns:
+            col = store.column(name)
+            col.values.tobytes()
+            col.lengths()
+            for j in range(n):
+                store.features(name, j).tobytes()
+        meta = store.meta
+        strings = [store.ids, meta.video]
+        if store.classes is not None:
+            strings += [store.classes.name, store.classes.event]
+        for s in strings:
+            for j in range(len(s)):
+                s.data[s.offsets[j] : s.offsets[j + 1]].tobytes()  # bytes, not decoded: UTF-8 is not checked on open
+        store.verify()
+        store.sections()
+    print(json.dumps(outcomes))
+    """
+)
+
+
+def test_fuzz_open_never_crashes(base, tmp_path):
+    regions = [
+        [s["offset"], s["offset"] + s["length"]]
+        for name, s in base.sections.items()
+        if name.endswith("/offsets") and s["length"] > 0
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", FUZZ, base.path, str(tmp_path), "300", "1234", json.dumps(regions)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, f"child died (signal {-proc.returncode})" if proc.returncode < 0 else proc.stderr[-3000:]
+    outcomes = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(outcomes) <= {"FormatError", "opened"}
+    assert outcomes.get("FormatError", 0) > 100
+    assert outcomes.get("opened", 0) > 0
+    assert sum(outcomes.values()) == 300
+
+
+def test_invalid_utf8_in_ids_raises_format_error(tmp_path):
+    table = {"abc": np.ones((2, 3), np.float32), "abd": np.ones((2, 3), np.float32)}
+    store = fgs.convert(tmp_path / "u.fgs", {"x": table}, progress=False)
+    data = store.sections()
+    ids = next(s for s in data if s["name"] == "ids/data")
+    raw = bytearray((tmp_path / "u.fgs").read_bytes())
+    raw[ids["offset"]] = 0xFF  # not UTF-8; the header checksum does not cover data
+    (tmp_path / "bad.fgs").write_bytes(bytes(raw))
+    bad = fgs.open(tmp_path / "bad.fgs")
+    with pytest.raises(fgs.FormatError, match="ids.*not valid UTF-8"):
+        bad.ids[0]
+    with pytest.raises(fgs.FormatError, match="not valid UTF-8"):
+        bad.ids.to_list()
+    assert bad.verify() == ["ids/data"]

@@ -1,0 +1,192 @@
+"""Golden stores: committed files of every format version must keep opening
+with the same content. tests/data/golden_v1.fgs was made once by
+tests/data/make_golden.py; these tests read the committed bytes and never
+regenerate them."""
+
+from __future__ import annotations
+
+import importlib.util
+import struct
+from pathlib import Path
+
+import numpy as np
+
+import finegym_store as fgs
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def _load_make_golden():
+    spec = importlib.util.spec_from_file_location("make_golden", DATA / "make_golden.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+make_golden = _load_make_golden()
+GOLDEN_V1 = DATA / "golden_v1.fgs"
+
+#: The section names a store made from golden_inputs() has, in format v1.
+V1_SECTIONS = {
+    "features/tsn", "features/frames", "features/frames/offsets",
+    "ids/offsets", "ids/data", "labels",
+    "meta/video/offsets", "meta/video/data",
+    "meta/event_start", "meta/event_end", "meta/element_start", "meta/element_end",
+    "classes/label", "classes/glabel", "classes/set",
+    "classes/name/offsets", "classes/name/data", "classes/event/offsets", "classes/event/data",
+    "attrs",
+}
+
+
+def assert_golden_content(store: fgs.Store) -> None:
+    """Every piece of content of ``store`` equals golden_inputs()."""
+    g = make_golden.golden_inputs()
+    n = len(g["ids"])
+    assert len(store) == n
+    assert store.ids.to_list() == g["ids"]
+    assert [store.ids[i] for i in range(n)] == g["ids"]
+    assert store.labels.dtype == np.int32
+    np.testing.assert_array_equal(store.labels, g["labels"])
+    np.testing.assert_array_equal(store.index_of(g["ids"]), np.arange(n))
+
+    meta = store.meta
+    assert meta.video.to_list() == g["meta"]["video"]
+    for field in ("event_start", "event_end", "element_start", "element_end"):
+        arr = getattr(meta, field)
+        assert arr.dtype == np.int32, field
+        assert arr.tolist() == g["meta"][field], field
+
+    classes = store.classes
+    assert classes is not None
+    clabel, set_id, glabel, event, name = (list(x) for x in zip(*g["classes"]))
+    assert classes.label.dtype == classes.glabel.dtype == classes.set.dtype == np.int32
+    assert classes.label.tolist() == clabel
+    assert classes.set.tolist() == set_id
+    assert classes.glabel.tolist() == glabel
+    assert classes.event.to_list() == event
+    assert classes.name.to_list() == name
+    assert store.label_names == dict(zip(clabel, name))
+
+    assert store.columns == tuple(g["columns"])
+    dtype = np.dtype(g["store_dtype"])
+    for col_name, table in g["columns"].items():
+        col = store.column(col_name)
+        lengths = g["lengths"][col_name]
+        c = g["channels"][col_name]
+        ragged = len(set(lengths)) > 1
+        assert col.dtype == dtype
+        assert col.ragged == ragged
+        assert col.shape == (n, None if ragged else lengths[0], c)
+        assert col.lengths().tolist() == lengths
+        expected_rows = np.concatenate([table[k].reshape(-1, c) for k in g["ids"]]).astype(dtype)
+        if ragged:
+            assert col.offsets.tolist() == np.concatenate([[0], np.cumsum(lengths)]).tolist()
+            assert col.values.tobytes() == expected_rows.tobytes()
+        else:
+            assert col.values.tobytes() == expected_rows.tobytes()
+        for i, key in enumerate(g["ids"]):
+            want = table[key].reshape(lengths[i], c).astype(dtype)
+            got = store.features(col_name, i)
+            assert got.shape == want.shape and got.dtype == dtype
+            assert got.tobytes() == want.tobytes(), (col_name, key)
+            np.testing.assert_array_equal(col[i], want)
+    assert store.verify() == []
+
+
+# -- the committed golden files ---------------------------------------------------
+
+
+def test_format_version_is_1():
+    # Bumping the format version must add tests/data/golden_v{N}.fgs (keeping the
+    # old ones opening, as far as the new reader promises) and update this file.
+    assert fgs.FORMAT_VERSION == 1
+
+
+def test_a_golden_file_exists_for_every_version():
+    for version in range(1, fgs.FORMAT_VERSION + 1):
+        path = DATA / f"golden_v{version}.fgs"
+        assert path.is_file(), f"{path} is missing: every format version needs a golden file"
+
+
+def test_golden_v1_header_bytes():
+    raw = GOLDEN_V1.read_bytes()
+    assert 4 << 10 <= len(raw) <= 64 << 10  # small, and committed as is
+    magic, version, header_size, file_size, count, table_offset, section_count, entry_size, flags = (
+        struct.unpack_from("<8sIIQQQIIQ", raw, 0))
+    assert magic == b"FGSTORE\0"
+    assert version == 1
+    assert header_size == 64 and entry_size == 128 and flags == 0
+    assert file_size == len(raw)
+    assert count == len(make_golden.golden_inputs()["ids"])
+    assert table_offset % 64 == 0 and table_offset + section_count * 128 == len(raw)
+
+
+def test_golden_v1_opens_with_its_content():
+    store = fgs.open(GOLDEN_V1)
+    assert store.format_version == 1
+    assert store.file_size == GOLDEN_V1.stat().st_size
+    assert {s["name"] for s in store.sections()} == V1_SECTIONS
+    for s in store.sections():
+        assert s["offset"] % (4096 if s["name"].startswith("features/") and not s["name"].endswith("/offsets")
+                              else 64) == 0, s
+    assert_golden_content(store)
+    attrs = store.attrs
+    assert attrs["split"] == make_golden.SPLIT_NAME
+    assert attrs["categories"] == make_golden.CATEGORIES_NAME
+    assert attrs["columns"]["tsn"]["source_dtypes"] == ["float32"]
+    assert attrs["columns"]["frames"]["source_dtypes"] == ["float16"]
+
+
+def test_golden_v1_sources_have_the_declared_dtypes():
+    g = make_golden.golden_inputs()
+    assert {v.dtype for v in g["columns"]["tsn"].values()} == {np.dtype("float32")}
+    assert {v.dtype for v in g["columns"]["frames"].values()} == {np.dtype("float16")}
+    assert [len(g["columns"]["frames"][k]) for k in g["ids"]] == g["lengths"]["frames"]
+    assert -1 in g["labels"].tolist()
+
+
+# -- a fresh conversion gives the same content --------------------------------------
+
+
+def test_fresh_conversion_has_the_golden_content(tmp_path):
+    store = make_golden.build(tmp_path / "fresh.fgs", tmp_path)
+    assert store.format_version == fgs.FORMAT_VERSION
+    assert {s["name"] for s in store.sections()} == V1_SECTIONS
+    assert_golden_content(store)
+
+    golden = fgs.open(GOLDEN_V1)
+    by_name = {s["name"]: s for s in golden.sections()}
+    for s in store.sections():
+        if s["name"] == "attrs":  # provenance: paths differ
+            continue
+        g = by_name[s["name"]]
+        assert (s["dtype"], s["shape"], s["checksum"]) == (g["dtype"], g["shape"], g["checksum"]), s["name"]
+
+
+def test_golden_split_and_categories_round_trip_through_the_readers(tmp_path):
+    from finegym_store.finegym import parse_element_id, read_categories, read_split
+
+    g = make_golden.golden_inputs()
+    make_golden.write_split(tmp_path / "s.txt", g)
+    make_golden.write_categories(tmp_path / "c.txt", g)
+    ids, labels = read_split(tmp_path / "s.txt")
+    assert ids == g["ids"] and labels.tolist() == g["labels"].tolist()
+    cats = read_categories(tmp_path / "c.txt")
+    assert list(zip(cats.label.tolist(), cats.set.tolist(), cats.glabel.tolist(), cats.event, cats.name)) == [
+        tuple(c) for c in g["classes"]]
+    parsed = [parse_element_id(k) for k in g["ids"]]
+    assert [p.video if p else "" for p in parsed] == g["meta"]["video"]
+
+
+def test_fresh_float16_conversion_is_exact_on_golden_values(tmp_path):
+    """The golden values are exact in float16 too: a float16 store holds them unchanged."""
+    dtype = "float16"
+    g = make_golden.golden_inputs()
+    make_golden.write_split(tmp_path / "s.txt", g)
+    store = fgs.convert(tmp_path / "h.fgs", g["columns"], split=tmp_path / "s.txt", dtype=dtype, progress=False)
+    for name, table in g["columns"].items():
+        assert store.column(name).dtype == np.dtype(dtype)
+        for i, key in enumerate(g["ids"]):
+            np.testing.assert_array_equal(store.features(name, i).astype(np.float32),
+                                          table[key].reshape(store.features(name, i).shape).astype(np.float32))
