@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 from ._core import FORMAT_VERSION
 from .errors import ConversionError, FormatError, UnsafePickleError
+from .loader import Batch, Loader
 from .store import Classes, Column, Meta, Store, Strings, open
 from .convert import convert  # noqa: E402 (needs __version__)
 
@@ -25,6 +26,8 @@ __all__ = [
     "Strings",
     "Meta",
     "Classes",
+    "Batch",
+    "Loader",
     "FormatError",
     "ConversionError",
     "UnsafePickleError",

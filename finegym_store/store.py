@@ -15,6 +15,8 @@ from typing import Any, overload
 import numpy as np
 
 from . import _core
+from .errors import FormatError
+from .loader import Loader
 
 __all__ = ["Store", "Column", "Strings", "Meta", "Classes", "open"]
 
@@ -23,9 +25,10 @@ class Strings(Sequence[str]):
     """A read-only sequence of str over an Arrow large_utf8 pair of sections
     (int64 offsets + UTF-8 bytes). Decodes on access; nothing is copied up front."""
 
-    def __init__(self, offsets: np.ndarray, data: np.ndarray) -> None:
+    def __init__(self, offsets: np.ndarray, data: np.ndarray, where: str = "string column") -> None:
         self._offsets = offsets
         self._data = data
+        self._where = where
 
     def __len__(self) -> int:
         return len(self._offsets) - 1
@@ -41,7 +44,14 @@ class Strings(Sequence[str]):
         if not -n <= i < n:
             raise IndexError(f"index {i} is out of range for {n} strings")
         i = int(i) % n
-        return self._data[self._offsets[i] : self._offsets[i + 1]].tobytes().decode("utf-8")
+        return self._decode(self._data[self._offsets[i] : self._offsets[i + 1]].tobytes())
+
+    def _decode(self, raw: bytes) -> str:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise FormatError(f"{self._where}: string bytes are not valid UTF-8 ({e.reason}); "
+                              "the store is damaged (run `finegym-store verify`)") from None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.to_list())
@@ -50,7 +60,7 @@ class Strings(Sequence[str]):
         """All strings at once (one decode of the whole data buffer)."""
         text = self._data.tobytes()
         o = self._offsets.tolist()
-        return [text[o[i] : o[i + 1]].decode("utf-8") for i in range(len(o) - 1)]
+        return [self._decode(text[o[i] : o[i + 1]]) for i in range(len(o) - 1)]
 
     @property
     def offsets(self) -> np.ndarray:
@@ -185,7 +195,11 @@ class Store:
     @property
     def ids(self) -> Strings:
         """Element ids, in store order."""
-        return Strings(self._reader.section("ids/offsets"), self._reader.section("ids/data"))
+        return self._strings("ids")
+
+    def _strings(self, name: str) -> Strings:
+        r = self._reader
+        return Strings(r.section(f"{name}/offsets"), r.section(f"{name}/data"), f"{self.path}, section '{name}'")
 
     @property
     def labels(self) -> np.ndarray:
@@ -216,7 +230,7 @@ class Store:
     def meta(self) -> Meta:
         r = self._reader
         return Meta(
-            video=Strings(r.section("meta/video/offsets"), r.section("meta/video/data")),
+            video=self._strings("meta/video"),
             event_start=r.section("meta/event_start"),
             event_end=r.section("meta/event_end"),
             element_start=r.section("meta/element_start"),
@@ -233,8 +247,8 @@ class Store:
             label=r.section("classes/label"),
             glabel=r.section("classes/glabel"),
             set=r.section("classes/set"),
-            event=Strings(r.section("classes/event/offsets"), r.section("classes/event/data")),
-            name=Strings(r.section("classes/name/offsets"), r.section("classes/name/data")),
+            event=self._strings("classes/event"),
+            name=self._strings("classes/name"),
         )
 
     @property
@@ -267,6 +281,84 @@ class Store:
     def features(self, column: str, index: int) -> np.ndarray:
         """Read-only (T_i, C) view of instance ``index`` in ``column``; no copy."""
         return self._reader.features(column, int(index))
+
+    # -- batches -----------------------------------------------------------------
+    def _gather_dtype(self, column: str, dtype: Any) -> np.dtype:
+        if dtype is None:
+            return self.column(column).dtype
+        dt = np.dtype(dtype)
+        if dt not in (np.dtype(np.float32), np.dtype(np.float16)):
+            raise ValueError(f"dtype must be float32 or float16, got {dt}")
+        return dt
+
+    @staticmethod
+    def _threads(threads: int | None) -> int:
+        if threads is None:
+            return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else _core.default_threads()
+        if threads < 1:
+            raise ValueError(f"threads must be at least 1, got {threads}")
+        return int(threads)
+
+    def gather(
+        self,
+        column: str,
+        indices: Any,
+        num_segments: int | None = None,
+        mode: str = "test",
+        seed: int = 0,
+        epoch: int = 0,
+        clip_len: int = 1,
+        out: np.ndarray | None = None,
+        dtype: Any = None,
+        threads: int | None = None,
+    ) -> np.ndarray:
+        """Gather a batch: (B, K * clip_len, C) from instances ``indices``.
+
+        Each instance contributes ``num_segments`` (K) clips of ``clip_len``
+        segments chosen by TSN sampling (README, "Sampling"): centred in
+        ``mode="test"``, random within equal parts in ``"train"`` (keyed by
+        seed, epoch, instance and clip, so independent of threads and batch
+        composition). ``num_segments=None`` takes all T segments (fixed-T
+        columns). ``dtype`` is float32 or float16 (default: the column's);
+        ``out`` is filled and returned without allocating. The work runs on
+        ``threads`` C++ threads (default: the cores available) with the GIL
+        released. IndexError names an out-of-range index."""
+        idx = np.asarray(indices)
+        if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
+            raise TypeError(f"indices must be a 1-D sequence of integers, got {idx.dtype} array of shape {idx.shape}")
+        return _core.gather(
+            self._reader, column, idx.astype(np.int64, copy=False), num_segments, mode, int(seed), int(epoch),
+            int(clip_len), out, self._gather_dtype(column, dtype), self._threads(threads),
+        )
+
+    def loader(
+        self,
+        column: str,
+        batch_size: int,
+        num_segments: int | None = None,
+        mode: str = "train",
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        prefetch: int = 2,
+        threads: int | None = None,
+        sampler: str = "uniform",
+        clip_len: int = 1,
+        dtype: Any = None,
+        reuse_buffers: bool = False,
+    ) -> Loader:
+        """Batches for a training loop; see README, "Loader". Iterating yields
+        :class:`Batch` (features, labels, indices); each new iteration is the
+        next epoch (``set_epoch`` sets it). ``rank``/``world_size`` shard like
+        torch's DistributedSampler; ``sampler="balanced"`` draws classes
+        uniformly. ``prefetch`` batches are gathered ahead by C++ threads.
+        A yielded batch is the caller's; ``reuse_buffers=True`` recycles its
+        array once the next batch is requested."""
+        return Loader(self, column, batch_size, num_segments=num_segments, mode=mode, shuffle=shuffle, seed=seed,
+                      drop_last=drop_last, rank=rank, world_size=world_size, prefetch=prefetch, threads=threads,
+                      sampler=sampler, clip_len=clip_len, dtype=dtype, reuse_buffers=reuse_buffers)
 
     # -- integrity ---------------------------------------------------------------
     def verify(self) -> list[str]:

@@ -34,6 +34,7 @@ def make_ids(n: int, seed: int = 0) -> list[str]:
     events per video, several elements per event."""
     rng = np.random.default_rng(seed)
     ids: list[str] = []
+    seen: set[str] = set()
     while len(ids) < n:
         video = "".join(rng.choice(list(_YT), 11))
         event_start = int(rng.integers(0, 9000))
@@ -45,15 +46,16 @@ def make_ids(n: int, seed: int = 0) -> list[str]:
                 element_end = element_start + int(rng.integers(0, 3))
                 if element_end > length:
                     break
-                ids.append(
-                    f"{video}_E_{event_start:06d}_{event_start + length:06d}_A_{element_start:04d}_{element_end:04d}"
-                )
+                key = f"{video}_E_{event_start:06d}_{event_start + length:06d}_A_{element_start:04d}_{element_end:04d}"
+                # A zero-length element (AS == AE) followed by a zero step
+                # repeats an id: keep the first, so that the loop counts
+                # unique ids (draws, and so the ids, are unchanged).
+                if key not in seen:
+                    seen.add(key)
+                    ids.append(key)
                 element_start = element_end
             event_start += length + int(rng.integers(5, 120))
-    ids = list(dict.fromkeys(ids))[:n]  # unique, order kept
-    if len(ids) < n:  # astronomically unlikely; keep the contract anyway
-        return make_ids(n, seed + 1)
-    return ids
+    return ids[:n]
 
 
 def long_tailed_labels(n: int, num_classes: int = 99, seed: int = 0) -> np.ndarray:

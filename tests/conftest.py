@@ -22,3 +22,14 @@ def shared_file(name: str) -> Path:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+def require_torch():
+    """torch, or a skip where it is not installed (never in CI, which installs it)."""
+    try:
+        import torch
+    except ImportError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("torch is not installed (pip install torch; CI installs torch==2.13.0)", allow_module_level=True)
+    return torch

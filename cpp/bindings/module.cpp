@@ -7,4 +7,5 @@ PYBIND11_MODULE(_core, m) {
     register_errors(m);
     register_reader(m);
     register_writer(m);
+    register_gather(m);
 }

@@ -1,0 +1,39 @@
+// Batch gathering: copy the sampled segments of B instances of one feature
+// column into a (B, K * L, C) output, in parallel on the thread pool.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "finegym/reader.hpp"
+#include "finegym/sampler.hpp"
+#include "finegym/thread_pool.hpp"
+
+namespace finegym {
+
+struct GatherSpec {
+    std::uint64_t num_segments = 0;  // K; 0 = every segment (fixed-T columns only)
+    std::uint64_t clip_len = 1;      // L
+    SampleMode mode = SampleMode::Test;
+    std::uint64_t seed = 0;
+    std::uint64_t epoch = 0;
+    DType out_dtype = DType::Float32;  // float32 or float16
+    unsigned threads = 0;              // 0 = every core
+    bool prefetch = true;              // madvise(WILLNEED) the whole batch before copying
+};
+
+// Rows per instance in the output: K * L, or T when num_segments is 0.
+// Throws std::invalid_argument for a spec that does not fit the column.
+std::uint64_t output_rows(const FeatureColumn& col, const GatherSpec& spec);
+
+// Fills `out` (B x output_rows x C elements of spec.out_dtype, C-contiguous).
+// Every index is checked before anything is copied: std::out_of_range names
+// the first bad one and its position. Negative indices count from the end.
+void gather(const StoreReader& reader, const FeatureColumn& col, const std::int64_t* indices, std::size_t batch,
+            const GatherSpec& spec, void* out, ThreadPool& pool);
+
+// Portable IEEE half <-> single conversions (round to nearest even).
+float half_to_float(std::uint16_t h) noexcept;
+std::uint16_t float_to_half(float f) noexcept;
+
+}  // namespace finegym

@@ -1,0 +1,121 @@
+#include "finegym/thread_pool.hpp"
+
+#include <unistd.h>
+
+#include <atomic>
+#include <exception>
+
+namespace finegym {
+
+ThreadPool::ThreadPool(unsigned threads) : owner_pid_(::getpid()) {
+    workers_.reserve(threads);
+    for (unsigned i = 0; i < threads; ++i) workers_.emplace_back([this] { worker_loop(); });
+}
+
+ThreadPool::~ThreadPool() {
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        stop_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : workers_) t.join();
+}
+
+unsigned ThreadPool::default_threads() noexcept {
+    const unsigned n = std::thread::hardware_concurrency();
+    return n == 0 ? 1 : n;
+}
+
+void ThreadPool::post(std::function<void()> task) {
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        tasks_.push(std::move(task));
+    }
+    cv_.notify_one();
+}
+
+void ThreadPool::worker_loop() {
+    for (;;) {
+        std::function<void()> task;
+        {
+            std::unique_lock<std::mutex> lock(mutex_);
+            cv_.wait(lock, [this] { return stop_ || !tasks_.empty(); });
+            if (stop_ && tasks_.empty()) return;
+            task = std::move(tasks_.front());
+            tasks_.pop();
+        }
+        task();
+    }
+}
+
+namespace {
+
+// State shared by the caller and the helpers of one parallel_for. Helpers
+// hold it by shared_ptr: one that starts after the loop is over finds no
+// chunk left and returns without touching `fn`.
+struct Loop {
+    std::size_t n = 0;
+    const std::function<void(std::size_t)>* fn = nullptr;
+    std::atomic<std::size_t> next{0};
+    std::atomic<std::size_t> done{0};
+    std::mutex mutex;
+    std::condition_variable cv;
+    std::exception_ptr error;
+
+    // Runs chunks until none is left.
+    void run() {
+        for (;;) {
+            const std::size_t i = next.fetch_add(1, std::memory_order_relaxed);
+            if (i >= n) return;
+            try {
+                (*fn)(i);
+            } catch (...) {
+                std::lock_guard<std::mutex> lock(mutex);
+                if (!error) error = std::current_exception();
+            }
+            if (done.fetch_add(1, std::memory_order_acq_rel) + 1 == n) {
+                std::lock_guard<std::mutex> lock(mutex);
+                cv.notify_all();
+            }
+        }
+    }
+};
+
+}  // namespace
+
+void ThreadPool::parallel_for(std::size_t n, const std::function<void(std::size_t)>& fn, unsigned max_threads) {
+    if (n == 0) return;
+    auto loop = std::make_shared<Loop>();
+    loop->n = n;
+    loop->fn = &fn;
+    unsigned threads = max_threads == 0 ? size() + 1 : max_threads;
+    if (threads > size() + 1) threads = size() + 1;
+    const std::size_t helpers = std::min<std::size_t>(threads - 1, n - 1);
+    for (std::size_t h = 0; h < helpers; ++h) post([loop] { loop->run(); });
+    loop->run();
+    {
+        std::unique_lock<std::mutex> lock(loop->mutex);
+        loop->cv.wait(lock, [&] { return loop->done.load(std::memory_order_acquire) == n; });
+    }
+    if (loop->error) std::rethrow_exception(loop->error);
+}
+
+std::shared_ptr<ThreadPool> ThreadPool::shared(unsigned threads) {
+    static std::mutex mutex;
+    static std::shared_ptr<ThreadPool> pool;
+    if (threads == 0) threads = default_threads();
+    const unsigned workers = threads - 1;  // the caller is one more thread
+    std::lock_guard<std::mutex> lock(mutex);
+    if (pool && pool->owner_pid_ != ::getpid()) {
+        // We are a fork()ed child: the workers are gone, and joining or
+        // destroying their std::thread objects would abort. Leak the husk on
+        // purpose (a one-off, bounded per fork) and build a new pool.
+        new std::shared_ptr<ThreadPool>(std::move(pool));  // NOLINT: intentional leak after fork
+        pool.reset();
+    }
+    // Grow only: callers cap their share with parallel_for's max_threads.
+    if (!pool || pool->size() < workers) pool = std::make_shared<ThreadPool>(workers);
+    return pool;
+}
+
+}  // namespace finegym

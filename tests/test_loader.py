@@ -1,0 +1,166 @@
+"""The training loader: epochs, shards, balanced sampling, prefetch."""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import numpy as np
+import pytest
+
+import finegym_store as fgs
+from finegym_store import synth
+from finegym_store.loader import epoch_order, shard
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    n = 1003  # not a multiple of any batch size or world size used below
+    ids = synth.make_ids(n, seed=3)
+    labels = synth.long_tailed_labels(n, 20, seed=3)
+    table = synth.make_features(ids, labels, (12, 16, 1, 1), seed=3)
+    folder = tmp_path_factory.mktemp("loader")
+    synth.write_split(folder / "split.txt", ids, labels)
+    return fgs.convert(folder / "s.fgs", {"x": table}, split=folder / "split.txt", progress=False)
+
+
+def collect(loader):
+    return [b for b in loader]
+
+
+def test_batches_cover_the_epoch_once(store):
+    loader = store.loader("x", batch_size=64, num_segments=3)
+    batches = collect(loader)
+    assert len(batches) == len(loader) == 16
+    idx = np.concatenate([b.indices for b in batches])
+    assert sorted(idx.tolist()) == list(range(len(store)))
+    for b in batches:
+        assert b.features.shape == (len(b), 3, 16)
+        np.testing.assert_array_equal(b.labels, store.labels[b.indices])
+        np.testing.assert_array_equal(
+            b.features, store.gather("x", b.indices, num_segments=3, mode="train", seed=0, epoch=0))
+
+
+def test_epochs_advance_and_are_reproducible(store):
+    loader = store.loader("x", batch_size=100, num_segments=3, seed=7)
+    e0 = np.concatenate([b.indices for b in loader])
+    e1 = np.concatenate([b.indices for b in loader])
+    assert not np.array_equal(e0, e1)
+    assert loader.epoch == 2
+    loader.set_epoch(0)
+    again = collect(loader)
+    np.testing.assert_array_equal(np.concatenate([b.indices for b in again]), e0)
+    other = store.loader("x", batch_size=100, num_segments=3, seed=7)
+    first = collect(other)
+    for a, b in zip(again, first):
+        assert a.features.tobytes() == b.features.tobytes()
+    no_shuffle = store.loader("x", batch_size=100, shuffle=False, mode="test")
+    np.testing.assert_array_equal(np.concatenate([b.indices for b in no_shuffle]), np.arange(len(store)))
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_shards_match_distributed_sampler_contract(store, world_size, drop_last):
+    n = len(store)
+    shards = [store.loader("x", batch_size=32, num_segments=1, rank=r, world_size=world_size, drop_last=drop_last,
+                           seed=5).indices(epoch=3) for r in range(world_size)]
+    sizes = {len(s) for s in shards}
+    assert len(sizes) == 1
+    order = epoch_order(store.labels, 5, 3)
+    if drop_last:
+        assert sizes == {n // world_size}
+        union = np.concatenate(shards)
+        assert len(np.unique(union)) == len(union)  # disjoint
+    else:
+        assert sizes == {-(-n // world_size)}
+        assert set(np.concatenate(shards).tolist()) == set(range(n))  # covers all
+        padded = np.concatenate([order, order])[: len(shards[0]) * world_size]
+        for r, s in enumerate(shards):
+            np.testing.assert_array_equal(s, padded[r::world_size])
+
+
+def test_shard_matches_torch_distributed_sampler():
+    torch = pytest.importorskip("torch")
+    from torch.utils.data import DistributedSampler
+
+    order = np.random.default_rng(0).permutation(103)
+    for ws in (2, 3, 4):
+        for drop_last in (False, True):
+            for r in range(ws):
+                # torch's sampler with shuffle=False over our order == shard() of our order.
+                ds = DistributedSampler(list(range(103)), num_replicas=ws, rank=r, shuffle=False,
+                                        drop_last=drop_last)
+                expected = order[np.array(list(iter(ds)))]
+                np.testing.assert_array_equal(shard(order, r, ws, drop_last), expected)
+    del torch
+
+
+def test_len_and_drop_last(store):
+    assert len(store.loader("x", batch_size=100)) == 11
+    dl = store.loader("x", batch_size=100, drop_last=True)
+    assert len(dl) == 10
+    assert all(len(b) == 100 for b in dl)
+    two = store.loader("x", batch_size=100, rank=1, world_size=2)
+    assert len(two) == 6 and len(collect(two)) == 6
+
+
+def test_balanced_sampler_draws_classes_uniformly(store):
+    loader = store.loader("x", batch_size=256, num_segments=1, sampler="balanced", seed=1)
+    labels = np.concatenate([store.labels[loader.indices(epoch=e)] for e in range(30)])
+    counts = np.bincount(labels, minlength=20)
+    frac = counts / counts.sum()
+    assert np.abs(frac - 1 / 20).max() < 0.01, frac
+    natural = np.bincount(store.labels, minlength=20) / len(store)
+    assert natural.max() / natural.min() > 5  # the data really is long-tailed
+    np.testing.assert_array_equal(loader.indices(epoch=4), loader.indices(epoch=4))
+    assert not np.array_equal(loader.indices(epoch=4), loader.indices(epoch=5))
+
+
+def test_yielded_batches_are_never_overwritten(store):
+    loader = store.loader("x", batch_size=50, num_segments=3, prefetch=3)
+    kept = [(b, b.features.copy()) for b in loader]
+    for b, snapshot in kept:
+        assert b.features.tobytes() == snapshot.tobytes()
+    assert len({id(b.features) for b, _ in kept}) == len(kept)
+
+
+def test_reuse_buffers_recycles_only_after_the_next_request(store):
+    loader = store.loader("x", batch_size=50, num_segments=3, prefetch=2, reuse_buffers=True, drop_last=True)
+    addresses = set()
+    for b in loader:
+        # While the caller holds a batch, the prefetch jobs running meanwhile
+        # write other buffers: this one stays intact until the next request.
+        addresses.add(b.features.__array_interface__["data"][0])
+        np.testing.assert_array_equal(
+            b.features, store.gather("x", b.indices, num_segments=3, mode="train", epoch=0))
+    assert len(addresses) <= 4  # a small ring, not one buffer per batch
+
+
+def os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through Linux /proc")
+def test_abandoned_iterator_stops_its_threads(store):
+    store.gather("x", [0, 1], num_segments=3)  # the shared C++ pool exists from here on
+    before = os_threads()
+    loader = store.loader("x", batch_size=10, num_segments=3, prefetch=4)
+    it = iter(loader)
+    next(it)  # prefetch jobs now run (or ran) on their own C++ threads
+    del it
+    gc.collect()
+    assert os_threads() == before
+    assert len(collect(loader)) == len(loader)
+
+
+def test_loader_argument_errors(store):
+    with pytest.raises(ValueError, match="batch_size"):
+        store.loader("x", batch_size=0)
+    with pytest.raises(ValueError, match="rank"):
+        store.loader("x", batch_size=4, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="sampler"):
+        store.loader("x", batch_size=4, sampler="weird")
+    with pytest.raises(KeyError, match="no feature column"):
+        store.loader("y", batch_size=4)
+    with pytest.raises(ValueError, match="num_segments"):
+        store.loader("x", batch_size=4, num_segments=0)

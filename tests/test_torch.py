@@ -1,0 +1,160 @@
+"""PyTorch integration: DataLoader workers (fork, spawn), fork safety of the
+C++ pool, and a two-process torch.distributed run over loopback."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from conftest import require_torch
+
+import finegym_store as fgs
+from finegym_store import synth
+
+torch = require_torch()
+from finegym_store.torch import StoreDataset, TensorBatch, collate, tensor_batches  # noqa: E402
+
+# Python >= 3.12 warns when fork() meets a process with threads (ours has the
+# C++ pool); these tests fork on purpose, to prove the pool is rebuilt.
+fork_ok = pytest.mark.filterwarnings("ignore:.*multi-threaded.*fork:DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    n = 301
+    ids = synth.make_ids(n, seed=9)
+    labels = synth.long_tailed_labels(n, 10, seed=9)
+    table = synth.make_features(ids, labels, (12, 16, 1, 1), seed=9)
+    folder = tmp_path_factory.mktemp("torch")
+    synth.write_split(folder / "split.txt", ids, labels)
+    return fgs.convert(folder / "s.fgs", {"x": table}, split=folder / "split.txt", progress=False)
+
+
+def test_dataset_items_and_batches(store):
+    ds = StoreDataset(store, "x", num_segments=3, mode="train", seed=2)
+    f, label = ds[7]
+    assert f.shape == (3, 16) and f.dtype == torch.float32 and label == int(store.labels[7])
+    batch = ds.__getitems__([1, 2, 3])
+    assert isinstance(batch, TensorBatch)
+    np.testing.assert_array_equal(batch.features.numpy(),
+                                  store.gather("x", [1, 2, 3], num_segments=3, mode="train", seed=2))
+    # Zero copy: the tensor shares the gathered array's memory.
+    arr = store.gather("x", [1], num_segments=3)
+    t = torch.from_numpy(arr)
+    assert t.data_ptr() == arr.__array_interface__["data"][0]
+
+
+def _loader_batches(store, num_workers, context):
+    ds = StoreDataset(store.path, "x", num_segments=3, mode="train", seed=4)
+    dl = torch.utils.data.DataLoader(ds, batch_size=32, shuffle=False, num_workers=num_workers,
+                                     collate_fn=collate, multiprocessing_context=context)
+    return [(b.features.numpy().copy(), b.labels.numpy().copy(), b.indices.numpy().copy()) for b in dl]
+
+
+@fork_ok
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_dataloader_workers_give_the_plain_loader_data(store, context):
+    store.gather("x", [0], num_segments=3)  # the C++ pool has run in the parent before forking
+    plain = _loader_batches(store, 0, None)
+    workers = _loader_batches(store, 2, context)
+    assert len(plain) == len(workers) == 10
+    for (f0, l0, i0), (f1, l1, i1) in zip(plain, workers):
+        assert f0.tobytes() == f1.tobytes()
+        np.testing.assert_array_equal(l0, l1)
+        np.testing.assert_array_equal(i0, i1)
+    # ... and the same bytes as store.gather itself.
+    np.testing.assert_array_equal(plain[0][0], store.gather("x", np.arange(32), num_segments=3, mode="train",
+                                                            seed=4))
+
+
+def _child_gather(store, queue):
+    queue.put(store.gather("x", np.arange(50), num_segments=5, mode="train", seed=1, threads=2).tobytes())
+
+
+@fork_ok
+def test_store_survives_fork_after_pool_ran(store):
+    parent = store.gather("x", np.arange(50), num_segments=5, mode="train", seed=1, threads=2)
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_gather, args=(store, q))
+    p.start()
+    child = q.get(timeout=60)
+    p.join(timeout=60)
+    assert p.exitcode == 0
+    assert child == parent.tobytes()
+
+
+def test_tensor_batches_from_loader(store):
+    loader = store.loader("x", batch_size=64, num_segments=3, seed=3)
+    batches = list(tensor_batches(loader))
+    assert sum(len(b.indices) for b in batches) == len(store)
+    assert batches[0].features.shape == (64, 3, 16) and batches[0].labels.dtype == torch.int64
+
+
+DIST_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    import finegym_store as fgs
+
+    rank, world, path, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    store = fgs.open(path)
+    loader = store.loader("x", batch_size=16, num_segments=3, rank=rank, world_size=world, seed=5)
+    result = {}
+    for epoch in range(2):
+        mine = torch.from_numpy(np.concatenate([b.indices for b in loader]))
+        gathered = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(gathered, mine)
+        result[epoch] = [g.tolist() for g in gathered]
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(result, f)
+    dist.destroy_process_group()
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_distributed_run_covers_the_dataset(store, tmp_path):
+    script = tmp_path / "dist.py"
+    script.write_text(DIST_SCRIPT)
+    out = tmp_path / "result.json"
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), GLOO_SOCKET_IFNAME="lo")
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", store.path, str(out)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in range(2)]
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=180)
+            assert p.returncode == 0, err.decode()[-2000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+    result = json.loads(out.read_text())
+    n = len(store)
+    epochs = []
+    for epoch in ("0", "1"):
+        shards = result[epoch]
+        assert len(shards[0]) == len(shards[1]) == (n + 1) // 2
+        # Padding by wrapping repeats one index (n is odd); otherwise disjoint.
+        both = shards[0] + shards[1]
+        assert set(both) == set(range(n))
+        assert len(both) - len(set(both)) == 2 * ((n + 1) // 2) - n
+        assert not set(shards[0][: n // 2]) & set(shards[1][: n // 2])
+        epochs.append(both)
+    assert epochs[0] != epochs[1]  # a new permutation each epoch
