@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from . import synth
+from . import _core, synth
 from .convert import convert
 from .safe_pickle import load as safe_load
 from .store import open as open_store
@@ -57,10 +57,10 @@ def _run(n: int, work: str, batch_size: int, batches: int, seed: int, progress: 
     pickles = {}
     t0 = time.perf_counter()
     for model in ("tsn", "i3d"):
-        table = synth.make_features(ids, labels, synth.MODELS[model], seed=seed)
+        features = synth.make_features(ids, labels, synth.MODELS[model], seed=seed, signal=0.15)
         pickles[model] = os.path.join(work, f"{model}_sample.pkl")
-        synth.write_pickle(pickles[model], table)
-        del table
+        synth.write_pickle(pickles[model], features)
+        del features
     report["synthesize_s"] = time.perf_counter() - t0
     size = sum(os.path.getsize(p) for p in pickles.values())
     echo(f"  synthesized 2 pickles (tsn 12x1024x1x1, i3d 12x2048x1x1x1), {size / 2**20:.0f} MiB, "
@@ -80,28 +80,33 @@ def _run(n: int, work: str, batch_size: int, batches: int, seed: int, progress: 
     echo(f"  open store: {report['open_s'] * 1e3:.2f} ms   vs   load i3d pickle: "
          f"{report['pickle_load_s'] * 1e3:.0f} ms ({report['pickle_load_s'] / report['open_s']:.0f}x)")
 
-    # 4. Gather random batches: store column fancy indexing vs the pickle dict.
+    # 4. Random training batches, TSN-style (3 of the 12 segments, random
+    #    within equal parts): one C++ gather per batch vs the same sampling
+    #    done per item in Python over the pickle's dict.
     rng = np.random.default_rng(seed)
     batch_idx = [rng.integers(0, n, batch_size) for _ in range(batches)]
-    col = store.column("i3d")
     keys = store.ids.to_list()
 
-    def from_store() -> None:
-        for idx in batch_idx:
-            col[np.sort(idx)]
+    def from_store() -> list[np.ndarray]:
+        return [store.gather("i3d", idx, num_segments=3, mode="train", seed=seed) for idx in batch_idx]
 
-    def from_pickle() -> None:
-        for idx in batch_idx:
-            np.stack([table[keys[i]].reshape(12, 2048) for i in np.sort(idx)])
+    def from_pickle() -> list[np.ndarray]:
+        return [np.stack([table[keys[i]].reshape(12, 2048)[_core.sample_segments(12, 3, 1, "train", seed, 0, int(i))]
+                          for i in idx]) for idx in batch_idx]
 
-    _, report["gather_store_s"] = _timed(from_store)
-    _, report["gather_pickle_s"] = _timed(from_pickle)
-    echo(f"  {batches} batches of {batch_size} x 12 x 2048: store {report['gather_store_s'] * 1e3:.1f} ms, "
-         f"pickle dict {report['gather_pickle_s'] * 1e3:.1f} ms")
+    got, report["gather_store_s"] = _timed(from_store)
+    expected, report["gather_pickle_s"] = _timed(from_pickle)
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(got, expected)), "store and pickle batches differ"
+    echo(f"  {batches} train batches of {batch_size} x 3 x 2048 (TSN sampling): store.gather "
+         f"{report['gather_store_s'] * 1e3:.1f} ms, pickle dict + Python sampling "
+         f"{report['gather_pickle_s'] * 1e3:.1f} ms; identical bytes")
+    loader = store.loader("i3d", batch_size=batch_size, num_segments=3, mode="train", seed=seed, prefetch=2)
+    _, report["epoch_s"] = _timed(lambda: sum(len(b) for b in loader))
+    echo(f"  one epoch through store.loader ({len(loader)} batches, prefetch 2): {report['epoch_s'] * 1e3:.1f} ms")
 
     # 5. Check what came out: bytes equal to the pickle, and a class signal.
     i = int(batch_idx[0][0])
-    assert np.array_equal(store.features("i3d", i), table[keys[i]].reshape(12, 2048))
+    assert np.array_equal(store.features("i3d", i), table[keys[i]].reshape(12, 2048))  # bytes equal to the pickle
     report["nearest_mean_accuracy"] = _nearest_class_mean_accuracy(store)
     names = store.label_names or {}
     top = int(np.bincount(store.labels).argmax())

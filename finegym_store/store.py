@@ -105,8 +105,10 @@ class Column:
     an (n, T, C) view and an integer array gives a copy (numpy fancy indexing).
     """
 
-    def __init__(self, store: Store, name: str, dtype: str, segments: int | None, channels: int) -> None:
-        self._store = store
+    def __init__(self, reader: _core.Reader, name: str, dtype: str, segments: int | None, channels: int) -> None:
+        # The reader, not the Store: no reference cycle, so dropping the last
+        # reference to a Store unmaps the file at once (not at the next GC).
+        self._reader = reader
         self.name = name
         self.dtype = np.dtype(dtype)
         self.segments = segments
@@ -120,19 +122,19 @@ class Column:
     @property
     def shape(self) -> tuple[int, int | None, int]:
         """(N, T, C), with T None when ragged."""
-        return (len(self._store), self.segments, self.channels)
+        return (len(self._reader), self.segments, self.channels)
 
     @property
     def values(self) -> np.ndarray:
         """The whole column buffer: (N, T, C), or (total rows, C) when ragged."""
-        return self._store._reader.section(f"features/{self.name}")
+        return self._reader.section(f"features/{self.name}")
 
     @property
     def offsets(self) -> np.ndarray | None:
         """Row offsets (N + 1,) of a ragged column; None when fixed."""
         if not self.ragged:
             return None
-        return self._store._reader.section(f"features/{self.name}/offsets")
+        return self._reader.section(f"features/{self.name}/offsets")
 
     def lengths(self) -> np.ndarray:
         """T_i of every instance, as int64."""
@@ -141,15 +143,15 @@ class Column:
         return np.full(len(self), self.segments, dtype=np.int64)
 
     def __len__(self) -> int:
-        return len(self._store)
+        return len(self._reader)
 
     def __getitem__(self, index: Any) -> np.ndarray | list[np.ndarray]:
         if isinstance(index, (int, np.integer)):
-            return self._store._reader.features(self.name, int(index))
+            return self._reader.features(self.name, int(index))
         if self.ragged:
             if isinstance(index, slice):
                 index = range(*index.indices(len(self)))
-            return [self._store._reader.features(self.name, int(i)) for i in np.asarray(index).ravel()]
+            return [self._reader.features(self.name, int(i)) for i in np.asarray(index).ravel()]
         return self.values[index]
 
     def __repr__(self) -> str:
@@ -163,7 +165,7 @@ class Store:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self._reader = _core.Reader(os.fspath(path))
         self._columns = {
-            name: Column(self, name, dtype, t, c) for name, dtype, t, c in self._reader.columns()
+            name: Column(self._reader, name, dtype, t, c) for name, dtype, t, c in self._reader.columns()
         }
         self._index: dict[str, int] | None = None
 

@@ -33,3 +33,15 @@ def require_torch():
             raise
         pytest.skip("torch is not installed (pip install torch; CI installs torch==2.13.0)", allow_module_level=True)
     return torch
+
+
+def synthetic_store(folder: Path, n: int, num_classes: int, shape: tuple[int, ...] = (12, 16, 1, 1), seed: int = 0):
+    """A store of n synthetic FineGym instances (column 'x', split labels)."""
+    import finegym_store as fgs
+    from finegym_store import synth
+
+    ids = synth.make_ids(n, seed=seed)
+    labels = synth.long_tailed_labels(n, num_classes, seed=seed)
+    table = synth.make_features(ids, labels, shape, seed=seed)
+    synth.write_split(folder / "split.txt", ids, labels)
+    return fgs.convert(folder / "s.fgs", {"x": table}, split=folder / "split.txt", progress=False)

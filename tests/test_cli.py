@@ -348,10 +348,12 @@ def test_demo_command(tmp_path):
     assert re.search(r"synthesized 2 pickles .* in \d+\.\d+ s", out), out
     assert re.search(r"converted to .* in \d+\.\d+ s", out), out
     assert re.search(r"open store: \d+\.\d+ ms\s+vs\s+load i3d pickle: \d+ ms", out), out
-    assert re.search(r"20 batches of 64 x 12 x 2048: store \d+\.\d+ ms, pickle dict \d+\.\d+ ms", out), out
+    assert re.search(r"20 train batches of 64 x 3 x 2048 \(TSN sampling\): store.gather \d+\.\d+ ms, "
+                     r"pickle dict \+ Python sampling \d+\.\d+ ms; identical bytes", out), out
+    assert re.search(r"one epoch through store.loader \(5 batches, prefetch 2\): \d+\.\d+ ms", out), out
     m = re.search(r"nearest-class-mean accuracy on mean-pooled tsn features: (\d+\.\d)%", out)
     assert m, out
-    assert float(m.group(1)) > 30.0
+    assert float(m.group(1)) > 20.0  # percent; chance is about 1
     assert (work / "sample.fgs").is_file()
     assert fgs.open(work / "sample.fgs").verify() == []
 
@@ -367,6 +369,6 @@ def test_run_demo_in_process():
     assert report["instances"] == 300
     for key in ("synthesize_s", "convert_s", "open_s", "pickle_load_s", "gather_store_s", "gather_pickle_s"):
         assert report[key] > 0, key
-    assert report["nearest_mean_accuracy"] > 0.3  # chance is about 1/99
+    assert report["nearest_mean_accuracy"] > 0.2  # chance is about 1/99
     assert len(lines) >= 6
     assert any("nearest-class-mean accuracy" in line for line in lines)

@@ -8,20 +8,14 @@ import os
 import numpy as np
 import pytest
 
-import finegym_store as fgs
-from finegym_store import synth
+from conftest import synthetic_store
+
 from finegym_store.loader import epoch_order, shard
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    n = 1003  # not a multiple of any batch size or world size used below
-    ids = synth.make_ids(n, seed=3)
-    labels = synth.long_tailed_labels(n, 20, seed=3)
-    table = synth.make_features(ids, labels, (12, 16, 1, 1), seed=3)
-    folder = tmp_path_factory.mktemp("loader")
-    synth.write_split(folder / "split.txt", ids, labels)
-    return fgs.convert(folder / "s.fgs", {"x": table}, split=folder / "split.txt", progress=False)
+    return synthetic_store(tmp_path_factory.mktemp("loader"), 1003, 20, seed=3)  # not a multiple of any batch size or world size used below
 
 
 def collect(loader):

@@ -54,3 +54,18 @@ def test_hash64_matches_reference_xxh64():
     for n in [0, 1, 3, 4, 7, 8, 31, 32, 33, 63, 64, 100, 4097, 100_000]:
         data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
         assert _core.hash64(data) == xxhash.xxh64_intdigest(data), n
+
+
+def test_dropping_a_store_unmaps_the_file_without_gc(tmp_path):
+    import gc
+    import weakref
+
+    store = fgs.convert(tmp_path / "s.fgs", {"x": {"a": np.ones((2, 3), np.float32)}}, progress=False)
+    store.column("x")  # columns exist and must not keep the store alive in a cycle
+    ref = weakref.ref(store._reader)
+    gc.disable()
+    try:
+        del store
+        assert ref() is None
+    finally:
+        gc.enable()

@@ -14,10 +14,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import require_torch
+from conftest import require_torch, synthetic_store
 
-import finegym_store as fgs
-from finegym_store import synth
 
 torch = require_torch()
 from finegym_store.torch import StoreDataset, TensorBatch, collate, tensor_batches  # noqa: E402
@@ -29,13 +27,7 @@ fork_ok = pytest.mark.filterwarnings("ignore:.*multi-threaded.*fork:DeprecationW
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    n = 301
-    ids = synth.make_ids(n, seed=9)
-    labels = synth.long_tailed_labels(n, 10, seed=9)
-    table = synth.make_features(ids, labels, (12, 16, 1, 1), seed=9)
-    folder = tmp_path_factory.mktemp("torch")
-    synth.write_split(folder / "split.txt", ids, labels)
-    return fgs.convert(folder / "s.fgs", {"x": table}, split=folder / "split.txt", progress=False)
+    return synthetic_store(tmp_path_factory.mktemp("torch"), 301, 10, seed=9)
 
 
 def test_dataset_items_and_batches(store):

@@ -8,4 +8,5 @@ PYBIND11_MODULE(_core, m) {
     register_reader(m);
     register_writer(m);
     register_gather(m);
+    register_baselines(m);
 }

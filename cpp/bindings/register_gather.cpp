@@ -114,11 +114,17 @@ void register_gather(py::module_& m) {
         "gather",
         [](py::object reader, const std::string& column, IndexArray indices, py::object num_segments,
            const std::string& mode, std::uint64_t seed, std::uint64_t epoch, std::uint64_t clip_len, py::object out,
-           py::dtype dtype, unsigned threads, bool prefetch) {
+           py::dtype dtype, unsigned threads, const std::string& prefetch) {
             const auto& r = reader.cast<const StoreReader&>();
             const auto& col = r.column(column);
             auto spec = make_spec(std::move(num_segments), mode, seed, epoch, clip_len, dtype, threads);
-            spec.prefetch = prefetch;
+            if (prefetch == "on") {
+                spec.prefetch = finegym::Prefetch::On;
+            } else if (prefetch == "off") {
+                spec.prefetch = finegym::Prefetch::Off;
+            } else if (prefetch != "auto") {
+                throw py::value_error("prefetch must be 'auto', 'on' or 'off', got '" + prefetch + "'");
+            }
             const auto batch = static_cast<std::size_t>(indices.size());
             py::array result = prepare_out(std::move(out), batch, finegym::output_rows(col, spec), col.channels, dtype);
             void* dst = result.mutable_data();
@@ -131,7 +137,7 @@ void register_gather(py::module_& m) {
         },
         py::arg("reader"), py::arg("column"), py::arg("indices"), py::arg("num_segments"), py::arg("mode"),
         py::arg("seed"), py::arg("epoch"), py::arg("clip_len"), py::arg("out"), py::arg("dtype"), py::arg("threads"),
-        py::arg("prefetch") = true);
+        py::arg("prefetch") = "auto");
 
     py::class_<GatherJob>(m, "GatherJob", "A gather running in the background (internal; see Store.loader).")
         .def(py::init([](py::object reader, const std::string& column, IndexArray indices, py::object num_segments,

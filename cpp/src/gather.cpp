@@ -1,6 +1,7 @@
 #include "finegym/gather.hpp"
 
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <cstring>
@@ -110,6 +111,24 @@ void advise_willneed(const unsigned char* begin, std::size_t bytes) {
     ::madvise(reinterpret_cast<void*>(first), last - first, MADV_WILLNEED);
 }
 
+long major_faults() {
+    struct rusage ru {};
+    ::getrusage(RUSAGE_SELF, &ru);
+    return ru.ru_majflt;
+}
+
+// Calls fn(first_row, run_length) for each run of consecutive segments.
+template <typename Fn>
+void for_each_run(const std::uint64_t* segs, std::uint64_t rows, Fn&& fn) {
+    std::uint64_t r = 0;
+    while (r < rows) {
+        std::uint64_t run = 1;
+        while (r + run < rows && segs[r + run] == segs[r] + run) ++run;
+        fn(r, run);
+        r += run;
+    }
+}
+
 }  // namespace
 
 void gather(const StoreReader& reader, const FeatureColumn& col, const std::int64_t* indices, std::size_t batch,
@@ -126,41 +145,58 @@ void gather(const StoreReader& reader, const FeatureColumn& col, const std::int6
                                     ") is out of range for a store of " + std::to_string(n) + " instances");
         sources[b] = reader.instance(col, i);
     }
+    if (batch == 0) return;
     const std::size_t in_row = col.channels * dtype_size(col.dtype);
     const std::size_t out_row = col.channels * dtype_size(spec.out_dtype);
     auto* dst = static_cast<unsigned char*>(out);
     const unsigned threads = spec.threads;
+    const bool prefetch = spec.prefetch == Prefetch::On ||
+                          (spec.prefetch == Prefetch::Auto && reader.cold_hint.load(std::memory_order_relaxed));
 
-    if (spec.prefetch) {
-        // Queue the reads of the whole batch at once, so a cold file is read
-        // at a deep queue depth instead of one page fault at a time.
-        pool.parallel_for(batch, [&](std::size_t b) {
-            advise_willneed(sources[b].data, static_cast<std::size_t>(sources[b].rows) * in_row);
-        }, threads);
-    }
-
-    pool.parallel_for(batch, [&](std::size_t b) {
-        const Rows& src = sources[b];
-        unsigned char* row_out = dst + b * rows_out * out_row;
+    // The segments of instance b, into `s` (rows_out entries).
+    auto choose = [&](std::size_t b, std::uint64_t* s) {
         if (spec.num_segments == 0) {
-            convert_rows(src.data, col.dtype, row_out, spec.out_dtype, src.rows * col.channels);
+            for (std::uint64_t r = 0; r < rows_out; ++r) s[r] = r;
             return;
         }
         std::int64_t i = indices[b];
         if (i < 0) i += n;
-        std::vector<std::uint64_t> segs(rows_out);
-        sample_segments(src.rows, spec.num_segments, spec.clip_len, spec.mode,
-                        SampleKey{spec.seed, spec.epoch, static_cast<std::uint64_t>(i)}, segs.data());
-        // Copy runs of consecutive segments with one call each.
-        std::size_t r = 0;
-        while (r < rows_out) {
-            std::size_t run = 1;
-            while (r + run < rows_out && segs[r + run] == segs[r] + run) ++run;
-            convert_rows(src.data + segs[r] * in_row, col.dtype, row_out + r * out_row, spec.out_dtype,
-                         run * col.channels);
-            r += run;
-        }
+        sample_segments(sources[b].rows, spec.num_segments, spec.clip_len, spec.mode,
+                        SampleKey{spec.seed, spec.epoch, static_cast<std::uint64_t>(i)}, s);
+    };
+    thread_local std::vector<std::uint64_t> scratch;  // per-thread, reused across batches
+
+    if (prefetch) {
+        // Queue the reads of exactly the rows the batch needs, all at once,
+        // so a cold file is read at a deep queue depth instead of one page
+        // fault at a time. (Only then: on hot data the calls cost more than
+        // they save, hence a separate pass.)
+        pool.parallel_for(batch, [&](std::size_t b) {
+            scratch.resize(rows_out);
+            choose(b, scratch.data());
+            for_each_run(scratch.data(), rows_out, [&](std::uint64_t r, std::uint64_t run) {
+                advise_willneed(sources[b].data + scratch[r] * in_row, static_cast<std::size_t>(run) * in_row);
+            });
+        }, threads);
+    }
+
+    // Copy (and convert) runs of consecutive segments, one call each.
+    const long faults_before = major_faults();
+    pool.parallel_for(batch, [&](std::size_t b) {
+        scratch.resize(rows_out);
+        choose(b, scratch.data());
+        const unsigned char* src = sources[b].data;
+        unsigned char* row_out = dst + b * rows_out * out_row;
+        for_each_run(scratch.data(), rows_out, [&](std::uint64_t r, std::uint64_t run) {
+            convert_rows(src + scratch[r] * in_row, col.dtype, row_out + r * out_row, spec.out_dtype,
+                         static_cast<std::size_t>(run) * col.channels);
+        });
     }, threads);
+    // Auto prefetch: pages had to come from disk (major faults, counted for
+    // the whole process: other threads' faults only err towards prefetching)
+    // -> prefetch the next batch; a batch served from memory -> skip the
+    // madvise calls, which cost more than the copy saves on hot data.
+    reader.cold_hint.store(major_faults() != faults_before, std::memory_order_relaxed);
 }
 
 }  // namespace finegym

@@ -11,6 +11,13 @@
 
 namespace finegym {
 
+// When to madvise(WILLNEED) the rows of a batch before copying them.
+enum class Prefetch : std::uint8_t {
+    Auto = 0,  // when the previous batch from this reader needed disk reads (and on the first batch)
+    On = 1,
+    Off = 2,
+};
+
 struct GatherSpec {
     std::uint64_t num_segments = 0;  // K; 0 = every segment (fixed-T columns only)
     std::uint64_t clip_len = 1;      // L
@@ -19,7 +26,7 @@ struct GatherSpec {
     std::uint64_t epoch = 0;
     DType out_dtype = DType::Float32;  // float32 or float16
     unsigned threads = 0;              // 0 = every core
-    bool prefetch = true;              // madvise(WILLNEED) the whole batch before copying
+    Prefetch prefetch = Prefetch::Auto;
 };
 
 // Rows per instance in the output: K * L, or T when num_segments is 0.

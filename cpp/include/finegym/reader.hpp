@@ -4,6 +4,7 @@
 // bounds); it never touches feature bytes, so it costs the same for any file size.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <string>
 #include <string_view>
@@ -41,6 +42,10 @@ public:
 
     // Names of sections whose bytes do not match their checksum (empty: intact).
     std::vector<std::string> verify() const;
+
+    // Access-pattern state, not file content: whether the last gather needed
+    // disk reads, so the next one should queue its reads up front (gather.cpp).
+    mutable std::atomic<bool> cold_hint{true};
 
 private:
     void check_offsets(std::string_view offsets_name, std::uint64_t limit) const;

@@ -49,6 +49,7 @@ public:
 
 private:
     void write_all(const void* data, std::size_t size);
+    void kick_writeback();
     void pad_to(std::uint64_t alignment);
     void start_section(std::string name, DType dtype, std::uint64_t alignment);
     void finish_section(std::vector<std::uint64_t> shape);
@@ -61,6 +62,7 @@ private:
     bool overwrite_ = false;
     std::uint64_t num_instances_ = 0;
     std::uint64_t pos_ = 0;
+    std::uint64_t synced_ = 0;  // bytes handed to writeback so far
     std::vector<Section> sections_;
 
     // The section being streamed.
