@@ -45,3 +45,9 @@ def synthetic_store(folder: Path, n: int, num_classes: int, shape: tuple[int, ..
     table = synth.make_features(ids, labels, shape, seed=seed)
     synth.write_split(folder / "split.txt", ids, labels)
     return fgs.convert(folder / "s.fgs", {"x": table}, split=folder / "split.txt", progress=False)
+
+
+#: Working folder for child Pythons. `python -m` and `python -c` put the cwd
+#: first on sys.path; from the repository root, the uncompiled sources there
+#: would shadow the installed package, so children run from tests/ instead.
+CHILD_CWD = Path(__file__).resolve().parent

@@ -17,6 +17,8 @@ import pytest
 
 import finegym_store as fgs
 
+from conftest import CHILD_CWD
+
 CONVERT_MODULE = sys.modules["finegym_store.convert"]
 
 
@@ -214,7 +216,7 @@ def _temp_files_of(pid: int, folder: str) -> list[str]:
 def _spawn(out, pause_at, overwrite):
     proc = subprocess.Popen(
         [sys.executable, "-c", CHILD, str(out), str(pause_at), "1" if overwrite else "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=CHILD_CWD,
     )
     proc.watchdog = threading.Timer(120, proc.kill)  # never let a stuck child hang the test run
     proc.watchdog.start()

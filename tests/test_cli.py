@@ -20,13 +20,15 @@ import finegym_store as fgs
 from finegym_store import synth
 from finegym_store.demo import run_demo
 
+from conftest import CHILD_CWD
+
 N = 60
 
 
 def cli(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "finegym_store", *map(str, args)],
-        capture_output=True, text=True, timeout=120, cwd=cwd,
+        capture_output=True, text=True, timeout=120, cwd=cwd or CHILD_CWD,
     )
 
 

@@ -23,6 +23,8 @@ import pytest
 import finegym_store as fgs
 from finegym_store import _core, synth
 
+from conftest import CHILD_CWD
+
 N = 7
 FIX_T, FIX_C = 4, 8
 RAG_C = 6
@@ -600,7 +602,7 @@ def test_fuzz_open_never_crashes(base, tmp_path):
     ]
     proc = subprocess.run(
         [sys.executable, "-c", FUZZ, base.path, str(tmp_path), "300", "1234", json.dumps(regions)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, cwd=CHILD_CWD,
     )
     assert proc.returncode == 0, f"child died (signal {-proc.returncode})" if proc.returncode < 0 else proc.stderr[-3000:]
     outcomes = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -22,6 +22,8 @@ import pytest
 import finegym_store as fgs
 from finegym_store import safe_pickle
 
+from conftest import CHILD_CWD
+
 
 class _Payload:
     """Pickles as a call of ``func(*args)``: what a malicious pickle does."""
@@ -142,7 +144,7 @@ def test_cli_refuses_malicious_pickle(tmp_path):
     out = tmp_path / "out.fgs"
     proc = subprocess.run(
         [sys.executable, "-m", "finegym_store", "convert", str(out), "-f", f"x={path}", "-q"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=60, cwd=CHILD_CWD,
     )
     assert proc.returncode == 2, proc.stderr
     assert "refusing to unpickle global 'posix.system'" in proc.stderr
