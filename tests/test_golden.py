@@ -190,3 +190,29 @@ def test_fresh_float16_conversion_is_exact_on_golden_values(tmp_path):
         for i, key in enumerate(g["ids"]):
             np.testing.assert_array_equal(store.features(name, i).astype(np.float32),
                                           table[key].reshape(store.features(name, i).shape).astype(np.float32))
+
+
+GOLDEN_V1_F16 = DATA / "golden_v1_f16.fgs"
+
+
+def test_golden_v1_f16_opens_with_its_content(tmp_path):
+    """The committed float16 golden file: dtype code 4 on disk, values exact."""
+    store = fgs.open(GOLDEN_V1_F16)
+    assert store.format_version == 1
+    assert store.verify() == []
+    g = make_golden.golden_inputs()
+    by_name = {s["name"]: s for s in store.sections()}
+    for name, table in g["columns"].items():
+        assert by_name[f"features/{name}"]["dtype"] == "float16"
+        col = store.column(name)
+        assert col.dtype == np.dtype("float16")
+        for i, key in enumerate(g["ids"]):
+            view = store.features(name, i)
+            assert view.tobytes() == table[key].reshape(view.shape).astype(np.float16).tobytes()
+    assert list(store.ids) == g["ids"]
+    np.testing.assert_array_equal(store.labels, g["labels"])
+    # A fresh float16 conversion writes the same sections (attrs aside).
+    fresh = make_golden.build(tmp_path / "fresh16.fgs", tmp_path, dtype="float16")
+    for s in fresh.sections():
+        if s["name"] != "attrs":
+            assert s["checksum"] == by_name[s["name"]]["checksum"], s["name"]
