@@ -46,3 +46,45 @@ class Writer:
     def end_features(self, row_counts: NDArray[np.int64] | list[int] = ...) -> None: ...
     def commit(self) -> None: ...
     def discard(self) -> None: ...
+
+def default_threads() -> int: ...
+def sample_segments(
+    T: int, K: int, L: int, mode: str, seed: int = 0, epoch: int = 0, index: int = 0
+) -> NDArray[np.int64]: ...
+def gather(
+    reader: Reader,
+    column: str,
+    indices: NDArray[np.int64],
+    num_segments: int | None,
+    mode: str,
+    seed: int,
+    epoch: int,
+    clip_len: int,
+    out: NDArray[Any] | None,
+    dtype: np.dtype[Any],
+    threads: int,
+    prefetch: str = "auto",
+) -> NDArray[Any]: ...
+
+class GatherJob:
+    def __init__(
+        self,
+        reader: Reader,
+        column: str,
+        indices: NDArray[np.int64],
+        num_segments: int | None,
+        mode: str,
+        seed: int,
+        epoch: int,
+        clip_len: int,
+        out: NDArray[Any] | None,
+        dtype: np.dtype[Any],
+        threads: int,
+    ) -> None: ...
+    def wait(self) -> NDArray[Any]: ...
+
+class _baselines:  # a submodule: benchmark baselines
+    @staticmethod
+    def memcpy_records(src: Any, offsets: NDArray[np.int64], record_bytes: int, out: Any) -> None: ...
+    @staticmethod
+    def pread_records(path: str, offsets: NDArray[np.int64], record_bytes: int, out: Any, depth: int = 32) -> None: ...

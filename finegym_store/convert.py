@@ -108,8 +108,9 @@ def _write_column(
                 if used + t > cap:
                     pending[current] = io.submit(writer.append_features, buffers[current][:used])
                     current, used = 1 - current, 0
-                    if pending[current] is not None:
-                        pending[current].result()  # that buffer's write is done: refill it
+                    previous = pending[current]
+                    if previous is not None:
+                        previous.result()  # that buffer's write is done: refill it
                 np.copyto(buffers[current][used : used + t], table[k].reshape(t, c), casting="same_kind")
                 used += t
                 bar.update(1)

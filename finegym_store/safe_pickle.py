@@ -54,10 +54,15 @@ def _empty_bytes() -> bytes:
 _RESOLVERS[("_codecs", "encode")] = lambda: _latin1_encode
 for _builtins in ("builtins", "__builtin__"):
     _RESOLVERS[(_builtins, "bytes")] = lambda: _empty_bytes
+
+def _constant(obj: Any) -> Callable[[], Any]:
+    return lambda: obj
+
+
 for _builtins in ("builtins", "__builtin__"):  # __builtin__: Python 2 pickles
     for _name, _obj in (("dict", dict), ("list", list), ("tuple", tuple), ("set", set),
                         ("frozenset", frozenset), ("bytearray", bytearray)):
-        _RESOLVERS[(_builtins, _name)] = (lambda o=_obj: o)
+        _RESOLVERS[(_builtins, _name)] = _constant(_obj)
 
 #: The (module, name) globals a pickle may refer to.
 ALLOWED_GLOBALS = frozenset(_RESOLVERS)
@@ -83,7 +88,7 @@ class _AllowListUnpickler(pickle.Unpickler):
 class _CountingReader(io.RawIOBase):
     """Wraps a binary file and reports bytes read to a callback (progress)."""
 
-    def __init__(self, raw: BinaryIO, on_read: Callable[[int], None]) -> None:
+    def __init__(self, raw: io.BufferedReader, on_read: Callable[[int], None]) -> None:
         self._raw = raw
         self._on_read = on_read
 
