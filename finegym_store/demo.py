@@ -113,7 +113,6 @@ def _run(n: int, work: str, batch_size: int, batches: int, seed: int, progress: 
     echo(f"  most frequent class {top}: {names.get(top, '?')!r}")
     echo(f"  nearest-class-mean accuracy on mean-pooled tsn features: "
          f"{report['nearest_mean_accuracy']:.1%} (chance {1 / 99:.1%})")
-    del table
     return report
 
 

@@ -158,3 +158,15 @@ def test_loader_argument_errors(store):
         store.loader("y", batch_size=4)
     with pytest.raises(ValueError, match="num_segments"):
         store.loader("x", batch_size=4, num_segments=0)
+
+
+def test_loader_pickles_for_spawn(store):
+    import pickle
+
+    loader = store.loader("x", batch_size=64, num_segments=3, seed=2, rank=1, world_size=2)
+    loader.set_epoch(5)
+    clone = pickle.loads(pickle.dumps(loader))
+    assert clone.store.path == store.path and clone.epoch == 5
+    a, b = next(iter(loader)), next(iter(clone))
+    np.testing.assert_array_equal(a.indices, b.indices)
+    assert a.features.tobytes() == b.features.tobytes()
