@@ -68,14 +68,16 @@ class GatherJob {
 public:
     GatherJob(py::object reader, std::string column, IndexArray indices, GatherSpec spec, py::array out)
         : reader_obj_(std::move(reader)), indices_(std::move(indices)), out_(std::move(out)) {
-        const auto& r = reader_obj_.cast<const StoreReader&>();
-        const auto& col = r.column(column);
+        // Plain pointers, captured by value: the reader (and so its columns)
+        // is kept alive by reader_obj_, the buffers by indices_ and out_.
+        const auto* r = &reader_obj_.cast<const StoreReader&>();
+        const auto* col = &r->column(column);
         const std::int64_t* idx = indices_.data();
         const auto batch = static_cast<std::size_t>(indices_.size());
         void* dst = out_.mutable_data();
-        thread_ = std::thread([this, &r, &col, idx, batch, spec, dst] {
+        thread_ = std::thread([this, r, col, idx, batch, spec, dst] {
             try {
-                finegym::gather(r, col, idx, batch, spec, dst, *finegym::ThreadPool::shared(spec.threads));
+                finegym::gather(*r, *col, idx, batch, spec, dst, *finegym::ThreadPool::shared(spec.threads));
             } catch (...) {
                 error_ = std::current_exception();
             }
