@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
+import threading
 
 import numpy as np
 import pytest
@@ -208,3 +211,30 @@ def test_gather_index_errors(store):
     with pytest.raises(TypeError, match="indices must be"):
         store.gather("x", [0.5, 1.0])
     assert store.gather("x", np.zeros(0, np.int64), num_segments=3).shape == (0, 3, 32)
+
+
+@pytest.mark.filterwarnings("ignore:.*multi-threaded.*fork:DeprecationWarning")
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_fork_while_another_thread_gathers(store):
+    """A child forked while other threads run gathers can still gather: the
+    pool is rebuilt and its registry lock is never inherited held."""
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            store.gather("x", np.arange(300), num_segments=3, mode="train")
+
+    worker = threading.Thread(target=spin)
+    worker.start()
+    try:
+        for _ in range(10):
+            pid = os.fork()
+            if pid == 0:  # child: die by SIGALRM rather than hang on a deadlock
+                signal.alarm(20)
+                ok = store.gather("x", [0, 1], num_segments=None).shape == (2, 12, 32)
+                os._exit(0 if ok else 1)
+            _, status = os.waitpid(pid, 0)
+            assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    finally:
+        stop.set()
+        worker.join()

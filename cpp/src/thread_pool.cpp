@@ -1,5 +1,6 @@
 #include "finegym/thread_pool.hpp"
 
+#include <pthread.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -100,12 +101,26 @@ void ThreadPool::parallel_for(std::size_t n, const std::function<void(std::size_
     if (loop->error) std::rethrow_exception(loop->error);
 }
 
-std::shared_ptr<ThreadPool> ThreadPool::shared(unsigned threads) {
+namespace {
+
+// Guards the process-wide pool. Held across fork() (pthread_atfork), so a
+// child never inherits it locked by a thread that does not exist there.
+std::mutex& registry_mutex() {
     static std::mutex mutex;
+    static const int registered = ::pthread_atfork([] { registry_mutex().lock(); },
+                                                   [] { registry_mutex().unlock(); },
+                                                   [] { registry_mutex().unlock(); });
+    (void)registered;
+    return mutex;
+}
+
+}  // namespace
+
+std::shared_ptr<ThreadPool> ThreadPool::shared(unsigned threads) {
     static std::shared_ptr<ThreadPool> pool;
     if (threads == 0) threads = default_threads();
     const unsigned workers = threads - 1;  // the caller is one more thread
-    std::lock_guard<std::mutex> lock(mutex);
+    std::lock_guard<std::mutex> lock(registry_mutex());
     if (pool && pool->owner_pid_ != ::getpid()) {
         // We are a fork()ed child: the workers are gone, and joining or
         // destroying their std::thread objects would abort. Leak the husk on
