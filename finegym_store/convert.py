@@ -198,13 +198,8 @@ def convert(
         for name, source in features.items():
             where, table = _load(name, source, trust_pickle, progress)
             if ids is None:
-                if not table:
-                    raise ConversionError(f"{where}: the feature dict is empty")
-                try:
-                    ids = sorted(table)
-                except TypeError:
-                    raise ConversionError(f"{where}: keys must be str element ids") from None
-                _check_keys(where, table, set(ids), where)
+                _check_keys(where, table, set(table), where)  # empty table, non-str keys
+                ids = sorted(table)
             else:
                 _check_keys(where, table, set(ids), split_path or "the first column")
             if writer is None:

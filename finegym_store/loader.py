@@ -99,8 +99,6 @@ class Loader:
             raise ValueError(f"prefetch must be >= 0, got {prefetch}")
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-        if mode not in ("train", "test"):
-            raise ValueError(f"mode must be 'train' or 'test', got {mode!r}")
         self.store = store
         self.column = column
         self.batch_size = batch_size
@@ -119,7 +117,7 @@ class Loader:
         self.reuse_buffers = reuse_buffers
         self.epoch = 0
         # Fail now, not in a background job, on arguments the column can't serve.
-        store.gather(column, np.zeros(0, np.int64), num_segments=num_segments, clip_len=clip_len,
+        store.gather(column, np.zeros(0, np.int64), num_segments=num_segments, mode=mode, clip_len=clip_len,
                      dtype=self.dtype)
 
     def set_epoch(self, epoch: int) -> None:

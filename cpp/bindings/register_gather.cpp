@@ -149,12 +149,7 @@ void register_gather(py::module_& m) {
                  const auto& col = r.column(column);
                  auto spec = make_spec(std::move(num_segments), mode, seed, epoch, clip_len, dtype, threads);
                  // Index errors surface here, at submission, not later in wait().
-                 const auto n = static_cast<std::int64_t>(r.num_instances());
-                 const std::int64_t* idx = indices.data();
-                 for (py::ssize_t b = 0; b < indices.size(); ++b)
-                     if (idx[b] < -n || idx[b] >= n)
-                         throw py::index_error("index " + std::to_string(idx[b]) + " (position " + std::to_string(b) +
-                                               ") is out of range for a store of " + std::to_string(n) + " instances");
+                 finegym::check_indices(indices.data(), static_cast<std::size_t>(indices.size()), r.num_instances());
                  py::array result = prepare_out(std::move(out), static_cast<std::size_t>(indices.size()),
                                                 finegym::output_rows(col, spec), col.channels, dtype);
                  return std::make_unique<GatherJob>(std::move(reader), column, std::move(indices), spec,

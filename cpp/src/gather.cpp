@@ -131,20 +131,23 @@ void for_each_run(const std::uint64_t* segs, std::uint64_t rows, Fn&& fn) {
 
 }  // namespace
 
+void check_indices(const std::int64_t* indices, std::size_t batch, std::uint64_t num_instances) {
+    const auto n = static_cast<std::int64_t>(num_instances);
+    for (std::size_t b = 0; b < batch; ++b)
+        if (indices[b] < -n || indices[b] >= n)
+            throw std::out_of_range("index " + std::to_string(indices[b]) + " (position " + std::to_string(b) +
+                                    ") is out of range for a store of " + std::to_string(n) + " instances");
+}
+
 void gather(const StoreReader& reader, const FeatureColumn& col, const std::int64_t* indices, std::size_t batch,
             const GatherSpec& spec, void* out, ThreadPool& pool) {
     if (spec.out_dtype != DType::Float32 && spec.out_dtype != DType::Float16)
         throw std::invalid_argument("gather output must be float32 or float16");
     const std::uint64_t rows_out = output_rows(col, spec);
     const auto n = static_cast<std::int64_t>(reader.num_instances());
+    check_indices(indices, batch, reader.num_instances());
     std::vector<Rows> sources(batch);
-    for (std::size_t b = 0; b < batch; ++b) {
-        const std::int64_t i = indices[b];
-        if (i < -n || i >= n)
-            throw std::out_of_range("index " + std::to_string(i) + " (position " + std::to_string(b) +
-                                    ") is out of range for a store of " + std::to_string(n) + " instances");
-        sources[b] = reader.instance(col, i);
-    }
+    for (std::size_t b = 0; b < batch; ++b) sources[b] = reader.instance(col, indices[b]);
     if (batch == 0) return;
     const std::size_t in_row = col.channels * dtype_size(col.dtype);
     const std::size_t out_row = col.channels * dtype_size(spec.out_dtype);

@@ -33,6 +33,9 @@ struct GatherSpec {
 // Throws std::invalid_argument for a spec that does not fit the column.
 std::uint64_t output_rows(const FeatureColumn& col, const GatherSpec& spec);
 
+// Throws std::out_of_range naming the first index outside [-n, n) and its position.
+void check_indices(const std::int64_t* indices, std::size_t batch, std::uint64_t num_instances);
+
 // Fills `out` (B x output_rows x C elements of spec.out_dtype, C-contiguous).
 // Every index is checked before anything is copied: std::out_of_range names
 // the first bad one and its position. Negative indices count from the end.
