@@ -48,7 +48,7 @@ import numpy as np
 
 from .errors import ConversionError, UnsafePickleError
 
-__all__ = ["load", "ALLOWED_GLOBALS", "MAX_DEPTH", "ALLOC_FACTOR", "ALLOC_SLACK"]
+__all__ = ["load", "ALLOWED_GLOBALS", "MAX_DEPTH", "ALLOC_FACTOR", "ALLOC_SLACK", "OPS_PER_BYTE", "OPS_SLACK"]
 
 #: Deepest nesting of containers (tuples, lists, dicts, sets) accepted. A
 #: feature pickle needs 3 (dict -> array state tuple -> shape tuple).
@@ -58,6 +58,12 @@ MAX_DEPTH = 100
 #: bytes arrive as text and are encoded once).
 ALLOC_FACTOR = 4
 ALLOC_SLACK = 64 << 20
+
+#: Opcodes one load may run: the file's size / OPS_PER_BYTE + OPS_SLACK. A
+#: feature pickle runs about 45 per array, one per 1,000+ bytes; the limit
+#: bounds the time a hostile file of tiny opcodes can take (pure Python).
+OPS_PER_BYTE = 16
+OPS_SLACK = 2_000_000
 
 _MAX_DIMS = 32  # numpy 1.x's limit
 _HASH_SAFE_INT = (1 << 61) - 1  # ints below this hash to themselves: no collisions
@@ -341,49 +347,65 @@ class _Input:
     checked, not buffered: a read may not cross the end of the current frame,
     and data is read straight from the file, without a copy per frame."""
 
+    _REPORT = 1 << 20  # progress is reported in steps of at least 1 MiB
+
     def __init__(self, f: BinaryIO, size: int, on_read: Callable[[int], None] | None) -> None:
         self._f = f
         self._size = size
         self.pos = 0
         self._on_read = on_read
+        self._reported = 0
         self._frame_end = -1  # end of the current frame, -1 outside frames
+        self._limit = size  # reads up to here need no further check
 
     @property
     def left(self) -> int:
         """Bytes of the file not read yet."""
         return self._size - self.pos
 
-    def _check(self, n: int) -> None:
-        end = self.pos + n
+    def _progress(self) -> None:
+        if self._on_read is not None and self.pos - self._reported >= self._REPORT:
+            self._on_read(self.pos - self._reported)
+            self._reported = self.pos
+
+    def finish(self) -> None:
+        """Report the rest of the file as read (bytes after STOP included)."""
+        if self._on_read is not None and self._size > self._reported:
+            self._on_read(self._size - self._reported)
+            self._reported = self._size
+
+    def _cross(self, end: int) -> None:
+        # A read that ends past the current frame or the file.
         if self._frame_end >= 0 and end > self._frame_end:
             if self.pos != self._frame_end:
                 raise _Malformed("pickle exhausted before end of frame")
             self._frame_end = -1  # the frame is done; this read follows it
+            self._limit = self._size
         if end > self._size:
             raise EOFError
 
     def read(self, n: int) -> bytes:
-        self._check(n)
+        end = self.pos + n
+        if end > self._limit:
+            self._cross(end)
         data = self._f.read(n)
         if len(data) != n:
             raise EOFError
-        self.pos += n
-        if self._on_read is not None:
-            self._on_read(n)
+        self.pos = end
+        if n > 64:
+            self._progress()
         return data
 
     def readline(self) -> bytes:
-        limit = self._frame_end - self.pos if self._frame_end > self.pos else self.left
-        line = self._f.readline(limit)
+        if self.pos == self._frame_end:
+            self._cross(self.pos + 1)  # the frame is done
+        line = self._f.readline(self._limit - self.pos)
         self.pos += len(line)
-        if self._on_read is not None:
-            self._on_read(len(line))
+        self._progress()
         if not line.endswith(b"\n"):
-            if self.pos == self._frame_end and self.left:
+            if self.pos == self._frame_end and self.pos < self._size:
                 raise _Malformed("pickle exhausted before end of frame")
             raise EOFError
-        if self._frame_end == self.pos - len(line):
-            self._frame_end = -1  # a line right after a frame (limit was the file)
         return line
 
     def frame(self, n: int) -> None:
@@ -391,7 +413,7 @@ class _Input:
             raise _Malformed("beginning of a new frame before end of current frame")
         if self.pos + n > self._size:
             raise EOFError
-        self._frame_end = self.pos + n
+        self._frame_end = self._limit = self.pos + n
 
 
 # -- the machine ----------------------------------------------------------------------------------
@@ -586,8 +608,13 @@ class _Machine:
     def run(self) -> Any:
         read = self._in.read
         dispatch = self._dispatch
+        ops_left = self._size // OPS_PER_BYTE + OPS_SLACK
         try:
             while True:
+                ops_left -= 1
+                if ops_left < 0:
+                    self.refuse(f"it runs more than {self._size // OPS_PER_BYTE + OPS_SLACK} opcodes, one per "
+                                f"{OPS_PER_BYTE} bytes of the file + {OPS_SLACK}: an opcode flood?")
                 op = read(1)[0]
                 handler = dispatch[op]
                 if handler is None:
@@ -986,8 +1013,7 @@ def _load_stream(f: BinaryIO, size: int, source: str, on_read: Callable[[int], N
     try:
         inp = _Input(f, size, on_read)
         result = _Machine(inp, source, size).run()
-        if on_read is not None and inp.left:
-            on_read(inp.left)  # bytes after STOP: the load is complete
+        inp.finish()
         return result
     except UnsafePickleError:
         raise
