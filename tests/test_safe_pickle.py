@@ -6,6 +6,7 @@ from __future__ import annotations
 import builtins
 import collections
 import datetime
+import json
 import os
 import pickle
 import pickletools
@@ -396,3 +397,232 @@ def test_mutated_pickles_raise_only_conversion_error(tmp_path):
             except fgs.ConversionError:
                 outcomes["error"] += 1
     assert outcomes["error"] > 0 and outcomes["ok"] > 0
+
+
+# -- hostile pickles ---------------------------------------------------------------------------------
+#
+# Each is built byte by byte (hand-written opcodes or objects whose __reduce__
+# spells the exact calls) and loaded in a child process: several of them
+# crash a plain pickle.load (segfault: object pointers made from array bytes,
+# or the C stack overflowing while hashing), which must not take pytest down.
+# The child's address space is capped, so a memory bomb that got through would
+# show as "ran out of memory" instead of the expected refusal.
+
+
+class _Reduced:
+    """Pickles as ``func(*args)`` followed by BUILD ``state`` (if any)."""
+
+    def __init__(self, func, args, state=None):
+        self.func, self.args, self.state = func, args, state
+
+    def __reduce__(self):
+        return (self.func, self.args) if self.state is None else (self.func, self.args, self.state)
+
+
+_NP_CORE = getattr(np, "_core", None) or np.core
+
+
+def _dtype(code, order="<", subarray=None, names=None, fields=None, elsize=-1, alignment=-1, flags=0):
+    """numpy.dtype(code, False, True) with a BUILD state of our choosing."""
+    return _Reduced(np.dtype, (code, False, True), (3, order, subarray, names, fields, elsize, alignment, flags))
+
+
+def _array(dtype, shape, data, fortran=False):
+    """An array as numpy pickles it at protocols 2-4: _reconstruct + BUILD."""
+    return _Reduced(_NP_CORE.multiarray._reconstruct, (np.ndarray, (0,), b"b"), (1, shape, dtype, fortran, data))
+
+
+def _frombuffer(data, dtype, shape, order="C"):
+    """An array as numpy pickles it at protocol 5."""
+    return _Reduced(_NP_CORE.numeric._frombuffer, (data, dtype, shape, order))
+
+
+_OBJECT_FIELD = {"a": (_dtype("O8", "|", flags=63), 0)}
+_F8 = _dtype("f8")
+
+
+def _encode_bomb():
+    s = "\x01" * 100_000  # one str, memoized, encoded 1000 times
+    return pickle.dumps([_Reduced(__import__("codecs").encode, (s, "latin1")) for _ in range(1000)], protocol=2)
+
+
+def _bytes_reused():
+    raw = bytes(8192)  # one bytes object behind 30 arrays (the pickle memoizes it)
+    return pickle.dumps({f"k{i}": _array(_dtype("f4"), (2048,), raw) for i in range(30)}, protocol=4)
+
+
+#: name -> (pickle bytes (a callable), mode, exception, message after "<file>: ",
+#: safe_pickle settings for the child). Messages are matched with re.match.
+_UNSAFE = "UnsafePickleError"
+_CONV = "ConversionError"
+_REFUSING = r"refusing to unpickle: "
+HOSTILE = {
+    # numpy dtypes: an object dtype or field, or a state that lies, never reaches numpy
+    "object_dtype_flags_0": (lambda: pickle.dumps({"a": _array(_dtype("O8", "|"), (2,), b"A" * 16)}, 2),
+                             "load", _UNSAFE, _REFUSING + r"numpy dtype str 'O8': only c16, .* are allowed"),
+    "object_dtype_big_endian": (lambda: pickle.dumps({"a": _array(_dtype("O8", ">", flags=63), (2,), b"A" * 16)}, 4),
+                                "load", _UNSAFE, _REFUSING + r"numpy dtype str 'O8'"),
+    "object_field_flags_0": (
+        lambda: pickle.dumps({"a": _array(_dtype("V8", "|", None, ("a",), _OBJECT_FIELD, 8, 1, 0), (2,), b"A" * 16)}, 2),
+        "load", _UNSAFE, _REFUSING + r"numpy dtype str 'V8'"),
+    "object_field_big_endian": (
+        lambda: pickle.dumps({"a": _array(_dtype("V8", ">", None, ("a",), _OBJECT_FIELD, 8, 1, 63), (2,), b"A" * 16)}, 5),
+        "load", _UNSAFE, _REFUSING + r"numpy dtype str 'V8'"),
+    "float_dtype_flags_lie_little_endian": (lambda: pickle.dumps({"a": _array(_dtype("f8", "<", flags=63), (2,), b"A" * 16)}, 2),
+                                            "load", _UNSAFE, _REFUSING + r"numpy dtype 'f8': its state has flags int 63"),
+    "float_dtype_flags_lie_big_endian": (lambda: pickle.dumps({"a": _array(_dtype("f8", ">", flags=1), (2,), b"A" * 16)}, 4),
+                                         "load", _UNSAFE, _REFUSING + r"numpy dtype 'f8': its state has flags int 1"),
+    "float_dtype_with_fields": (
+        lambda: pickle.dumps({"a": _array(_dtype("f8", "<", None, ("a",), {"a": (_F8, 0)}), (2,), b"A" * 16)}, 4),
+        "load", _UNSAFE, _REFUSING + r"numpy dtype 'f8': its state has a sub-array, field names or fields"),
+    "float_dtype_with_subarray": (
+        lambda: pickle.dumps({"a": _array(_dtype("f8", "|", (_F8, (2,))), (1,), b"A" * 16)}, 4),
+        "load", _UNSAFE, _REFUSING + r"numpy dtype 'f8': its state has a sub-array"),
+    "dtype_state_unknown_version": (
+        lambda: pickle.dumps({"a": _array(_Reduced(np.dtype, ("f4", False, True), (9, "<", None, None, None, -1, -1, 0)),
+                                          (1,), b"AAAA")}, 4),
+        "load", _UNSAFE, _REFUSING + r"numpy dtype 'f4': expected a state \(3, byteorder"),
+    "array_state_dtype_not_a_dtype": (lambda: pickle.dumps({"a": _array("f4", (1,), b"AAAA")}, 4),
+                                      "load", _UNSAFE, _REFUSING + r"numpy array: dtype str 'f4' is not a plain numeric"),
+    "frombuffer_object_dtype": (lambda: pickle.dumps({"a": _frombuffer(bytearray(16), _dtype("O8", "|"), (2,))}, 5),
+                                "load", _UNSAFE, _REFUSING + r"numpy dtype str 'O8'"),
+    "scalar_object_dtype": (lambda: pickle.dumps({"a": _Reduced(_NP_CORE.multiarray.scalar, (_dtype("O8", "|"), b"A" * 8))}, 4),
+                            "load", _UNSAFE, _REFUSING + r"numpy dtype str 'O8'"),
+    "object_dtype_via_convert": (lambda: pickle.dumps({"a": _array(_dtype("O8", "|"), (2,), b"A" * 16)}, 2),
+                                 "convert", _UNSAFE, _REFUSING + r"numpy dtype str 'O8'"),
+    # nesting: refused while building, before anything is hashed
+    "tuple_key_nested_1e6_deep": (lambda: b"\x80\x02}K\x00" + b"\x85" * 1_000_000 + b"K\x01s.",
+                                  "load", _UNSAFE, _REFUSING + r"containers are nested deeper than 100 levels"),
+    "tuple_key_nested_5000_deep": (lambda: b"\x80\x02}K\x00" + b"\x85" * 5000 + b"K\x01s.",
+                                   "convert", _UNSAFE, _REFUSING + r"containers are nested deeper than 100 levels"),
+    "list_value_nested_5000_deep": (lambda: b"\x80\x02}K\x00" + b"]" * 5000 + b"a" * 4999 + b"s.",
+                                    "load", _UNSAFE, _REFUSING + r"containers are nested deeper than 100 levels"),
+    "dict_value_nested_5000_deep": (lambda: b"\x80\x02}" + b"K\x00}" * 5000 + b"s" * 5000 + b".",
+                                    "load", _UNSAFE, _REFUSING + r"containers are nested deeper than 100 levels"),
+    "tuple_key_shallow": (lambda: pickle.dumps({(1, 2): np.zeros(2, np.float32)}, 4),
+                          "load", _UNSAFE, _REFUSING + r"a dict key of type tuple: only str, bytes, bool, None"),
+    "frozenset_in_frozenset": (lambda: pickle.dumps(frozenset([frozenset([1])]), 4),
+                               "load", _UNSAFE, _REFUSING + r"a set member of type frozenset"),
+    "colliding_int_keys": (lambda: pickle.dumps({k * (2**61 - 1): 0 for k in range(1, 200)}, 4),
+                           "load", _UNSAFE, _REFUSING + r"a dict key of type int: .*ints below 2\*\*61"),
+    # memory: nothing is allocated that the file does not hold
+    "bytearray_of_1_gib": (lambda: b"\x80\x02c__builtin__\nbytearray\nJ\x00\x00\x00\x40\x85R.",
+                           "load", _UNSAFE, _REFUSING + r"bytearray is only allowed as bytearray\(bytes\)"),
+    "list_of_bytearray_of_1_gib": (
+        lambda: b"\x80\x02c__builtin__\nlist\nc__builtin__\nbytearray\nJ\x00\x00\x00\x40\x85R\x85R.",
+        "load", _UNSAFE, _REFUSING + r"bytearray is only allowed as bytearray\(bytes\)"),
+    "bytes_of_1_gib": (lambda: b"\x80\x02c__builtin__\nbytes\nJ\x00\x00\x00\x40\x85R.",
+                       "load", _UNSAFE, _REFUSING + r"bytes is only allowed as bytes\(\)"),
+    "uninitialised_ndarray": (lambda: b"\x80\x02cnumpy\nndarray\nJ\x00\x00\x00\x40\x85\x85R.",
+                              "load", _UNSAFE, _REFUSING + r"calling numpy.ndarray directly"),
+    "reconstruct_of_huge_shape": (
+        lambda: b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nJ\x00\x00\x00\x40\x85C\x01b\x87R.",
+        "load", _UNSAFE, _REFUSING + r"numpy _reconstruct is only allowed as _reconstruct\(numpy.ndarray, \(0,\), b'b'\)"),
+    "scalar_of_huge_void_dtype": (
+        lambda: b"\x80\x02cnumpy.core.multiarray\nscalar\ncnumpy\ndtype\nX\x0b\x00\x00\x00V2000000000\x89\x88\x87R\x85R.",
+        "load", _UNSAFE, _REFUSING + r"numpy dtype str 'V2000000000'"),
+    "scalar_without_data": (lambda: pickle.dumps(_Reduced(_NP_CORE.multiarray.scalar, (np.dtype("f4"),)), 4),
+                            "load", _UNSAFE, _REFUSING + r"numpy scalar is only allowed as scalar\(dtype, data\)"),
+    "array_shape_beyond_its_data": (lambda: pickle.dumps({"a": _array(_dtype("f4"), (10**9,), b"A" * 16)}, 4),
+                                    "load", _CONV, r"not a readable pickle: .*array data holds 16 bytes, but shape "
+                                                   r"\(1000000000,\) of float32 needs 4000000000"),
+    "frombuffer_shape_beyond_its_data": (lambda: pickle.dumps({"a": _frombuffer(bytearray(8), _dtype("f8"), (2**40,))}, 5),
+                                         "load", _CONV, r"not a readable pickle: .*array data holds 8 bytes"),
+    "memo_index_of_4_billion": (lambda: b"\x80\x02Nr\xff\xff\xff\xff.",
+                                "load", _UNSAFE, _REFUSING + r"it allocates more than \d+ bytes .* a memory bomb"),
+    "bytes_of_1_tib_declared": (lambda: b"\x80\x04\x8e" + struct.pack("<Q", 1 << 40) + b"x" * 100,
+                                "load", _CONV, r"the pickle ends early"),
+    "frame_of_1_tib_declared": (lambda: b"\x80\x04\x95" + struct.pack("<Q", 1 << 40) + b"N.",
+                                "load", _CONV, r"the pickle ends early"),
+    "str_of_4_gib_declared": (lambda: b"\x80\x02X\xff\xff\xff\xffabc",
+                              "load", _CONV, r"the pickle ends early"),
+    "encode_one_str_1000_times": (_encode_bomb, "load", _UNSAFE, _REFUSING + r"it allocates more than .* while building bytes"),
+    "empty_set_flood": (lambda: b"\x80\x04" + b"\x8f" * 200_000 + b".", "load", _UNSAFE,
+                        _REFUSING + r"it allocates more than \d+ bytes \(4 x the file's 200003 bytes \+ 1 MiB\)",
+                        {"ALLOC_SLACK": 1 << 20}),
+    "opcode_flood": (lambda: b"\x80\x02" + b"N0" * 50_000 + b"N.", "load", _UNSAFE,
+                     _REFUSING + r"it runs more than 7250 opcodes, one per 16 bytes of the file \+ 1000",
+                     {"OPS_SLACK": 1000}),
+    "one_array_under_5000_keys": (
+        lambda: pickle.dumps(dict.fromkeys([f"k{i:04d}" for i in range(5000)], np.ones((12, 2048, 1, 1), np.float32)), 4),
+        "convert", _UNSAFE, _REFUSING + r"its arrays, counting every reference to them, hold more bytes than the file's"),
+    "one_bytes_behind_30_arrays": (_bytes_reused, "load", _UNSAFE, _REFUSING + r"its arrays, counting every reference"),
+}
+
+
+@pytest.fixture(scope="module")
+def hostile_outcomes(tmp_path_factory):
+    """Every HOSTILE case run in one child process: name -> outcome dict,
+    or the child's exit status for the cases it did not finish."""
+    folder = tmp_path_factory.mktemp("hostile")
+    cases = []
+    for name, (build, mode, *_, patch) in ((n, (*c, {}) if len(c) == 4 else c) for n, c in HOSTILE.items()):
+        path = folder / f"{name}.pkl"
+        path.write_bytes(build())
+        cases.append({"name": name, "path": str(path), "mode": mode, "out": str(folder / f"{name}.fgs"), "patch": patch})
+    (folder / "cases.json").write_text(json.dumps(cases))
+    child = r"""
+import json, resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (4 << 30, resource.getrlimit(resource.RLIMIT_AS)[1]))
+import finegym_store as fgs
+from finegym_store import safe_pickle
+for case in json.load(open(sys.argv[1])):
+    print(json.dumps({"name": case["name"], "started": True}), flush=True)
+    saved = {k: getattr(safe_pickle, k) for k in case["patch"]}
+    for k, v in case["patch"].items():
+        setattr(safe_pickle, k, v)
+    try:
+        if case["mode"] == "load":
+            safe_pickle.load(case["path"])
+        else:
+            fgs.convert(case["out"], {"x": case["path"]}, progress=False)
+        out = {"type": None}
+    except Exception as e:
+        out = {"type": type(e).__name__, "message": str(e), "conversion_error": isinstance(e, fgs.ConversionError)}
+    for k, v in saved.items():
+        setattr(safe_pickle, k, v)
+    print(json.dumps(dict(out, name=case["name"])), flush=True)
+"""
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", child, str(folder / "cases.json")], capture_output=True, text=True,
+                          timeout=600, cwd=CHILD_CWD, env=env)
+    outcomes = {}
+    for line in proc.stdout.splitlines():
+        record = json.loads(line)
+        if "started" not in record:
+            outcomes[record["name"]] = record
+    return outcomes, proc, {c["name"]: c for c in cases}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_pickle_is_refused_without_crash(hostile_outcomes, name):
+    outcomes, proc, cases = hostile_outcomes
+    if name not in outcomes:
+        started = [json.loads(x)["name"] for x in proc.stdout.splitlines() if '"started"' in x]
+        pytest.fail(f"the child process did not finish case {name!r}: exit status {proc.returncode} "
+                    f"(negative = killed by that signal) after starting {started[-1:]}\n{proc.stderr[-3000:]}")
+    got = outcomes[name]
+    _, mode, exc, message, *_ = HOSTILE[name]
+    assert got["type"] == exc, got
+    assert got["conversion_error"], got
+    path = cases[name]["path"]
+    assert re.match(re.escape(path) + ": " + message, got["message"]), got["message"]
+    if mode == "convert":
+        assert not os.path.exists(cases[name]["out"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_hostile_pickles_crash_or_misbehave_when_trusted(tmp_path):
+    # The cases above are real threats, not just odd inputs: a plain
+    # pickle.load of the first dies by a signal (numpy frees object pointers
+    # made of array bytes), of the second by a C stack overflow or RecursionError.
+    results = {}
+    for name in ("object_dtype_flags_0", "tuple_key_nested_1e6_deep"):
+        path = tmp_path / f"{name}.pkl"
+        path.write_bytes(HOSTILE[name][0]())
+        proc = subprocess.run([sys.executable, "-c", f"import pickle; d = pickle.load(open({str(path)!r}, 'rb')); "
+                               "print(repr(d)[:1000]); del d"],
+                              capture_output=True, text=True, timeout=120, cwd=CHILD_CWD)
+        results[name] = proc.returncode
+    assert results["object_dtype_flags_0"] != 0
+    assert results["tuple_key_nested_1e6_deep"] != 0
