@@ -378,6 +378,34 @@ def test_bad_dtype_state_is_refused(tmp_path):
         safe_pickle.load(path)
 
 
+FUZZ = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fuzz", "fuzz_pickle.py")
+
+
+def test_seeded_mutants_load_and_convert_without_crash(tmp_path):
+    # 300 mutants (byte flips, truncations, length fields set to extremes,
+    # opcode splices) of FineGym-layout pickles from finegym_store.synth and of
+    # the hostile pickles, each written to a file and converted from it in a
+    # child process: a crash shows as a signal exit status. The harness checks
+    # every outcome: a store, or ConversionError / UnsafePickleError naming the
+    # file; anything else (another exception, "ran out of memory" under its
+    # address-space cap, over 20 s) is a finding and exit status 1.
+    proc = subprocess.run(
+        [sys.executable, FUZZ, "--seeded", "--seed", "20261127", "--cases", "300",
+         "--workdir", str(tmp_path / "work"), "--findings", str(tmp_path / "findings")],
+        capture_output=True, text=True, timeout=600, cwd=CHILD_CWD, env=dict(os.environ, OPENBLAS_NUM_THREADS="1"),
+    )
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0, (f"exit status {proc.returncode} (negative = killed by that signal) at "
+                                  f"{lines[-1:]}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    summary = json.loads(lines[-1])
+    assert summary["executions"] == 300 and summary["findings"] == 0
+    outcomes = summary["outcomes"]
+    # The mutants exercise every path: refused, malformed, converted, rejected by convert.
+    assert outcomes["refused"] > 0 and outcomes["error"] > 0 and outcomes["converted"] > 0
+    assert outcomes["convert_error"] > 0
+    assert sum(outcomes.values()) == 300
+
+
 def test_mutated_pickles_raise_only_conversion_error(tmp_path):
     # Seeded random byte mutations: each load succeeds or raises ConversionError.
     rnd = random.Random(20240501)

@@ -217,11 +217,12 @@ class Checker:
     def check(self, data: bytes, path: Path | None = None) -> str:
         """'ok', 'refused' or 'error' (ConversionError); Finding otherwise."""
         self.source = str(path) if path is not None else "<fuzz input>"
+        if path is not None:
+            path.write_bytes(data)
         signal.alarm(TIMEOUT_S)
         try:
             try:
                 if path is not None:
-                    path.write_bytes(data)
                     table = self.safe_pickle.load(path)
                 else:
                     table = self.safe_pickle._load_stream(io.BytesIO(data), len(data), self.source)
@@ -374,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     corpus = seeds()
     with tempfile.TemporaryDirectory(prefix="finegym-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as tmp:
         workdir = Path(args.workdir) if args.workdir else Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
         args.workdir = str(workdir)
         if args.seeded:
             return run_seeded(args, Checker(workdir), corpus)
