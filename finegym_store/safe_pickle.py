@@ -335,6 +335,7 @@ _CONTAINERS = frozenset([list, tuple, dict, set, frozenset, OrderedDict])
 _MUTABLE = frozenset([list, dict, set, OrderedDict])
 _DICTS = (dict, OrderedDict)
 _CACHED = frozenset([type(None), bool])
+_PLAIN = frozenset([type(None), bool, int, float, str, bytes, bytearray, complex])  # no placeholders, no nesting
 _HOLE = object()  # a memo index that was never stored
 
 
@@ -395,6 +396,24 @@ class _Input:
         if n > 64:
             self._progress()
         return data
+
+    def read_bytearray(self, n: int) -> bytearray:
+        """n bytes into a new bytearray, without an intermediate bytes copy."""
+        end = self.pos + n
+        if end > self._limit:
+            self._cross(end)
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            k = self._f.readinto(view[got:])
+            if not k:
+                raise EOFError
+            got += k
+        view.release()
+        self.pos = end
+        self._progress()
+        return buf
 
     def readline(self) -> bytes:
         if self.pos == self._frame_end:
@@ -458,9 +477,11 @@ class _Machine:
     def _push(self, x: Any) -> bool:
         t = type(x)
         if t in _CACHED or (t is int and -5 <= x <= 256):
-            self.charge(_SLOT, "the stack")
+            self._budget -= _SLOT
         else:
-            self.charge(_SLOT + sys.getsizeof(x), t.__name__)
+            self._budget -= _SLOT + sys.getsizeof(x)
+        if self._budget < 0:
+            self.charge(0, t.__name__)  # raises
         self._stack.append(x)
         return False
 
@@ -520,9 +541,13 @@ class _Machine:
         into = "set" if kind in (set, frozenset) else ("tuple" if kind is tuple else "list")
         depth, tainted, out = 0, False, []
         for x in items:
+            if type(x) in _PLAIN and into != "set":  # fast path: nothing to resolve or track
+                out.append(x)
+                continue
             x, d, tx = self._take(x, into)
             out.append(x)
-            depth = max(depth, d)
+            if d > depth:
+                depth = d
             tainted = tainted or tx
         c = kind(out)
         self.charge(sys.getsizeof(c), kind.__name__)
@@ -606,7 +631,8 @@ class _Machine:
     # opcodes
 
     def run(self) -> Any:
-        read = self._in.read
+        inp = self._in
+        file_read = inp._f.read
         dispatch = self._dispatch
         ops_left = self._size // OPS_PER_BYTE + OPS_SLACK
         try:
@@ -615,7 +641,14 @@ class _Machine:
                 if ops_left < 0:
                     self.refuse(f"it runs more than {self._size // OPS_PER_BYTE + OPS_SLACK} opcodes, one per "
                                 f"{OPS_PER_BYTE} bytes of the file + {OPS_SLACK}: an opcode flood?")
-                op = read(1)[0]
+                # _Input.read(1), inlined: one opcode byte per iteration
+                if inp.pos >= inp._limit:
+                    inp._cross(inp.pos + 1)
+                op_byte = file_read(1)
+                if not op_byte:
+                    raise EOFError
+                inp.pos += 1
+                op = op_byte[0]
                 handler = dispatch[op]
                 if handler is None:
                     raise _Malformed(f"invalid load key {bytes([op])!r}")
@@ -666,7 +699,9 @@ class _Machine:
     def op_dup(self) -> bool:
         if not self._stack:
             raise _Malformed("DUP on an empty stack")
-        return self._push(self._stack[-1])
+        self.charge(_SLOT, "the stack")  # one more reference, no new object
+        self._stack.append(self._stack[-1])
+        return False
 
     # numbers
 
@@ -758,7 +793,7 @@ class _Machine:
         return self._push(self._in.read(self._in.read(1)[0]))
 
     def op_bytearray8(self) -> bool:
-        return self._push(bytearray(self._in.read(self._length("<Q", "BYTEARRAY8"))))
+        return self._push(self._in.read_bytearray(self._length("<Q", "BYTEARRAY8")))
 
     # memo
 
@@ -775,7 +810,12 @@ class _Machine:
         if i < 0:
             raise _Malformed("negative memo key")
         n = len(self._memo)
-        if i >= n:
+        if i == n:  # the usual case: the next index
+            self._budget -= _SLOT
+            if self._budget < 0:
+                self.charge(0, "the memo")  # raises
+            self._memo.append(self._stack[-1])
+        elif i > n:
             self.charge(_SLOT * (i + 1 - n), "the memo")  # holes cost a slot each
             self._memo.extend([_HOLE] * (i - n))
             self._memo.append(self._stack[-1])
