@@ -136,9 +136,14 @@ def _op_bounds(data: bytes) -> list[int]:
 _EXTREMES = [0, 1, 0x7F, 0x80, 0xFF, 0x7FFF, 0xFFFF, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 2**63 - 1, 2**63, 2**64 - 1]
 
 
+MAX_INPUT = 1 << 20  # mutants stay below 1 MiB
+
+
 def mutate(data: bytes, rnd: random.Random, corpus: list[bytes]) -> bytes:
-    b = bytearray(data)
+    b = bytearray(data[:MAX_INPUT])
     for _ in range(rnd.randint(1, 3)):
+        if len(b) > MAX_INPUT:
+            del b[MAX_INPUT:]
         kind = rnd.randrange(8)
         if not b:
             b += bytes([rnd.randrange(256)])
@@ -174,8 +179,9 @@ def mutate(data: bytes, rnd: random.Random, corpus: list[bytes]) -> bytes:
             s = rnd.choice(tb)
             nxt = [p for p in tb if p > s]
             e = nxt[0] if nxt else len(b)
-            b[s:s] = bytes(b[s:e]) * rnd.choice([2, 10, 200])
-    return bytes(b)
+            times = min(rnd.choice([2, 10, 200]), max(1, (MAX_INPUT - len(b)) // max(1, e - s)))
+            b[s:s] = bytes(b[s:e]) * times
+    return bytes(b[:MAX_INPUT])
 
 
 # -- one input -----------------------------------------------------------------------------------------
