@@ -26,7 +26,14 @@ virtual machine that:
   length field is checked against the bytes left in the file before it is
   read, and the arrays the result refers to may hold, counting every
   reference (one array under 5000 keys counts 5000 times), no more bytes
-  than the file itself.
+  than the file itself;
+* bounds time: at most one opcode per ``OPS_PER_BYTE`` bytes of the file plus
+  ``OPS_SLACK``, each doing work linear in the data it consumes (no text
+  number longer than 200 digits, no hash collisions, no quadratic copies).
+
+Arrays are views of the bytes read from the file: read-only, except those a
+protocol-5 pickle stored as a bytearray. Results never contain a placeholder:
+a global may only be called, and a tuple holding one only used as arguments.
 
 A refused construct raises UnsafePickleError, a malformed or truncated pickle
 ConversionError; both name the file. ``trust=True`` is plain ``pickle.load``.
