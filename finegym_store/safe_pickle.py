@@ -157,8 +157,8 @@ def _array(vm: _Machine, raw: Any, dtype: Any, shape: Any, fortran: bool, where:
     every primitive. No numpy pickle code runs."""
     dtype = _check_dtype(vm, dtype, where)
     if type(shape) is not tuple or len(shape) > _MAX_DIMS or \
-            not all(type(d) is int and d >= 0 for d in shape):
-        raise _Malformed(f"{where}: shape must be a tuple of at most {_MAX_DIMS} non-negative ints, "
+            not all(type(d) is int and 0 <= d < 1 << 63 for d in shape):
+        raise _Malformed(f"{where}: shape must be a tuple of at most {_MAX_DIMS} ints in [0, 2**63), "
                          f"got {_describe(shape)}")
     if type(raw) is str:  # Python 2 str or protocol 0-2 text, decoded as latin1
         vm.charge(sys.getsizeof(raw), "array data")

@@ -654,3 +654,137 @@ def test_hostile_pickles_crash_or_misbehave_when_trusted(tmp_path):
         results[name] = proc.returncode
     assert results["object_dtype_flags_0"] != 0
     assert results["tuple_key_nested_1e6_deep"] != 0
+
+
+def test_dimension_beyond_int64_is_conversion_error(tmp_path):
+    path = tmp_path / "dims.pkl"
+    path.write_bytes(pickle.dumps({"a": _array(_dtype("f4"), (0, 10**5000), b"")}, 4))
+    with pytest.raises(fgs.ConversionError, match=r"dims\.pkl: not a readable pickle: .*shape must be a tuple of "
+                                                  r"at most 32 ints in \[0, 2\*\*63\), got tuple"):
+        safe_pickle.load(path)
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_arrays_keep_byte_order_layout_and_values(tmp_path, protocol):
+    rng = np.random.default_rng(9)
+    table = {
+        "be": rng.standard_normal((3, 4)).astype(">f8"),
+        "f": np.asfortranarray(rng.standard_normal((5, 2)).astype(np.float32)),
+        "strided": rng.standard_normal((4, 6)).astype(np.float32)[:, ::3],  # _reconstruct even at protocol 5
+        "i": np.arange(-4, 4, dtype=np.int16),
+        "c": (rng.standard_normal(3) + 1j).astype(np.complex64),
+        "empty": np.zeros((0, 7), np.float16),
+        "zero_d": np.array(2.5, np.float64),
+    }
+    got = safe_pickle.load(_dump(tmp_path / "t.pkl", table, protocol))
+    assert list(got) == list(table)
+    for k, want in table.items():
+        assert got[k].dtype == want.dtype, k  # '>f8' stays big-endian
+        assert got[k].shape == want.shape, k
+        assert got[k].tobytes(order="A") == want.tobytes(order="A") or np.array_equal(got[k], want), k
+        np.testing.assert_array_equal(got[k], want)
+    assert got["f"].flags.f_contiguous
+
+
+def test_python2_ordered_dict_and_protocol0_text(tmp_path):
+    # Python 2 pickles an OrderedDict as OrderedDict([[key, value], ...]).
+    x = np.arange(4, dtype="<f4")
+    array = (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85U\x01b\x87R"
+             b"(K\x01K\x04\x85cnumpy\ndtype\nU\x02f4K\x00K\x01\x87R"
+             b"(K\x03U\x01<NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+             b"\x89U\x10" + x.tobytes() + b"tb")
+    data = (b"\x80\x02ccollections\nOrderedDict\n]"  # OrderedDict([
+            b"(U\x01b" + array + b"la"                   #   ['b', array],
+            b"(U\x01aK\x07la"                            #   ['a', 7]
+            b"\x85R.")                                    # ])
+    path = tmp_path / "od2.pkl"
+    path.write_bytes(data)
+    got = safe_pickle.load(path)
+    assert type(got) is collections.OrderedDict and list(got) == ["b", "a"]
+    np.testing.assert_array_equal(got["b"], x)
+    assert got["a"] == 7
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"\x80\x04\x95" + struct.pack("<Q", 11) + b"N\x95" + struct.pack("<Q", 1) + b"..",
+         "beginning of a new frame before end of current frame"),
+        (b"\x80\x04\x95" + struct.pack("<Q", 3) + b"\x8c\x03abc.", "pickle exhausted before end of frame"),
+        (b"\x80\x02]]a]\x85h\x00a.", "memo key 0 was never stored"),
+        (b"\x80\x02]q\x00h\x00h\x00a.", ""),
+    ],
+)
+def test_frames_and_memo(tmp_path, data, message):
+    path = tmp_path / "f.pkl"
+    path.write_bytes(data)
+    if not message:  # a list appended into itself: a cycle, refused
+        with pytest.raises(fgs.UnsafePickleError, match=r"f\.pkl: refusing to unpickle: a list contains itself"):
+            safe_pickle.load(path)
+        return
+    with pytest.raises(fgs.ConversionError, match=rf"f\.pkl: not a readable pickle: .*{message}"):
+        safe_pickle.load(path)
+
+
+def test_placeholders_never_leak_into_results(tmp_path):
+    # A global may only be called; a tuple holding one only serve as arguments.
+    cases = {
+        "global_as_value": b"\x80\x02}U\x01acnumpy\nndarray\ns.",
+        "global_in_list": b"\x80\x02]cnumpy\nndarray\na.",
+        "tainted_tuple_as_value": b"\x80\x02}U\x01acnumpy\nndarray\n\x85s.",
+        "global_as_result": b"\x80\x02cnumpy\ndtype\n.",
+        "unbuilt_array": b"\x80\x02}U\x01acnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85U\x01b\x87Rs.",
+    }
+    expected = {
+        "global_as_value": r"the global numpy\.ndarray is used as a value",
+        "global_in_list": r"the global numpy\.ndarray is used as a value",
+        "tainted_tuple_as_value": r"a tuple holding the global of a call",
+        "global_as_result": r"the pickle's result is global numpy\.dtype",
+        "unbuilt_array": r"a numpy array is used before its state \(BUILD\) arrived",
+    }
+    for name, data in cases.items():
+        path = tmp_path / f"{name}.pkl"
+        path.write_bytes(data)
+        with pytest.raises(fgs.UnsafePickleError, match=rf"{name}\.pkl: refusing to unpickle: {expected[name]}"):
+            safe_pickle.load(path)
+
+
+def test_mutating_a_nested_container_is_refused(tmp_path):
+    # [a] nested in b, then a appended to: the depth recorded for b would be
+    # stale, so containers are frozen once nested.
+    path = tmp_path / "late.pkl"
+    path.write_bytes(b"\x80\x02]q\x00]h\x00ah\x00K\x01a.")
+    with pytest.raises(fgs.UnsafePickleError, match=r"late\.pkl: refusing to unpickle: APPEND modifies a list "
+                                                    r"after it was nested"):
+        safe_pickle.load(path)
+
+
+def test_refused_opcodes(tmp_path):
+    for name, data in {"INST": b"(i__builtin__\nlist\n.", "OBJ": b"(c__builtin__\nlist\no.",
+                       "NEWOBJ": b"\x80\x02c__builtin__\nlist\n)\x81.", "EXT1": b"\x80\x02\x82\x01.",
+                       "PERSID": b"Pabc\n.", "NEXT_BUFFER": b"\x80\x05\x97."}.items():
+        path = tmp_path / f"{name}.pkl"
+        path.write_bytes(data)
+        with pytest.raises(fgs.UnsafePickleError, match=rf"refusing to unpickle: the {name} opcode"):
+            safe_pickle.load(path)
+
+
+@pytest.mark.parametrize("protocol", [4, 5])
+def test_many_frames_and_large_out_of_frame_data(tmp_path, protocol):
+    # Protocol 4+ frames small opcodes in 64 KiB frames and writes large data
+    # outside them; a FineGym-layout table from synth spans many of each.
+    from finegym_store import synth
+
+    ids = synth.make_ids(40, seed=2)
+    table = synth.make_features(ids, synth.long_tailed_labels(40, 5, seed=2), (12, 256, 1, 1), seed=2)
+    table[ids[0]] = np.ones((12, 4096, 1, 1), np.float32)  # 192 KiB: outside any frame
+    path = tmp_path / "frames.pkl"
+    synth.write_pickle(path, table, protocol=protocol)
+    frames = sum(op.name == "FRAME" for op, _, _ in pickletools.genops(path.read_bytes()))
+    assert frames > 5
+    want = pickle.loads(path.read_bytes())  # the reference unpickler
+    got = safe_pickle.load(path)
+    assert list(got) == list(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape
+        assert got[k].tobytes() == want[k].tobytes()
