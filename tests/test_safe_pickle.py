@@ -788,3 +788,20 @@ def test_many_frames_and_large_out_of_frame_data(tmp_path, protocol):
     for k in want:
         assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape
         assert got[k].tobytes() == want[k].tobytes()
+
+
+def test_python2_protocol0_pickle_loads_like_pickle(tmp_path):
+    # Python 2's text protocol: escaped STRING payload, PUT/GET, INT flags
+    # spelled I00/I01, a long spelled L3L.
+    x = np.arange(3, dtype="<f4")
+    escaped = "".join(f"\\x{b:02x}" for b in x.tobytes()).encode()
+    data = (b"(dp0\nS'k'\np1\ncnumpy.core.multiarray\n_reconstruct\np2\n(cnumpy\nndarray\np3\n(I0\ntp4\nS'b'\np5\n"
+            b"tp6\nRp7\n(I1\n(L3L\ntp8\ncnumpy\ndtype\np9\n(S'f4'\np10\nI0\nI1\ntp11\nRp12\n(I3\nS'<'\np13\nNNNI-1\n"
+            b"I-1\nI0\ntp14\nbI00\nS'" + escaped + b"'\np15\ntp16\nbs.")
+    path = tmp_path / "py2p0.pkl"
+    path.write_bytes(data)
+    want = pickle.loads(data, encoding="latin1")  # the reference unpickler
+    got = safe_pickle.load(path)
+    assert list(got) == list(want) == ["k"]
+    assert got["k"].dtype == want["k"].dtype == np.float32
+    assert got["k"].tobytes() == want["k"].tobytes() == x.tobytes()
