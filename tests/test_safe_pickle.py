@@ -591,7 +591,8 @@ def hostile_outcomes(tmp_path_factory):
     (folder / "cases.json").write_text(json.dumps(cases))
     child = r"""
 import json, resource, sys
-resource.setrlimit(resource.RLIMIT_AS, (4 << 30, resource.getrlimit(resource.RLIMIT_AS)[1]))
+hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+resource.setrlimit(resource.RLIMIT_AS, (4 << 30 if hard == resource.RLIM_INFINITY else min(4 << 30, hard), hard))
 import finegym_store as fgs
 from finegym_store import safe_pickle
 for case in json.load(open(sys.argv[1])):
