@@ -33,10 +33,20 @@ STAGING_BYTES = 4 << 20
 _STORE_DTYPES = ("float32", "float16")
 
 
+def _short(key: Any, limit: int = 80) -> str:
+    """repr of a key for a message, cut to about ``limit`` characters (a
+    hostile pickle's keys may be megabytes long)."""
+    if isinstance(key, (str, bytes)) and len(key) > limit:
+        return repr(key[:limit]) + f"... ({len(key)} {'characters' if isinstance(key, str) else 'bytes'})"
+    if isinstance(key, int) and not isinstance(key, bool) and abs(key) >= 10**limit:
+        return f"an int of {key.bit_length()} bits"
+    return repr(key)
+
+
 def _examples(keys: set[str], n: int = 5) -> str:
     shown = sorted(keys)[:n]
     more = f" (and {len(keys) - n} more)" if len(keys) > n else ""
-    return ", ".join(repr(k) for k in shown) + more
+    return ", ".join(_short(k) for k in shown) + more
 
 
 def _load(name: str, source: FeatureSource, trust_pickle: bool, progress: bool) -> tuple[str, Mapping[str, Any]]:
@@ -60,10 +70,10 @@ def _load(name: str, source: FeatureSource, trust_pickle: bool, progress: bool) 
 def _instance_shape(where: str, key: str, value: Any) -> tuple[int, int]:
     """(T, C) of one value, or ConversionError naming file and key."""
     if not isinstance(value, np.ndarray):
-        raise ConversionError(f"{where}: key {key!r}: expected a numpy array, got {type(value).__name__}")
+        raise ConversionError(f"{where}: key {_short(key)}: expected a numpy array, got {type(value).__name__}")
     if value.dtype.kind != "f":
         raise ConversionError(
-            f"{where}: key {key!r}: expected a floating-point array, got dtype {value.dtype}"
+            f"{where}: key {_short(key)}: expected a floating-point array, got dtype {value.dtype}"
         )
     shape = value.shape
     if len(shape) == 1:
@@ -72,10 +82,10 @@ def _instance_shape(where: str, key: str, value: Any) -> tuple[int, int]:
         t, c = shape[0], shape[1]
     else:
         raise ConversionError(
-            f"{where}: key {key!r}: expected shape (T, C, 1, ..., 1) or (C,), got {shape}"
+            f"{where}: key {_short(key)}: expected shape (T, C, 1, ..., 1) or (C,), got {shape}"
         )
     if t == 0 or c == 0:
-        raise ConversionError(f"{where}: key {key!r}: empty array of shape {shape}")
+        raise ConversionError(f"{where}: key {_short(key)}: empty array of shape {shape}")
     return t, c
 
 
@@ -87,7 +97,7 @@ def _write_column(
     for k, (_, ck) in zip(ids, shapes):
         if ck != c:
             raise ConversionError(
-                f"{where}: key {k!r} has C = {ck} channels but {ids[0]!r} has C = {c}; "
+                f"{where}: key {_short(k)} has C = {ck} channels but {_short(ids[0])} has C = {c}; "
                 "C must be the same for every instance of a column"
             )
     lengths = np.fromiter((t for t, _ in shapes), dtype=np.int64, count=len(shapes))
@@ -134,7 +144,19 @@ def _check_keys(where: str, table: Mapping[str, Any], expected: set[str], agains
     # own key set, so non-str keys would otherwise reach the writer.
     not_str = [k for k in keys if not isinstance(k, str)]
     if not_str:
-        raise ConversionError(f"{where}: keys must be str element ids, found {type(not_str[0]).__name__} {not_str[0]!r}")
+        raise ConversionError(
+            f"{where}: keys must be str element ids, found {type(not_str[0]).__name__} {_short(not_str[0])}"
+        )
+    # Ids are stored as UTF-8: a str with lone surrogates (which pickles can
+    # hold) would fail only in the writer, after every column was written.
+    for k in keys:
+        try:
+            k.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ConversionError(
+                f"{where}: key {_short(k)} is not valid Unicode text ({e.reason} at index {e.start}); "
+                "element ids must be encodable as UTF-8"
+            ) from None
     if keys == expected:
         return
     missing, extra = expected - keys, keys - expected
@@ -169,7 +191,7 @@ def convert(
     """
     out = os.fspath(out)
     if dtype not in _STORE_DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not supported; use 'float32' or 'float16'")
+        raise ConversionError(f"dtype={dtype!r} is not supported; use 'float32' or 'float16'")
     store_dtype = np.dtype(dtype)
     if not isinstance(features, Mapping) or not features:
         raise ValueError("features must be a non-empty mapping of column name -> pickle path or dict")

@@ -196,6 +196,80 @@ def test_source_of_wrong_type(tmp_path):
 # -- keys vs other columns and the split ---------------------------------------------------
 
 
+def _no_column_written(monkeypatch):
+    conv = __import__("sys").modules["finegym_store.convert"]
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a column was written before the ids were checked")
+
+    monkeypatch.setattr(conv, "_write_column", fail)
+
+
+@pytest.mark.parametrize("bad", ["\ud800", "id\udfff", "a\udc80b"])
+def test_ids_that_are_not_utf8_from_a_pickle(tmp_path, monkeypatch, bad):
+    # A pickle's BINUNICODE may hold lone surrogates (as Python's own pickler
+    # writes them): the ids are checked before any column is written.
+    table = _table(n=3)
+    table[bad] = table.pop("id001")
+    path = _pickle(tmp_path / "feats.pkl", table)
+    assert b"\xed" in path.read_bytes()  # surrogatepass-encoded in the file
+    _no_column_written(monkeypatch)
+    with pytest.raises(fgs.ConversionError,
+                       match=rf"feats\.pkl: key {re.escape(repr(bad))} is not valid Unicode text "
+                             r"\(surrogates not allowed at index \d\); element ids must be encodable as UTF-8"):
+        _convert(tmp_path, {"x": path})
+    _no_output(tmp_path)
+
+
+def test_ids_that_are_not_utf8_in_memory_second_column(tmp_path, monkeypatch):
+    split = _write(tmp_path / "split.txt", "a 0\nb 1\n")
+    good = {"a": np.ones((2, 3), np.float32), "b": np.ones((2, 3), np.float32)}
+    bad = {"a": np.ones((2, 3), np.float32), "b\ud800": np.ones((2, 3), np.float32)}
+    with pytest.raises(fgs.ConversionError, match=r"features\['y'\].*key 'b\\ud800' is not valid Unicode text"):
+        _convert(tmp_path, {"x": good, "y": bad})
+    _no_output(tmp_path)
+    _no_column_written(monkeypatch)
+    with pytest.raises(fgs.ConversionError, match=r"features\['x'\].*key 'b\\ud800' is not valid Unicode text"):
+        _convert(tmp_path, {"x": bad}, split=split)
+    _no_output(tmp_path)
+
+
+def test_huge_key_is_cut_short_in_messages(tmp_path):
+    long_key = "k" * 1_000_000
+    table = {"a": np.ones((2, 3), np.float32), long_key: np.ones((2, 3), np.int32)}
+    path = _pickle(tmp_path / "long.pkl", table)
+    with pytest.raises(fgs.ConversionError, match=r"long\.pkl: key 'k{80}'\.\.\. \(1000000 characters\): "
+                                                  r"expected a floating-point array") as info:
+        _convert(tmp_path, {"x": path})
+    assert len(str(info.value)) < 500
+    with pytest.raises(fgs.ConversionError, match=r"long\.pkl: 1 ids are not in .*'k{80}'\.\.\. \(1000000 characters\)"):
+        _convert(tmp_path, {"x": {"a": table["a"]}, "y": path})
+
+
+def test_shared_array_within_the_cap_converts(tmp_path):
+    # Sharing one array between keys is allowed while the arrays, counting
+    # each reference, hold no more bytes than the file (safe_pickle's cap).
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    path = _pickle(tmp_path / "shared.pkl", {"a": x, "b": x, "c": x})
+    assert path.stat().st_size > 3 * x.nbytes
+    store = _convert(tmp_path, {"x": path})
+    for i in range(3):
+        np.testing.assert_array_equal(store.features("x", i), x)
+
+
+def test_shared_array_beyond_the_cap_is_refused(tmp_path):
+    x = np.ones((12, 64, 1, 1), np.float32)
+    path = _pickle(tmp_path / "shared.pkl", dict.fromkeys([f"k{i}" for i in range(50)], x))
+    assert path.stat().st_size < 50 * x.nbytes
+    with pytest.raises(fgs.UnsafePickleError, match=r"shared\.pkl: refusing to unpickle: its arrays, counting every "
+                                                    r"reference to them, hold more bytes than the file's \d+: an array "
+                                                    r"is shared under several keys"):
+        _convert(tmp_path, {"x": path})
+    _no_output(tmp_path)
+    store = _convert(tmp_path, {"x": path}, trust_pickle=True)  # the documented way out, for trusted files
+    assert len(store) == 50
+
+
 def test_key_mismatch_between_columns(tmp_path):
     a = _table(n=20)
     b = dict(a)
@@ -329,6 +403,10 @@ def test_features_must_be_a_nonempty_mapping(tmp_path, features):
 
 @pytest.mark.parametrize("dtype", ["float64", "int8", "bfloat16"])
 def test_unsupported_store_dtype(tmp_path, dtype):
+    # The README promises ConversionError for bad input to convert; it is a
+    # ValueError, so callers catching ValueError still do.
+    with pytest.raises(fgs.ConversionError, match=rf"dtype='{dtype}' is not supported; use 'float32' or 'float16'"):
+        _convert(tmp_path, {"x": _table(n=2)}, dtype=dtype)
     with pytest.raises(ValueError, match=rf"dtype='{dtype}' is not supported"):
         _convert(tmp_path, {"x": _table(n=2)}, dtype=dtype)
     _no_output(tmp_path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import builtins
 import collections
 import datetime
+import json
 import os
 import pickle
 import pickletools
@@ -243,16 +244,17 @@ def test_protocol2_bytes_and_bytearray_values(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "payload, name",
+    "payload, name, message",
     [
-        (_Payload(__import__("codecs").encode, "x", "rot13"), "_codecs.encode"),
-        (_Payload(bytes, 10), "__builtin__.bytes"),
+        (_Payload(__import__("codecs").encode, "x", "rot13"), "_codecs.encode",
+         r"_codecs\.encode is only allowed as encode\(str, 'latin1'\)"),
+        (_Payload(bytes, 10), "__builtin__.bytes", r"bytes is only allowed as bytes\(\)"),
     ],
 )
-def test_allowed_helpers_only_allow_the_pickle_spelling(tmp_path, payload, name):
+def test_allowed_helpers_only_allow_the_pickle_spelling(tmp_path, payload, name, message):
     path = _dump(tmp_path / "odd.pkl", {"x": payload}, 2)
     assert name in _globals_of(path.read_bytes())
-    with pytest.raises(fgs.ConversionError, match=r"odd\.pkl: not a readable pickle"):
+    with pytest.raises(fgs.UnsafePickleError, match=r"odd\.pkl: refusing to unpickle: " + message):
         safe_pickle.load(path)
 
 
@@ -363,22 +365,47 @@ def test_malformed_pickle_is_conversion_error(tmp_path, data, what):
         safe_pickle.load(path)
 
 
-# numpy also reports a RuntimeError from freeing the half-built array as
-# "unraisable"; that is numpy's own business, the load itself must fail cleanly.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_bad_dtype_state_is_conversion_error(tmp_path):
-    # A dtype whose pickled flags claim it holds Python objects: numpy fails
-    # with RuntimeError / SystemError, which must surface as ConversionError.
+def test_bad_dtype_state_is_refused(tmp_path):
+    # A dtype whose pickled flags claim it holds Python objects never reaches
+    # numpy (whose own unpickling would fail, or worse: see the hostile pickles below).
     data = pickle.dumps({"a": np.arange(6, dtype=np.float32)}, protocol=4)
     flags = b"J\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00"  # ..., alignment, flags=0)
     assert data.count(flags) == 1
     path = tmp_path / "flags.pkl"
     path.write_bytes(data.replace(flags, flags[:-1] + b"\x53"))
-    with pytest.raises(fgs.ConversionError, match=r"flags\.pkl: not a readable pickle"):
+    with pytest.raises(fgs.UnsafePickleError, match=r"flags\.pkl: refusing to unpickle: numpy dtype 'f4': "
+                                                    r"its state has flags int 83"):
         safe_pickle.load(path)
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+FUZZ = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fuzz", "fuzz_pickle.py")
+
+
+def test_seeded_mutants_load_and_convert_without_crash(tmp_path):
+    # 300 mutants (byte flips, truncations, length fields set to extremes,
+    # opcode splices) of FineGym-layout pickles from finegym_store.synth and of
+    # the hostile pickles, each written to a file and converted from it in a
+    # child process: a crash shows as a signal exit status. The harness checks
+    # every outcome: a store, or ConversionError / UnsafePickleError naming the
+    # file; anything else (another exception, "ran out of memory" under its
+    # address-space cap, over 20 s) is a finding and exit status 1.
+    proc = subprocess.run(
+        [sys.executable, FUZZ, "--seeded", "--seed", "20261127", "--cases", "300",
+         "--workdir", str(tmp_path / "work"), "--findings", str(tmp_path / "findings")],
+        capture_output=True, text=True, timeout=600, cwd=CHILD_CWD, env=dict(os.environ, OPENBLAS_NUM_THREADS="1"),
+    )
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0, (f"exit status {proc.returncode} (negative = killed by that signal) at "
+                                  f"{lines[-1:]}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    summary = json.loads(lines[-1])
+    assert summary["executions"] == 300 and summary["findings"] == 0
+    outcomes = summary["outcomes"]
+    # The mutants exercise every path: refused, malformed, converted, rejected by convert.
+    assert outcomes["refused"] > 0 and outcomes["error"] > 0 and outcomes["converted"] > 0
+    assert outcomes["convert_error"] > 0
+    assert sum(outcomes.values()) == 300
+
+
 def test_mutated_pickles_raise_only_conversion_error(tmp_path):
     # Seeded random byte mutations: each load succeeds or raises ConversionError.
     rnd = random.Random(20240501)
@@ -398,3 +425,384 @@ def test_mutated_pickles_raise_only_conversion_error(tmp_path):
             except fgs.ConversionError:
                 outcomes["error"] += 1
     assert outcomes["error"] > 0 and outcomes["ok"] > 0
+
+
+# -- hostile pickles ---------------------------------------------------------------------------------
+#
+# Each is built byte by byte (hand-written opcodes or objects whose __reduce__
+# spells the exact calls) and loaded in a child process: several of them
+# crash a plain pickle.load (segfault: object pointers made from array bytes,
+# or the C stack overflowing while hashing), which must not take pytest down.
+# The child's address space is capped, so a memory bomb that got through would
+# show as "ran out of memory" instead of the expected refusal.
+
+
+class _Reduced:
+    """Pickles as ``func(*args)`` followed by BUILD ``state`` (if any)."""
+
+    def __init__(self, func, args, state=None):
+        self.func, self.args, self.state = func, args, state
+
+    def __reduce__(self):
+        return (self.func, self.args) if self.state is None else (self.func, self.args, self.state)
+
+
+_NP_CORE = getattr(np, "_core", None) or np.core
+
+
+def _dtype(code, order="<", subarray=None, names=None, fields=None, elsize=-1, alignment=-1, flags=0):
+    """numpy.dtype(code, False, True) with a BUILD state of our choosing."""
+    return _Reduced(np.dtype, (code, False, True), (3, order, subarray, names, fields, elsize, alignment, flags))
+
+
+def _array(dtype, shape, data, fortran=False):
+    """An array as numpy pickles it at protocols 2-4: _reconstruct + BUILD."""
+    return _Reduced(_NP_CORE.multiarray._reconstruct, (np.ndarray, (0,), b"b"), (1, shape, dtype, fortran, data))
+
+
+def _frombuffer(data, dtype, shape, order="C"):
+    """An array as numpy pickles it at protocol 5."""
+    return _Reduced(_NP_CORE.numeric._frombuffer, (data, dtype, shape, order))
+
+
+_OBJECT_FIELD = {"a": (_dtype("O8", "|", flags=63), 0)}
+_F8 = _dtype("f8")
+
+
+def _encode_bomb():
+    s = "\x01" * 100_000  # one str, memoized, encoded 1000 times
+    return pickle.dumps([_Reduced(__import__("codecs").encode, (s, "latin1")) for _ in range(1000)], protocol=2)
+
+
+def _bytes_reused():
+    raw = bytes(8192)  # one bytes object behind 30 arrays (the pickle memoizes it)
+    return pickle.dumps({f"k{i}": _array(_dtype("f4"), (2048,), raw) for i in range(30)}, protocol=4)
+
+
+#: name -> (pickle bytes (a callable), mode, exception, message after "<file>: ",
+#: safe_pickle settings for the child). Messages are matched with re.match.
+_UNSAFE = "UnsafePickleError"
+_CONV = "ConversionError"
+_REFUSING = r"refusing to unpickle: "
+HOSTILE = {
+    # numpy dtypes: an object dtype or field, or a state that lies, never reaches numpy
+    "object_dtype_flags_0": (lambda: pickle.dumps({"a": _array(_dtype("O8", "|"), (2,), b"A" * 16)}, 2),
+                             "load", _UNSAFE, _REFUSING + r"numpy dtype str 'O8': only c16, .* are allowed"),
+    "object_dtype_big_endian": (lambda: pickle.dumps({"a": _array(_dtype("O8", ">", flags=63), (2,), b"A" * 16)}, 4),
+                                "load", _UNSAFE, _REFUSING + r"numpy dtype str 'O8'"),
+    "object_field_flags_0": (
+        lambda: pickle.dumps({"a": _array(_dtype("V8", "|", None, ("a",), _OBJECT_FIELD, 8, 1, 0), (2,), b"A" * 16)}, 2),
+        "load", _UNSAFE, _REFUSING + r"numpy dtype str 'V8'"),
+    "object_field_big_endian": (
+        lambda: pickle.dumps({"a": _array(_dtype("V8", ">", None, ("a",), _OBJECT_FIELD, 8, 1, 63), (2,), b"A" * 16)}, 5),
+        "load", _UNSAFE, _REFUSING + r"numpy dtype str 'V8'"),
+    "float_dtype_flags_lie_little_endian": (lambda: pickle.dumps({"a": _array(_dtype("f8", "<", flags=63), (2,), b"A" * 16)}, 2),
+                                            "load", _UNSAFE, _REFUSING + r"numpy dtype 'f8': its state has flags int 63"),
+    "float_dtype_flags_lie_big_endian": (lambda: pickle.dumps({"a": _array(_dtype("f8", ">", flags=1), (2,), b"A" * 16)}, 4),
+                                         "load", _UNSAFE, _REFUSING + r"numpy dtype 'f8': its state has flags int 1"),
+    "float_dtype_with_fields": (
+        lambda: pickle.dumps({"a": _array(_dtype("f8", "<", None, ("a",), {"a": (_F8, 0)}), (2,), b"A" * 16)}, 4),
+        "load", _UNSAFE, _REFUSING + r"numpy dtype 'f8': its state has a sub-array, field names or fields"),
+    "float_dtype_with_subarray": (
+        lambda: pickle.dumps({"a": _array(_dtype("f8", "|", (_F8, (2,))), (1,), b"A" * 16)}, 4),
+        "load", _UNSAFE, _REFUSING + r"numpy dtype 'f8': its state has a sub-array"),
+    "dtype_state_unknown_version": (
+        lambda: pickle.dumps({"a": _array(_Reduced(np.dtype, ("f4", False, True), (9, "<", None, None, None, -1, -1, 0)),
+                                          (1,), b"AAAA")}, 4),
+        "load", _UNSAFE, _REFUSING + r"numpy dtype 'f4': expected a state \(3, byteorder"),
+    "array_state_dtype_not_a_dtype": (lambda: pickle.dumps({"a": _array("f4", (1,), b"AAAA")}, 4),
+                                      "load", _UNSAFE, _REFUSING + r"numpy array: dtype str 'f4' is not a plain numeric"),
+    "frombuffer_object_dtype": (lambda: pickle.dumps({"a": _frombuffer(bytearray(16), _dtype("O8", "|"), (2,))}, 5),
+                                "load", _UNSAFE, _REFUSING + r"numpy dtype str 'O8'"),
+    "scalar_object_dtype": (lambda: pickle.dumps({"a": _Reduced(_NP_CORE.multiarray.scalar, (_dtype("O8", "|"), b"A" * 8))}, 4),
+                            "load", _UNSAFE, _REFUSING + r"numpy dtype str 'O8'"),
+    "object_dtype_via_convert": (lambda: pickle.dumps({"a": _array(_dtype("O8", "|"), (2,), b"A" * 16)}, 2),
+                                 "convert", _UNSAFE, _REFUSING + r"numpy dtype str 'O8'"),
+    # nesting: refused while building, before anything is hashed
+    "tuple_key_nested_1e6_deep": (lambda: b"\x80\x02}K\x00" + b"\x85" * 1_000_000 + b"K\x01s.",
+                                  "load", _UNSAFE, _REFUSING + r"containers are nested deeper than 100 levels"),
+    "tuple_key_nested_5000_deep": (lambda: b"\x80\x02}K\x00" + b"\x85" * 5000 + b"K\x01s.",
+                                   "convert", _UNSAFE, _REFUSING + r"containers are nested deeper than 100 levels"),
+    "list_value_nested_5000_deep": (lambda: b"\x80\x02}K\x00" + b"]" * 5000 + b"a" * 4999 + b"s.",
+                                    "load", _UNSAFE, _REFUSING + r"containers are nested deeper than 100 levels"),
+    "dict_value_nested_5000_deep": (lambda: b"\x80\x02}" + b"K\x00}" * 5000 + b"s" * 5000 + b".",
+                                    "load", _UNSAFE, _REFUSING + r"containers are nested deeper than 100 levels"),
+    "tuple_key_shallow": (lambda: pickle.dumps({(1, 2): np.zeros(2, np.float32)}, 4),
+                          "load", _UNSAFE, _REFUSING + r"a dict key of type tuple: only str, bytes, bool, None"),
+    "frozenset_in_frozenset": (lambda: pickle.dumps(frozenset([frozenset([1])]), 4),
+                               "load", _UNSAFE, _REFUSING + r"a set member of type frozenset"),
+    "colliding_int_keys": (lambda: pickle.dumps({k * (2**61 - 1): 0 for k in range(1, 200)}, 4),
+                           "load", _UNSAFE, _REFUSING + r"a dict key of type int: .*ints below 2\*\*61"),
+    # memory: nothing is allocated that the file does not hold
+    "bytearray_of_1_gib": (lambda: b"\x80\x02c__builtin__\nbytearray\nJ\x00\x00\x00\x40\x85R.",
+                           "load", _UNSAFE, _REFUSING + r"bytearray is only allowed as bytearray\(bytes\)"),
+    "list_of_bytearray_of_1_gib": (
+        lambda: b"\x80\x02c__builtin__\nlist\nc__builtin__\nbytearray\nJ\x00\x00\x00\x40\x85R\x85R.",
+        "load", _UNSAFE, _REFUSING + r"bytearray is only allowed as bytearray\(bytes\)"),
+    "bytes_of_1_gib": (lambda: b"\x80\x02c__builtin__\nbytes\nJ\x00\x00\x00\x40\x85R.",
+                       "load", _UNSAFE, _REFUSING + r"bytes is only allowed as bytes\(\)"),
+    "uninitialised_ndarray": (lambda: b"\x80\x02cnumpy\nndarray\nJ\x00\x00\x00\x40\x85\x85R.",
+                              "load", _UNSAFE, _REFUSING + r"calling numpy.ndarray directly"),
+    "reconstruct_of_huge_shape": (
+        lambda: b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nJ\x00\x00\x00\x40\x85C\x01b\x87R.",
+        "load", _UNSAFE, _REFUSING + r"numpy _reconstruct is only allowed as _reconstruct\(numpy.ndarray, \(0,\), b'b'\)"),
+    "scalar_of_huge_void_dtype": (
+        lambda: b"\x80\x02cnumpy.core.multiarray\nscalar\ncnumpy\ndtype\nX\x0b\x00\x00\x00V2000000000\x89\x88\x87R\x85R.",
+        "load", _UNSAFE, _REFUSING + r"numpy dtype str 'V2000000000'"),
+    "scalar_without_data": (lambda: pickle.dumps(_Reduced(_NP_CORE.multiarray.scalar, (np.dtype("f4"),)), 4),
+                            "load", _UNSAFE, _REFUSING + r"numpy scalar is only allowed as scalar\(dtype, data\)"),
+    "array_shape_beyond_its_data": (lambda: pickle.dumps({"a": _array(_dtype("f4"), (10**9,), b"A" * 16)}, 4),
+                                    "load", _CONV, r"not a readable pickle: .*array data holds 16 bytes, but shape "
+                                                   r"\(1000000000,\) of float32 needs 4000000000"),
+    "frombuffer_shape_beyond_its_data": (lambda: pickle.dumps({"a": _frombuffer(bytearray(8), _dtype("f8"), (2**40,))}, 5),
+                                         "load", _CONV, r"not a readable pickle: .*array data holds 8 bytes"),
+    "memo_index_of_4_billion": (lambda: b"\x80\x02Nr\xff\xff\xff\xff.",
+                                "load", _UNSAFE, _REFUSING + r"it allocates more than \d+ bytes .* a memory bomb"),
+    "bytes_of_1_tib_declared": (lambda: b"\x80\x04\x8e" + struct.pack("<Q", 1 << 40) + b"x" * 100,
+                                "load", _CONV, r"the pickle ends early"),
+    "frame_of_1_tib_declared": (lambda: b"\x80\x04\x95" + struct.pack("<Q", 1 << 40) + b"N.",
+                                "load", _CONV, r"the pickle ends early"),
+    "str_of_4_gib_declared": (lambda: b"\x80\x02X\xff\xff\xff\xffabc",
+                              "load", _CONV, r"the pickle ends early"),
+    "encode_one_str_1000_times": (_encode_bomb, "load", _UNSAFE, _REFUSING + r"it allocates more than .* while building bytes"),
+    "empty_set_flood": (lambda: b"\x80\x04" + b"\x8f" * 200_000 + b".", "load", _UNSAFE,
+                        _REFUSING + r"it allocates more than \d+ bytes \(4 x the file's 200003 bytes \+ 1 MiB\)",
+                        {"ALLOC_SLACK": 1 << 20}),
+    "opcode_flood": (lambda: b"\x80\x02" + b"N0" * 50_000 + b"N.", "load", _UNSAFE,
+                     _REFUSING + r"it runs more than 7250 opcodes, one per 16 bytes of the file \+ 1000",
+                     {"OPS_SLACK": 1000}),
+    "one_array_under_5000_keys": (
+        lambda: pickle.dumps(dict.fromkeys([f"k{i:04d}" for i in range(5000)], np.ones((12, 2048, 1, 1), np.float32)), 4),
+        "convert", _UNSAFE, _REFUSING + r"its arrays, counting every reference to them, hold more bytes than the file's"),
+    "one_bytes_behind_30_arrays": (_bytes_reused, "load", _UNSAFE, _REFUSING + r"its arrays, counting every reference"),
+}
+
+
+@pytest.fixture(scope="module")
+def hostile_outcomes(tmp_path_factory):
+    """Every HOSTILE case run in one child process: name -> outcome dict,
+    or the child's exit status for the cases it did not finish."""
+    folder = tmp_path_factory.mktemp("hostile")
+    cases = []
+    for name, (build, mode, *_, patch) in ((n, (*c, {}) if len(c) == 4 else c) for n, c in HOSTILE.items()):
+        path = folder / f"{name}.pkl"
+        path.write_bytes(build())
+        cases.append({"name": name, "path": str(path), "mode": mode, "out": str(folder / f"{name}.fgs"), "patch": patch})
+    (folder / "cases.json").write_text(json.dumps(cases))
+    child = r"""
+import json, resource, sys
+hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+resource.setrlimit(resource.RLIMIT_AS, (4 << 30 if hard == resource.RLIM_INFINITY else min(4 << 30, hard), hard))
+import finegym_store as fgs
+from finegym_store import safe_pickle
+for case in json.load(open(sys.argv[1])):
+    print(json.dumps({"name": case["name"], "started": True}), flush=True)
+    saved = {k: getattr(safe_pickle, k) for k in case["patch"]}
+    for k, v in case["patch"].items():
+        setattr(safe_pickle, k, v)
+    try:
+        if case["mode"] == "load":
+            safe_pickle.load(case["path"])
+        else:
+            fgs.convert(case["out"], {"x": case["path"]}, progress=False)
+        out = {"type": None}
+    except Exception as e:
+        out = {"type": type(e).__name__, "message": str(e), "conversion_error": isinstance(e, fgs.ConversionError)}
+    for k, v in saved.items():
+        setattr(safe_pickle, k, v)
+    print(json.dumps(dict(out, name=case["name"])), flush=True)
+"""
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", child, str(folder / "cases.json")], capture_output=True, text=True,
+                          timeout=600, cwd=CHILD_CWD, env=env)
+    outcomes = {}
+    for line in proc.stdout.splitlines():
+        record = json.loads(line)
+        if "started" not in record:
+            outcomes[record["name"]] = record
+    return outcomes, proc, {c["name"]: c for c in cases}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_pickle_is_refused_without_crash(hostile_outcomes, name):
+    outcomes, proc, cases = hostile_outcomes
+    if name not in outcomes:
+        started = [json.loads(x)["name"] for x in proc.stdout.splitlines() if '"started"' in x]
+        pytest.fail(f"the child process did not finish case {name!r}: exit status {proc.returncode} "
+                    f"(negative = killed by that signal) after starting {started[-1:]}\n{proc.stderr[-3000:]}")
+    got = outcomes[name]
+    _, mode, exc, message, *_ = HOSTILE[name]
+    assert got["type"] == exc, got
+    assert got["conversion_error"], got
+    path = cases[name]["path"]
+    assert re.match(re.escape(path) + ": " + message, got["message"]), got["message"]
+    if mode == "convert":
+        assert not os.path.exists(cases[name]["out"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_hostile_pickles_crash_or_misbehave_when_trusted(tmp_path):
+    # The cases above are real threats, not just odd inputs: a plain
+    # pickle.load of the first dies by a signal (numpy frees object pointers
+    # made of array bytes), of the second by a C stack overflow or RecursionError.
+    results = {}
+    for name in ("object_dtype_flags_0", "tuple_key_nested_1e6_deep"):
+        path = tmp_path / f"{name}.pkl"
+        path.write_bytes(HOSTILE[name][0]())
+        proc = subprocess.run([sys.executable, "-c", f"import pickle; d = pickle.load(open({str(path)!r}, 'rb')); "
+                               "print(repr(d)[:1000]); del d"],
+                              capture_output=True, text=True, timeout=120, cwd=CHILD_CWD)
+        results[name] = proc.returncode
+    assert results["object_dtype_flags_0"] != 0
+    assert results["tuple_key_nested_1e6_deep"] != 0
+
+
+def test_dimension_beyond_int64_is_conversion_error(tmp_path):
+    path = tmp_path / "dims.pkl"
+    path.write_bytes(pickle.dumps({"a": _array(_dtype("f4"), (0, 10**5000), b"")}, 4))
+    with pytest.raises(fgs.ConversionError, match=r"dims\.pkl: not a readable pickle: .*shape must be a tuple of "
+                                                  r"at most 32 ints in \[0, 2\*\*63\), got tuple"):
+        safe_pickle.load(path)
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_arrays_keep_byte_order_layout_and_values(tmp_path, protocol):
+    rng = np.random.default_rng(9)
+    table = {
+        "be": rng.standard_normal((3, 4)).astype(">f8"),
+        "f": np.asfortranarray(rng.standard_normal((5, 2)).astype(np.float32)),
+        "strided": rng.standard_normal((4, 6)).astype(np.float32)[:, ::3],  # _reconstruct even at protocol 5
+        "i": np.arange(-4, 4, dtype=np.int16),
+        "c": (rng.standard_normal(3) + 1j).astype(np.complex64),
+        "empty": np.zeros((0, 7), np.float16),
+        "zero_d": np.array(2.5, np.float64),
+    }
+    got = safe_pickle.load(_dump(tmp_path / "t.pkl", table, protocol))
+    assert list(got) == list(table)
+    for k, want in table.items():
+        assert got[k].dtype == want.dtype, k  # '>f8' stays big-endian
+        assert got[k].shape == want.shape, k
+        assert got[k].tobytes(order="A") == want.tobytes(order="A") or np.array_equal(got[k], want), k
+        np.testing.assert_array_equal(got[k], want)
+    assert got["f"].flags.f_contiguous
+
+
+def test_python2_ordered_dict_and_protocol0_text(tmp_path):
+    # Python 2 pickles an OrderedDict as OrderedDict([[key, value], ...]).
+    x = np.arange(4, dtype="<f4")
+    array = (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85U\x01b\x87R"
+             b"(K\x01K\x04\x85cnumpy\ndtype\nU\x02f4K\x00K\x01\x87R"
+             b"(K\x03U\x01<NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+             b"\x89U\x10" + x.tobytes() + b"tb")
+    data = (b"\x80\x02ccollections\nOrderedDict\n]"  # OrderedDict([
+            b"(U\x01b" + array + b"la"                   #   ['b', array],
+            b"(U\x01aK\x07la"                            #   ['a', 7]
+            b"\x85R.")                                    # ])
+    path = tmp_path / "od2.pkl"
+    path.write_bytes(data)
+    got = safe_pickle.load(path)
+    assert type(got) is collections.OrderedDict and list(got) == ["b", "a"]
+    np.testing.assert_array_equal(got["b"], x)
+    assert got["a"] == 7
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"\x80\x04\x95" + struct.pack("<Q", 11) + b"N\x95" + struct.pack("<Q", 1) + b"..",
+         "beginning of a new frame before end of current frame"),
+        (b"\x80\x04\x95" + struct.pack("<Q", 3) + b"\x8c\x03abc.", "pickle exhausted before end of frame"),
+        (b"\x80\x02]]a]\x85h\x00a.", "memo key 0 was never stored"),
+        (b"\x80\x02]q\x00h\x00h\x00a.", ""),
+    ],
+)
+def test_frames_and_memo(tmp_path, data, message):
+    path = tmp_path / "f.pkl"
+    path.write_bytes(data)
+    if not message:  # a list appended into itself: a cycle, refused
+        with pytest.raises(fgs.UnsafePickleError, match=r"f\.pkl: refusing to unpickle: a list contains itself"):
+            safe_pickle.load(path)
+        return
+    with pytest.raises(fgs.ConversionError, match=rf"f\.pkl: not a readable pickle: .*{message}"):
+        safe_pickle.load(path)
+
+
+def test_placeholders_never_leak_into_results(tmp_path):
+    # A global may only be called; a tuple holding one only serve as arguments.
+    cases = {
+        "global_as_value": b"\x80\x02}U\x01acnumpy\nndarray\ns.",
+        "global_in_list": b"\x80\x02]cnumpy\nndarray\na.",
+        "tainted_tuple_as_value": b"\x80\x02}U\x01acnumpy\nndarray\n\x85s.",
+        "global_as_result": b"\x80\x02cnumpy\ndtype\n.",
+        "unbuilt_array": b"\x80\x02}U\x01acnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85U\x01b\x87Rs.",
+    }
+    expected = {
+        "global_as_value": r"the global numpy\.ndarray is used as a value",
+        "global_in_list": r"the global numpy\.ndarray is used as a value",
+        "tainted_tuple_as_value": r"a tuple holding the global of a call",
+        "global_as_result": r"the pickle's result is global numpy\.dtype",
+        "unbuilt_array": r"a numpy array is used before its state \(BUILD\) arrived",
+    }
+    for name, data in cases.items():
+        path = tmp_path / f"{name}.pkl"
+        path.write_bytes(data)
+        with pytest.raises(fgs.UnsafePickleError, match=rf"{name}\.pkl: refusing to unpickle: {expected[name]}"):
+            safe_pickle.load(path)
+
+
+def test_mutating_a_nested_container_is_refused(tmp_path):
+    # [a] nested in b, then a appended to: the depth recorded for b would be
+    # stale, so containers are frozen once nested.
+    path = tmp_path / "late.pkl"
+    path.write_bytes(b"\x80\x02]q\x00]h\x00ah\x00K\x01a.")
+    with pytest.raises(fgs.UnsafePickleError, match=r"late\.pkl: refusing to unpickle: APPEND modifies a list "
+                                                    r"after it was nested"):
+        safe_pickle.load(path)
+
+
+def test_refused_opcodes(tmp_path):
+    for name, data in {"INST": b"(i__builtin__\nlist\n.", "OBJ": b"(c__builtin__\nlist\no.",
+                       "NEWOBJ": b"\x80\x02c__builtin__\nlist\n)\x81.", "EXT1": b"\x80\x02\x82\x01.",
+                       "PERSID": b"Pabc\n.", "NEXT_BUFFER": b"\x80\x05\x97."}.items():
+        path = tmp_path / f"{name}.pkl"
+        path.write_bytes(data)
+        with pytest.raises(fgs.UnsafePickleError, match=rf"refusing to unpickle: the {name} opcode"):
+            safe_pickle.load(path)
+
+
+@pytest.mark.parametrize("protocol", [4, 5])
+def test_many_frames_and_large_out_of_frame_data(tmp_path, protocol):
+    # Protocol 4+ frames small opcodes in 64 KiB frames and writes large data
+    # outside them; a FineGym-layout table from synth spans many of each.
+    from finegym_store import synth
+
+    ids = synth.make_ids(40, seed=2)
+    table = synth.make_features(ids, synth.long_tailed_labels(40, 5, seed=2), (12, 256, 1, 1), seed=2)
+    table[ids[0]] = np.ones((12, 4096, 1, 1), np.float32)  # 192 KiB: outside any frame
+    path = tmp_path / "frames.pkl"
+    synth.write_pickle(path, table, protocol=protocol)
+    frames = sum(op.name == "FRAME" for op, _, _ in pickletools.genops(path.read_bytes()))
+    assert frames > 5
+    want = pickle.loads(path.read_bytes())  # the reference unpickler
+    got = safe_pickle.load(path)
+    assert list(got) == list(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape
+        assert got[k].tobytes() == want[k].tobytes()
+
+
+def test_python2_protocol0_pickle_loads_like_pickle(tmp_path):
+    # Python 2's text protocol: escaped STRING payload, PUT/GET, INT flags
+    # spelled I00/I01, a long spelled L3L.
+    x = np.arange(3, dtype="<f4")
+    escaped = "".join(f"\\x{b:02x}" for b in x.tobytes()).encode()
+    data = (b"(dp0\nS'k'\np1\ncnumpy.core.multiarray\n_reconstruct\np2\n(cnumpy\nndarray\np3\n(I0\ntp4\nS'b'\np5\n"
+            b"tp6\nRp7\n(I1\n(L3L\ntp8\ncnumpy\ndtype\np9\n(S'f4'\np10\nI0\nI1\ntp11\nRp12\n(I3\nS'<'\np13\nNNNI-1\n"
+            b"I-1\nI0\ntp14\nbI00\nS'" + escaped + b"'\np15\ntp16\nbs.")
+    path = tmp_path / "py2p0.pkl"
+    path.write_bytes(data)
+    want = pickle.loads(data, encoding="latin1")  # the reference unpickler
+    got = safe_pickle.load(path)
+    assert list(got) == list(want) == ["k"]
+    assert got["k"].dtype == want["k"].dtype == np.float32
+    assert got["k"].tobytes() == want["k"].tobytes() == x.tobytes()
