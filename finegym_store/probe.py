@@ -291,20 +291,29 @@ class _TorchTrainer:
 
 
 @contextlib.contextmanager
-def _torch_threads(backend: str, threads: int | None) -> Iterator[None]:
-    """torch's intra-op threads set to ``threads`` for the probe, restored
-    after (None leaves torch's setting alone)."""
-    if backend != "torch" or threads is None:
+def _compute_threads(backend: str, threads: int | None) -> Iterator[None]:
+    """Limit the classifier's own thread pools to ``threads`` for the probe,
+    restored after: torch's intra-op threads, and numpy's BLAS threads when
+    threadpoolctl is installed (it comes with scikit-learn). None leaves both
+    alone. On a busy machine, spinning BLAS threads can slow small matrix
+    products by an order of magnitude; one or two threads avoid that."""
+    if threads is None:
         yield
         return
-    import torch
+    with contextlib.ExitStack() as stack:
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:
+            pass
+        else:
+            stack.enter_context(threadpool_limits(limits=threads))
+        if backend == "torch":
+            import torch
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            stack.callback(torch.set_num_threads, before)
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _resolve_backend(backend: str) -> str:
@@ -363,11 +372,13 @@ class ProbeResult:
         return json.loads(json.dumps(d))
 
 
-def _dataset_name(store: Store) -> str:
-    c = store.classes
-    if c is not None and len(c.label) in (99, 288, 530):
-        return f"Gym{len(c.label)}"
-    return os.path.splitext(os.path.basename(store.path))[0]
+def _dataset_name(train: Store, val: Store) -> str:
+    """Gym99 / Gym288 / Gym530 from the stored hierarchy, else the val file's name."""
+    for store in (val, train):
+        c = store.classes
+        if c is not None and len(c.label) in (99, 288, 530):
+            return f"Gym{len(c.label)}"
+    return os.path.splitext(os.path.basename(val.path))[0]
 
 
 def _as_store(s: Store | str | os.PathLike[str]) -> Store:
@@ -402,7 +413,11 @@ def run_probe(
     """Train a ``head`` ("linear" or "mlp") on ``column`` of the ``train``
     store and evaluate it on ``val`` (stores or paths); see the module
     docstring for the protocol. ``levels`` picks the hierarchy levels
-    evaluated (element, set, event); ``log`` receives progress lines."""
+    evaluated (element, set, event); ``log`` receives progress lines.
+    ``threads`` sets the C++ gather threads and limits the classifier's
+    thread pools (torch; numpy's BLAS through threadpoolctl when installed);
+    None: the defaults. ``dataset`` names the table's dataset (default: Gym99
+    or Gym288 from the stored hierarchy, else the val store's file name)."""
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
     for level in levels:
@@ -436,7 +451,7 @@ def run_probe(
     num_classes = int(max(y_train.max(), y_val_all.max())) + 1
     if hierarchy is not None:
         num_classes = max(num_classes, len(hierarchy.set_of))
-    name = dataset or _dataset_name(va if va.classes is not None else tr)
+    name = dataset or _dataset_name(tr, va)
     say = log or (lambda _msg: None)
     wait = 0.0
 
@@ -459,7 +474,7 @@ def run_probe(
         x *= inv_sd
         return x
 
-    with _torch_threads(backend, threads):
+    with _compute_threads(backend, threads):
         params = _init_params(head, channels, num_classes, hidden, seed)
         trainer: _NumpyTrainer | _TorchTrainer = (
             _TorchTrainer(params, weight_decay) if backend == "torch" else _NumpyTrainer(params, weight_decay))
@@ -649,10 +664,14 @@ def run_probes(
     opened = [(_as_store(t), _as_store(v)) for t, v in pairs]
     if not opened:
         raise ValueError("no (train, val) store pair given")
-    names = [_dataset_name(v if v.classes is not None else t) for t, v in opened]
-    for i, nm in enumerate(names):
-        if names.count(nm) > 1:  # e.g. two gym99 pairs: tell them apart by file name
-            names[i] = f"{nm} ({os.path.splitext(os.path.basename(opened[i][0].path))[0]})"
+    names = [_dataset_name(t, v) for t, v in opened]
+    # Two pairs of one subset (e.g. gym99 v1.0 and v1.1 train): tell them
+    # apart by the train file's name, else by their position.
+    base = list(names)
+    stems = [os.path.splitext(os.path.basename(t.path))[0] for t, _ in opened]
+    names = [f"{nm} ({st})" if base.count(nm) > 1 else nm for nm, st in zip(base, stems)]
+    if len(set(names)) < len(names):
+        names = [f"{nm} ({base[: i + 1].count(nm)})" if base.count(nm) > 1 else nm for i, nm in enumerate(base)]
     cols = list(columns) if columns else list(opened[0][0].columns)
     if len(set(cols)) != len(cols):
         raise ValueError(f"a column is named twice: {cols}")
