@@ -81,7 +81,10 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--weight-decay", type=float, default=1e-4, help="L2 on weights (default 1e-4)")
     pr.add_argument("--hidden", type=int, default=512, help="hidden units of --head mlp (default 512)")
     pr.add_argument("--seed", type=int, default=0, help="initial weights, shuffling and sampling (default 0)")
-    pr.add_argument("--threads", type=int, help="threads for gathering batches and for torch (default: all cores)")
+    pr.add_argument("--threads", type=int, help="C++ threads gathering batches (default: all cores)")
+    pr.add_argument("--compute-threads", type=int, metavar="N",
+                    help="classifier threads: torch, numpy's BLAS (with threadpoolctl); default: cores - 1, "
+                         "leaving a core to the loader")
     pr.add_argument("--json", metavar="FILE", help="also write every result as JSON ('-': stdout, no table)")
     pr.add_argument("--plot", metavar="FILE.png",
                     help="draw per-class accuracy, classes sorted by training frequency (needs matplotlib)")
@@ -106,7 +109,8 @@ def _probe(args: argparse.Namespace) -> None:
     table = run_probes(pairs, args.column, log=log, num_segments=args.num_segments or None, head=args.head,
                        backend=args.backend, levels=tuple(dict.fromkeys(args.levels or ["element"])),
                        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                       hidden=args.hidden, seed=args.seed, threads=args.threads)
+                       hidden=args.hidden, seed=args.seed, threads=args.threads,
+                       compute_threads=args.compute_threads)
     if args.json == "-":
         print(table.to_json())
     else:

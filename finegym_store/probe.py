@@ -290,16 +290,15 @@ class _TorchTrainer:
             return self._forward(self.torch.from_numpy(x)).numpy()
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 @contextlib.contextmanager
-def _compute_threads(backend: str, threads: int | None) -> Iterator[None]:
-    """Limit the classifier's own thread pools to ``threads`` for the probe,
+def _compute_threads(backend: str, threads: int) -> Iterator[None]:
+    """Limit the classifier's thread pools to ``threads`` for the probe,
     restored after: torch's intra-op threads, and numpy's BLAS threads when
-    threadpoolctl is installed (it comes with scikit-learn). None leaves both
-    alone. On a busy machine, spinning BLAS threads can slow small matrix
-    products by an order of magnitude; one or two threads avoid that."""
-    if threads is None:
-        yield
-        return
+    threadpoolctl is installed (it comes with scikit-learn)."""
     with contextlib.ExitStack() as stack:
         try:
             from threadpoolctl import threadpool_limits
@@ -322,12 +321,15 @@ def _resolve_backend(backend: str) -> str:
     if backend == "numpy":
         return backend
     try:
-        import torch  # noqa: F401
+        import torch
     except ImportError:
         if backend == "torch":
             raise ValueError("backend 'torch' needs PyTorch: pip install 'finegym-store[torch]' "
                              "(or use --backend numpy)") from None
         return "numpy"
+    # torch imports more on its first optimizer (seconds on a small machine):
+    # pay that here, like `import torch`, rather than inside the timed probe.
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
     return "torch"
 
 
@@ -407,6 +409,7 @@ def run_probe(
     levels: Sequence[str] = ("element",),
     prefetch: int = 2,
     threads: int | None = None,
+    compute_threads: int | None = None,
     dataset: str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> ProbeResult:
@@ -414,9 +417,13 @@ def run_probe(
     store and evaluate it on ``val`` (stores or paths); see the module
     docstring for the protocol. ``levels`` picks the hierarchy levels
     evaluated (element, set, event); ``log`` receives progress lines.
-    ``threads`` sets the C++ gather threads and limits the classifier's
-    thread pools (torch; numpy's BLAS through threadpoolctl when installed);
-    None: the defaults. ``dataset`` names the table's dataset (default: Gym99
+    ``threads`` is the C++ gather threads (default: the cores available) and
+    ``compute_threads`` the classifier's (torch's intra-op threads; numpy's
+    BLAS through threadpoolctl when installed), by default one core fewer than
+    available (at least 1): a core is left to the loader's prefetch, which
+    otherwise competes with spinning BLAS threads for the CPU while the probe
+    waits for its batches. Both are restored after the probe.
+    ``dataset`` names the table's dataset (default: Gym99
     or Gym288 from the stored hierarchy, else the val store's file name)."""
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
@@ -428,6 +435,10 @@ def run_probe(
     hidden = _check_int("hidden", hidden, 1)
     if num_segments is not None:
         num_segments = _check_int("num_segments", num_segments, 1)
+    if threads is not None:
+        threads = _check_int("threads", threads, 1)
+    compute_threads = max(1, _cores() - 1) if compute_threads is None else _check_int(
+        "compute_threads", compute_threads, 1)
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
@@ -474,7 +485,7 @@ def run_probe(
         x *= inv_sd
         return x
 
-    with _compute_threads(backend, threads):
+    with _compute_threads(backend, compute_threads):
         params = _init_params(head, channels, num_classes, hidden, seed)
         trainer: _NumpyTrainer | _TorchTrainer = (
             _TorchTrainer(params, weight_decay) if backend == "torch" else _NumpyTrainer(params, weight_decay))

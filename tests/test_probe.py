@@ -32,7 +32,7 @@ from conftest import CHILD_CWD, require_torch, shared_file
 
 #: Small and quick: a strong class signal, few epochs, one thread (the test
 #: machine may be busy; spinning thread pools would dominate tiny products).
-FAST = dict(epochs=5, batch_size=64, lr=3e-3, threads=1, hidden=64)
+FAST = dict(epochs=5, batch_size=64, lr=3e-3, threads=1, compute_threads=1, hidden=64)
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +140,10 @@ def test_refusals(tmp_path):
         run_probe(tr, va, "x", epochs=0)
     with pytest.raises(ValueError, match="lr must be a positive number"):
         run_probe(tr, va, "x", lr=float("nan"))
+    with pytest.raises(ValueError, match="compute_threads must be an integer >= 1"):
+        run_probe(tr, va, "x", compute_threads=0)
+    with pytest.raises(ValueError, match="threads must be an integer >= 1"):
+        run_probe(tr, va, "x", threads=0)
     with pytest.raises(ValueError, match="backend must be one of"):
         run_probe(tr, va, "x", backend="jax")
     with pytest.raises(KeyError, match="no feature column 'y'"):
@@ -321,7 +325,7 @@ def test_cli_probe_table_json_and_plot(tmp_path, pair):
     out_json, out_png = tmp_path / "r.json", tmp_path / "p.png"
     args = [tr.path, va.path, "--column", "a", "--column", "b", "--num-segments", "3", "--level", "element",
             "--level", "set", "--backend", "numpy", "--epochs", "4", "--batch-size", "64", "--lr", "3e-3",
-            "--threads", "1", "--json", out_json, "--plot", out_png]
+            "--threads", "1", "--compute-threads", "1", "--json", out_json, "--plot", out_png]
     require_matplotlib()
     p = cli("probe", *args)
     assert p.returncode == 0, p.stderr
