@@ -63,7 +63,8 @@ def _scores(scores: Any, n: int, name: str = "scores") -> np.ndarray:
     if s.dtype.kind not in "iuf":
         raise ValueError(f"{name} must be numeric, got dtype {s.dtype}")
     if s.dtype.kind == "f" and not np.isfinite(s).all():
-        raise ValueError(f"{name} contains NaN or infinite values (row {int(np.flatnonzero(~np.isfinite(s).all(1))[0])})")
+        row = int(np.flatnonzero(~np.isfinite(s).all(axis=1))[0])
+        raise ValueError(f"{name} contains NaN or infinite values (row {row})")
     return s
 
 

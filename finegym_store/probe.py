@@ -26,7 +26,8 @@ Protocol (README, "Evaluation protocol"):
   scores (ties to the lowest class id); set and event predictions are the set
   and event of the predicted element, from the hierarchy stored in the file.
 - The time spent waiting for batches (including the standardization pass) is
-  measured and reported as a fraction of the run.
+  measured and reported as a fraction of the run. The classifier runs on one
+  core fewer than available by default, leaving one to the loader's prefetch.
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ HEADS = ("linear", "mlp")
 BACKENDS = ("auto", "numpy", "torch")
 #: FineGym's four events, in the order the paper lists them.
 EVENT_ORDER = ("VT", "FX", "BB", "UB")
+#: Class ids the probe accepts (a head of channels x classes weights; FineGym's
+#: largest label set, gym530, has 530).
+MAX_CLASSES = 10_000
 #: Training instances used to estimate the standardization mean and std.
 NORM_SAMPLE = 4096
 
@@ -98,8 +102,9 @@ class Hierarchy:
         label = np.asarray(c.label, dtype=np.int64)
         if len(label) == 0:
             return None
-        if label.min() < 0:
-            raise ValueError(f"{store.path}: the label hierarchy lists a negative class label {int(label.min())}")
+        if label.min() < 0 or label.max() >= MAX_CLASSES:
+            raise ValueError(f"{store.path}: the label hierarchy lists class label "
+                             f"{int(label.min() if label.min() < 0 else label.max())}; expected 0..{MAX_CLASSES - 1}")
         event_names = c.event.to_list()
         events = list(EVENT_ORDER) + sorted(set(event_names) - set(EVENT_ORDER))
         size = int(label.max()) + 1
@@ -219,6 +224,12 @@ class _NumpyTrainer:
         return a @ self.params[2] + self.params[3], a
 
     def step(self, x: np.ndarray, y: np.ndarray, lr: float) -> float:
+        # A diverging run overflows: the probe checks the loss itself and
+        # raises, so numpy's warnings would only repeat it.
+        with np.errstate(over="ignore", invalid="ignore"):
+            return self._step(x, y, lr)
+
+    def _step(self, x: np.ndarray, y: np.ndarray, lr: float) -> float:
         z, a = self._forward(x)
         z = z - z.max(axis=1, keepdims=True)
         e = np.exp(z)
@@ -251,7 +262,8 @@ class _NumpyTrainer:
         return loss
 
     def scores(self, x: np.ndarray) -> np.ndarray:
-        return self._forward(x)[0]
+        with np.errstate(over="ignore", invalid="ignore"):
+            return self._forward(x)[0]
 
 
 class _TorchTrainer:
@@ -460,8 +472,14 @@ def run_probe(
     if len(val_keep) == 0:
         raise ValueError(f"{va.path}: no labelled instance to evaluate on (every label is -1)")
     num_classes = int(max(y_train.max(), y_val_all.max())) + 1
+    if num_classes > MAX_CLASSES:
+        which = tr.path if y_train.max() >= y_val_all.max() else va.path
+        raise ValueError(f"{which}: labels go up to {num_classes - 1}; the probe takes class ids below "
+                         f"{MAX_CLASSES} (FineGym's go up to 529)")
     if hierarchy is not None:
         num_classes = max(num_classes, len(hierarchy.set_of))
+        # Every evaluated label must have a set and an event: say so now, not after training.
+        hierarchy.map(y_val_all[val_keep], "event", what=f"{va.path} labels")
     name = dataset or _dataset_name(tr, va)
     say = log or (lambda _msg: None)
     wait = 0.0
@@ -473,6 +491,10 @@ def run_probe(
     xs = tr.gather(column, sample, num_segments=num_segments, mode="test", threads=threads)
     wait += time.perf_counter() - t0
     xs = xs.mean(axis=1, dtype=np.float32)
+    if not np.isfinite(xs).all():
+        bad = int(sample[np.flatnonzero(~np.isfinite(xs).all(axis=1))[0]])
+        raise ValueError(f"{tr.path}: column {column!r} holds NaN or infinite values (instance {bad}); "
+                         "the probe needs finite features")
     mu = xs.mean(axis=0, dtype=np.float64).astype(np.float32)
     sd = xs.std(axis=0, dtype=np.float64).astype(np.float32)
     sd[~(sd > 1e-6)] = 1.0
@@ -517,6 +539,9 @@ def run_probe(
                 if len(y):
                     loss_sum += trainer.step(x, y, lr_now) * len(y)
                     loss_n += len(y)
+            if not math.isfinite(loss_sum):
+                raise ValueError(f"{name} / {column}: training diverged in epoch {epoch + 1} (loss {loss_sum:g}): "
+                                 f"lower lr (now {lr:g}), or check the features for huge values")
             if epoch == 0 or epoch + 1 == epochs or (epoch + 1) % 5 == 0:
                 say(f"  epoch {epoch + 1}/{epochs}: loss {loss_sum / max(loss_n, 1):.4f}")
         train_s = time.perf_counter() - t_train
@@ -536,6 +561,9 @@ def run_probe(
             scores[batch.indices] = trainer.scores(consensus(batch.features))
     y_val = y_val_all[val_keep].astype(np.int64)
     scores = scores[val_keep]
+    if not np.isfinite(scores).all():
+        raise ValueError(f"{name} / {column}: the trained classifier gives non-finite scores on {va.path}: "
+                         f"lower lr (now {lr:g}), or check the features for NaN or huge values")
     result = evaluate(y_val, scores, hierarchy, levels)
     pred = metrics.as_predictions(scores)
     classes, recall, support = metrics.per_class_accuracy(y_val, pred)

@@ -181,8 +181,8 @@ def test_table_of_columns_and_datasets(tmp_path, pair):
     assert set(rows) == {"a", "b", "x"}
     a = t1.results[0]
     cells = rows["a"].strip("| ").split(" | ")
-    assert cells[1:5] == [f"{100 * a.levels['element']['mean_class_acc']:.1f}", f"{100 * a.levels['element']['top1']:.1f}",
-                          f"{100 * a.levels['event']['mean_class_acc']:.1f}", f"{100 * a.levels['event']['top1']:.1f}"]
+    assert cells[1:5] == [f"{100 * a.levels[lv][m]:.1f}" for lv in ("element", "event")
+                          for m in ("mean_class_acc", "top1")]
     assert cells[5:] == ["–"] * 4  # 'a' was not probed on the plain pair
     assert "Per event, element level" in table.to_markdown()
     data = json.loads(table.to_json())
@@ -379,3 +379,24 @@ def test_cli_probe_plot_without_matplotlib_fails_before_training(pair, capsys, m
     out, err = capsys.readouterr()
     assert rc == 2 and "--plot needs matplotlib: pip install 'finegym-store[plot]'" in err
     assert "epoch" not in err and out == ""
+
+
+def test_refuses_huge_labels_nan_features_and_divergence(tmp_path):
+    ids = synth.make_ids(30, seed=4)
+    labels = synth.long_tailed_labels(30, 3, seed=4)
+    table = synth.make_features(ids, labels, (2, 4, 1, 1), seed=4)
+    big = labels.copy()
+    big[5] = 50_000
+    synth.write_split(tmp_path / "big.txt", ids, big)
+    s_big = fgs.convert(tmp_path / "big.fgs", {"x": table}, split=tmp_path / "big.txt", progress=False)
+    with pytest.raises(ValueError, match=r"big\.fgs: labels go up to 50000; the probe takes class ids below 10000"):
+        run_probe(s_big, s_big, "x", backend="numpy")
+    synth.write_split(tmp_path / "ok.txt", ids, labels)
+    nan_table = {k: v.copy() for k, v in table.items()}
+    nan_table[ids[7]][1, 2] = np.nan
+    s_nan = fgs.convert(tmp_path / "nan.fgs", {"x": nan_table}, split=tmp_path / "ok.txt", progress=False)
+    with pytest.raises(ValueError, match=r"nan\.fgs: column 'x' holds NaN or infinite values \(instance 7\)"):
+        run_probe(s_nan, s_nan, "x", num_segments=None, backend="numpy")
+    s_ok = fgs.convert(tmp_path / "ok.fgs", {"x": table}, split=tmp_path / "ok.txt", progress=False)
+    with pytest.raises(ValueError, match="training diverged"):
+        run_probe(s_ok, s_ok, "x", backend="numpy", lr=1e30, epochs=3, batch_size=4, threads=1, compute_threads=1)
