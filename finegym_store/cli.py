@@ -1,4 +1,4 @@
-"""The ``finegym-store`` command: convert, info, verify, demo, probe."""
+"""The ``finegym-store`` command: convert, info, verify, demo."""
 
 from __future__ import annotations
 
