@@ -53,7 +53,75 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--workdir", help="keep the generated files here (default: a temporary folder)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    pr = sub.add_parser(
+        "probe", help="train and evaluate a classifier on stored features (FineGym's protocol)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a linear (or MLP) classifier over the TSN consensus (the mean of K sampled\n"
+                    "segments) of a feature column of TRAIN, evaluate it on VAL, and print Mean Class Acc and\n"
+                    "Top-1 (percent) in the layout of the FineGym model-zoo table. Several TRAIN VAL pairs (e.g.\n"
+                    "gym99 and gym288) and several --column give one table. Progress goes to stderr.",
+        epilog="example:\n  finegym-store probe gym99_train.fgs gym99_val.fgs --column tsn --column i3d "
+               "--num-segments 3 --level element --level set --json results.json --plot per_class.png")
+    pr.add_argument("stores", nargs="+", metavar="TRAIN VAL",
+                    help="a train store and its val store; repeat the pair for more datasets")
+    pr.add_argument("--column", action="append", metavar="NAME",
+                    help="feature column to probe; repeat for several (default: every column of the first TRAIN)")
+    pr.add_argument("--num-segments", type=int, default=3, metavar="K",
+                    help="segments sampled per instance and averaged (default 3); 0 = all stored segments")
+    pr.add_argument("--head", choices=("linear", "mlp"), default="linear",
+                    help="linear softmax classifier, or one hidden ReLU layer (default linear)")
+    pr.add_argument("--backend", choices=("auto", "numpy", "torch"), default="auto",
+                    help="trainer: torch when installed (auto, default), or the numpy one")
+    pr.add_argument("--level", action="append", choices=("element", "set", "event"), dest="levels",
+                    help="hierarchy level(s) to evaluate (default element); set and event need a stored hierarchy")
+    pr.add_argument("--epochs", type=int, default=20, help="passes over TRAIN (default 20)")
+    pr.add_argument("--batch-size", type=int, default=256, help="default 256")
+    pr.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate, cosine-decayed to 0 (default 1e-3)")
+    pr.add_argument("--weight-decay", type=float, default=1e-4, help="L2 on weights (default 1e-4)")
+    pr.add_argument("--hidden", type=int, default=512, help="hidden units of --head mlp (default 512)")
+    pr.add_argument("--seed", type=int, default=0, help="initial weights, shuffling and sampling (default 0)")
+    pr.add_argument("--threads", type=int, help="C++ threads gathering batches (default: all cores)")
+    pr.add_argument("--compute-threads", type=int, metavar="N",
+                    help="classifier threads: torch, numpy's BLAS (with threadpoolctl); default: cores - 1, "
+                         "leaving a core to the loader")
+    pr.add_argument("--json", metavar="FILE", help="also write every result as JSON ('-': stdout, no table)")
+    pr.add_argument("--plot", metavar="FILE.png",
+                    help="draw per-class accuracy, classes sorted by training frequency (needs matplotlib)")
+    pr.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     return p
+
+
+def _probe(args: argparse.Namespace) -> None:
+    from .probe import run_probes
+
+    if len(args.stores) % 2:
+        raise ValueError(f"stores come in TRAIN VAL pairs; got {len(args.stores)} paths: {' '.join(args.stores)}")
+    if args.num_segments < 0:
+        raise ValueError(f"--num-segments must be >= 0, got {args.num_segments}")
+    if args.plot:  # fail before training, not after
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ValueError("--plot needs matplotlib: pip install 'finegym-store[plot]'") from None
+    pairs = list(zip(args.stores[0::2], args.stores[1::2]))
+    log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    table = run_probes(pairs, args.column, log=log, num_segments=args.num_segments or None, head=args.head,
+                       backend=args.backend, levels=tuple(dict.fromkeys(args.levels or ["element"])),
+                       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                       hidden=args.hidden, seed=args.seed, threads=args.threads,
+                       compute_threads=args.compute_threads)
+    if args.json == "-":
+        print(table.to_json())
+    else:
+        print(table.to_markdown())
+        print()
+        print(table.summary())
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                f.write(table.to_json() + "\n")
+    if args.plot:
+        table.plot(args.plot)
 
 
 def _info(path: str) -> dict:
@@ -144,6 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.instances < 1:
                 raise ValueError("--instances must be at least 1")
             run_demo(args.instances, workdir=args.workdir, seed=args.seed, progress=not args.quiet)
+        elif args.command == "probe":
+            _probe(args)
     except FormatError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
