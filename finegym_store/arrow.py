@@ -251,7 +251,7 @@ def _parquet_options(schema: pa.Schema, compression: str, byte_stream_split: boo
             others.append(f.name)
             continue
         # Parquet options name leaf columns: the path through the nested lists.
-        t = f.type.storage_type if isinstance(f.type, pa.ExtensionType) else f.type
+        t = f.type.storage_type if isinstance(f.type, pa.BaseExtensionType) else f.type
         path = [f.name]
         while pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
             path += ["list", "element"]

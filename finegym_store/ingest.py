@@ -193,7 +193,7 @@ def _layout(where: str, field: Any, dtype: str | None, segments: int | None, cha
         channels = meta.get("channels") if channels is None else channels
         dtype = meta.get("dtype") if dtype is None else dtype
     t = field.type
-    if isinstance(t, pa.ExtensionType):
+    if isinstance(t, pa.BaseExtensionType):
         if t.extension_name != "arrow.fixed_shape_tensor":
             raise ConversionError(f"{here}: extension type {t.extension_name} is not a feature tensor")
         shape = list(t.shape)
@@ -290,7 +290,7 @@ def _rows_of(lay: _Layout, here: str, arr: Any, row0: int) -> tuple[np.ndarray, 
 
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
-    if isinstance(arr.type, pa.ExtensionType):
+    if isinstance(arr.type, pa.BaseExtensionType):
         arr = arr.storage
     n = len(arr)
     _no_nulls(here, arr, "the instance", row0)
@@ -459,7 +459,7 @@ def _ingest(source: _Source, out: str, id_column: str, label_column: str | None,
         else:
             skip = {id_column, label_column, *INSTANCE_FIELDS}
             feature_columns = [f.name for f in schema if f.name not in skip and
-                               (_is_list(f.type) or isinstance(f.type, _pa().ExtensionType))]
+                               (_is_list(f.type) or isinstance(f.type, _pa().BaseExtensionType))]
         if not feature_columns:
             raise ConversionError(f"{where}: no feature column (a list or tensor of floats) among "
                                   f"{', '.join(names)}")
