@@ -53,3 +53,19 @@ def assert_same_store(a: fgs.Store, b: fgs.Store) -> None:
         assert b.classes.name.to_list() == a.classes.name.to_list()
         assert b.classes.event.to_list() == a.classes.event.to_list()
     assert b.verify() == []
+
+
+def require(module: str):
+    """Import a test dependency, or skip where it is not installed (never in
+    CI, which installs the test extra: there a missing one fails)."""
+    import importlib
+    import os
+
+    import pytest
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"{module} is not installed (pip install '.[test]')", allow_module_level=True)

@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-pa = pytest.importorskip("pyarrow") if not os.environ.get("CI") else __import__("pyarrow")
+import finegym_store as fgs
+from finegym_store.finegym import parse_element_id, read_categories
 
-import finegym_store as fgs  # noqa: E402
-from finegym_store.finegym import parse_element_id, read_categories  # noqa: E402
+from arrow_fixtures import CATEGORIES, RC, C, N, T, assert_same_store, make_store, require
 
-from arrow_fixtures import CATEGORIES, RC, C, N, T, assert_same_store, make_store  # noqa: E402
+pa = require("pyarrow")
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +170,7 @@ def test_pyarrow_from_stream(store: fgs.Store) -> None:
 
 
 def test_polars_reads_the_store(store: fgs.Store) -> None:
-    pl = pytest.importorskip("polars")
+    pl = require("polars")
     df = pl.DataFrame(store)
     assert df.height == N
     assert df["id"].to_list() == store.ids.to_list()
@@ -185,7 +184,7 @@ def test_polars_reads_the_store(store: fgs.Store) -> None:
 
 
 def test_duckdb_reads_the_store(store: fgs.Store) -> None:
-    duckdb = pytest.importorskip("duckdb")
+    duckdb = require("duckdb")
     store_var = store  # noqa: F841 - DuckDB finds it by name (replacement scan)
     got = duckdb.sql("select label, count(*) from store_var group by label order by label").fetchall()
     labels, counts = np.unique(store.labels, return_counts=True)
@@ -228,7 +227,7 @@ def test_from_arrow_streams(store: fgs.Store, tmp_path: Path) -> None:
 
 
 def test_polars_built_table_imports(tmp_path: Path) -> None:
-    pl = pytest.importorskip("polars")
+    pl = require("polars")
     rng = np.random.default_rng(5)
     x = rng.standard_normal((6, 3, 4)).astype(np.float32)
     df = pl.DataFrame({"name": [f"v{i}" for i in range(6)], "y": [0, 1, 2, 0, 1, None]})
@@ -244,7 +243,7 @@ def test_polars_built_table_imports(tmp_path: Path) -> None:
 
 
 def test_duckdb_built_table_imports(tmp_path: Path) -> None:
-    duckdb = pytest.importorskip("duckdb")
+    duckdb = require("duckdb")
     rel = duckdb.sql(
         "select 'x' || i::varchar as id, (i % 3)::integer as label, "
         "[[i::float, (i * 10)::float]] || [[(-i)::float, 0.5::float] for j in range(i % 2)] as f "
