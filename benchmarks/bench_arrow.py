@@ -202,6 +202,37 @@ def bench_from_parquet(folder: Path, repeat: int) -> dict:
             "ratio": statistics.median(to) / statistics.median(tb)}
 
 
+_PEAK_CHILD = r"""
+import json, os, resource, sys
+sys.path.insert(0, sys.argv[1])
+import common, finegym_store as fgs
+import pyarrow, pyarrow.parquet  # imports excluded from the growth
+what, src, dst = sys.argv[2], sys.argv[3], sys.argv[4]
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if what == "to_parquet":
+    fgs.open(src).to_parquet(dst)
+else:
+    fgs.from_parquet(src, dst, overwrite=True, progress=False)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"peak_growth_mb": (peak - base) / 1024}))
+"""
+
+
+def bench_peak_memory(store: Path, folder: Path) -> dict:
+    """Peak RSS growth (ru_maxrss, fresh process) of to_parquet and from_parquet.
+    File-backed pages of the mapped store count in RSS while they are resident,
+    so to_parquet's figure includes the page cache of the part being read."""
+    out = {}
+    pqf, fgsf = folder / "peak.parquet", folder / "peak.fgs"
+    for what, src, dst in (("to_parquet", store, pqf), ("from_parquet", pqf, fgsf)):
+        r = subprocess.run([sys.executable, "-c", _PEAK_CHILD, str(Path(__file__).parent), what, str(src), str(dst)],
+                           capture_output=True, text=True, check=True)
+        out[what] = json.loads(r.stdout)["peak_growth_mb"]
+    drop(pqf)
+    drop(fgsf)
+    return out
+
+
 def bench_sizes(store_path: Path, folder: Path) -> dict:
     """File sizes of the export options (default, zstd, BYTE_STREAM_SPLIT + zstd)."""
     store = fgs.open(store_path)
@@ -237,6 +268,8 @@ def main() -> None:
         print("to_parquet:", json.dumps(res["to_parquet"]), flush=True)
         res["from_parquet"] = bench_from_parquet(folder, args.repeat)
         print("from_parquet:", json.dumps(res["from_parquet"]), flush=True)
+        res["peak_memory_mb"] = bench_peak_memory(store, folder)
+        print("peak_memory_mb:", json.dumps(res["peak_memory_mb"]), flush=True)
         if args.sizes:
             res["sizes"] = bench_sizes(store, folder)
             print("sizes:", json.dumps(res["sizes"]), flush=True)
