@@ -181,6 +181,7 @@ def test_cli_export_import(store: fgs.Store, tmp_path: Path, capsys: pytest.Capt
     assert main(["export", store.path, str(ipc), "--columns", "id", "a", "-q"]) == 0
     with pa.memory_map(str(ipc)) as f:
         t = pa.ipc.open_file(f).read_all()
+    t.validate(full=True)
     assert t.column_names == ["id", "a"] and t.equals(store.to_arrow(["id", "a"]))
     assert main(["export", store.path, str(tmp_path / "x.parquet"), "--columns", "nope", "-q"]) == 2
     assert "'nope'" in capsys.readouterr().err
