@@ -97,7 +97,11 @@ class _ParquetSource(_Source):
 
     def batches(self, columns: list[str], batch_rows: int) -> Iterator[Any]:
         for pf in self._open:
-            yield from pf.iter_batches(batch_size=batch_rows, columns=columns)
+            # One row group per call: iter_batches over the whole file pre-buffers
+            # every row group's bytes up front (2.2 GB of RAM for the 2 GB I3D
+            # file; 0.44 GB peak this way, with 134 MB row groups).
+            for g in range(pf.num_row_groups):
+                yield from pf.iter_batches(batch_size=batch_rows, row_groups=[g], columns=columns)
 
     def close(self) -> None:
         for pf in self._open:
@@ -192,6 +196,9 @@ def _layout(where: str, field: Any, dtype: str | None, segments: int | None, cha
         segments = meta.get("segments") if segments is None else segments
         channels = meta.get("channels") if channels is None else channels
         dtype = meta.get("dtype") if dtype is None else dtype
+    for what, v in (("segments", segments), ("channels", channels)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1):
+            raise ValueError(f"{here}: {what} must be a positive integer, got {v!r}")
     t = field.type
     if isinstance(t, pa.BaseExtensionType):
         if t.extension_name != "arrow.fixed_shape_tensor":

@@ -343,6 +343,16 @@ def test_existing_target_is_kept(store: fgs.Store, tmp_path: Path) -> None:
     assert out.read_bytes() == b"keep"
 
 
+def test_bad_segments_or_channels(tmp_path: Path) -> None:
+    t = pa.table({"id": ["a"], "x": pa.array([[1.0, 2.0]], pa.list_(pa.float32()))})
+    with pytest.raises(ValueError, match="column 'x': channels must be a positive integer, got 0"):
+        fgs.from_arrow(t, tmp_path / "x.fgs", channels=0, progress=False)
+    with pytest.raises(fgs.ConversionError, match="column 'x': 2 values per instance are not a multiple of segments=3"):
+        fgs.from_arrow(t.set_column(1, "x", pa.array([[1.0, 2.0]], pa.list_(pa.float32(), 2))), tmp_path / "x.fgs",
+                       segments=3, progress=False)
+    assert not (tmp_path / "x.fgs").exists()
+
+
 def test_wrong_source_type(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="from_arrow: expected a pyarrow Table"):
         fgs.from_arrow({"id": ["a"]}, tmp_path / "x.fgs")
