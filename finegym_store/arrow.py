@@ -217,7 +217,7 @@ def _row_bytes(store: Store, names: Sequence[str]) -> float:
 
 def default_batch_rows(store: Store, columns: Sequence[str] | str | None = None) -> int:
     """Rows holding about :data:`BATCH_BYTES` (128 MiB) of features, at most
-    65536: 1365 rows at I3D size (12 x 2048 float32)."""
+    65536: 1364 rows at I3D size (12 x 2048 float32)."""
     rows = int(BATCH_BYTES // _row_bytes(store, _select(store, columns)))
     return max(1, min(_MAX_DEFAULT_ROWS, rows))
 

@@ -165,6 +165,12 @@ def test_classes_table(store: fgs.Store, tmp_path: Path) -> None:
 def test_pyarrow_from_stream(store: fgs.Store) -> None:
     t = pa.RecordBatchReader.from_stream(store).read_all()
     t.validate(full=True)
+    # Through the C data interface the batches still point into the mapping: no copy.
+    lo, hi = _mapping_range(store)
+    first = t.column("a").chunk(0).values.values.buffers()[1]
+    assert first.address == store.column("a").values.ctypes.data
+    for chunk in t.column("r").chunks:
+        assert lo <= chunk.buffers()[1].address < hi
     assert t.equals(store.to_arrow())
     assert pa.schema(store).equals(store.to_arrow().schema)  # __arrow_c_schema__
 
