@@ -362,3 +362,16 @@ def test_bad_segments_or_channels(tmp_path: Path) -> None:
 def test_wrong_source_type(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="from_arrow: expected a pyarrow Table"):
         fgs.from_arrow({"id": ["a"]}, tmp_path / "x.fgs")
+
+
+def test_hierarchy_from_classes_or_categories(store: fgs.Store, tmp_path: Path) -> None:
+    bare = store.to_arrow(["id", "label", "a"]).replace_schema_metadata(None)
+    assert fgs.from_arrow(bare, tmp_path / "none.fgs", progress=False).classes is None
+    for kwargs in ({"classes": store.classes_table()}, {"categories": CATEGORIES}):
+        s = fgs.from_arrow(bare, tmp_path / "h.fgs", overwrite=True, progress=False, **kwargs)
+        assert s.classes_table().equals(store.classes_table())
+        assert s.label_names == store.label_names
+    few = store.classes_table().slice(0, 1)
+    with pytest.raises(fgs.ConversionError, match=r"column 'label': labels \[.*\] have no class"):
+        fgs.from_arrow(bare, tmp_path / "few.fgs", classes=few, progress=False)
+    assert not (tmp_path / "few.fgs").exists()
