@@ -15,12 +15,15 @@ from .errors import ConversionError, FormatError, UnsafePickleError
 from .loader import Batch, Loader
 from .store import Classes, Column, Meta, Store, Strings, open
 from .convert import convert  # noqa: E402 (needs __version__)
+from .ingest import from_arrow, from_parquet  # noqa: E402 (pyarrow imported on first call)
 
 __all__ = [
     "__version__",
     "FORMAT_VERSION",
     "open",
     "convert",
+    "from_arrow",
+    "from_parquet",
     "Store",
     "Column",
     "Strings",

@@ -1,4 +1,4 @@
-"""The ``finegym-store`` command: convert, info, verify, demo."""
+"""The ``finegym-store`` command: convert, info, verify, demo, export, import."""
 
 from __future__ import annotations
 
@@ -89,6 +89,37 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--plot", metavar="FILE.png",
                     help="draw per-class accuracy, classes sorted by training frequency (needs matplotlib)")
     pr.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    e = sub.add_parser("export", help="write a store as Parquet (.parquet) or Arrow IPC (.arrow, .feather)",
+                       description="Export a store to a Parquet or Arrow IPC file (needs pyarrow), streaming "
+                                   "one row group at a time.")
+    e.add_argument("store")
+    e.add_argument("out", help="OUT.parquet, or OUT.arrow / OUT.feather for an Arrow IPC file")
+    e.add_argument("--columns", nargs="+", metavar="NAME",
+                   help="columns to write (id, label, video, event_start, ..., feature columns); default all")
+    e.add_argument("--compression", default="none",
+                   help="none (default), zstd, snappy, lz4, gzip, brotli (Arrow IPC: none, lz4, zstd)")
+    e.add_argument("--byte-stream-split", action="store_true",
+                   help="Parquet BYTE_STREAM_SPLIT encoding for float columns (best with --compression zstd)")
+    e.add_argument("--row-group-size", type=int, help="rows per Parquet row group / Arrow batch "
+                   "(default: about 128 MiB of features)")
+    e.add_argument("--tensor-type", choices=("nested", "fixed_shape_tensor"), default="nested",
+                   help="fixed-T feature type (default nested fixed_size_list)")
+    e.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    e.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    im = sub.add_parser("import", help="build a store from a Parquet file or folder (e.g. an export)",
+                        description="Build a store from a Parquet file or a folder of Parquet files.")
+    im.add_argument("source", help="IN.parquet or a folder of .parquet files")
+    im.add_argument("out", help="path of the store to write (e.g. gym99_val.fgs)")
+    im.add_argument("--id-column", default="id")
+    im.add_argument("--label-column", default="label", help="integer labels (default 'label'; -1 when absent)")
+    im.add_argument("--columns", nargs="+", metavar="NAME", help="feature columns (default: all)")
+    im.add_argument("--segments", type=int, help="T, for columns whose type does not fix it")
+    im.add_argument("--channels", type=int, help="C, for flat list<float> columns")
+    im.add_argument("--dtype", choices=("float32", "float16"), help="stored dtype (default: as in the file)")
+    im.add_argument("--categories", help="FineGym categories file (default: the hierarchy in the file's metadata)")
+    im.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    im.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return p
 
 
@@ -178,6 +209,38 @@ def _print_info(info: dict) -> None:
             print(f"  {title}: {row}")
 
 
+def _export(args: argparse.Namespace) -> None:
+    import os
+
+    from . import arrow
+    from .store import open as open_store
+
+    if os.path.exists(args.out) and not args.overwrite:
+        raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
+    store = open_store(args.store)
+    ext = os.path.splitext(args.out)[1].lower()
+    if ext in (".arrow", ".feather", ".ipc"):
+        arrow.to_ipc(store, args.out, args.columns, args.row_group_size, args.compression, args.tensor_type,
+                     progress=not args.quiet)
+        kind = "Arrow IPC"
+    else:
+        arrow.to_parquet(store, args.out, args.columns, args.row_group_size, args.compression,
+                         args.byte_stream_split, None, args.tensor_type, progress=not args.quiet)
+        kind = "Parquet"
+    print(f"wrote {args.out}: {kind}, {len(store)} rows, {os.path.getsize(args.out) / 2**20:.1f} MiB")
+
+
+def _import(args: argparse.Namespace) -> None:
+    from .ingest import from_parquet
+
+    store = from_parquet(args.source, args.out, id_column=args.id_column, label_column=args.label_column,
+                         feature_columns=args.columns, segments=args.segments, channels=args.channels,
+                         dtype=args.dtype, categories=args.categories, overwrite=args.overwrite,
+                         progress=not args.quiet)
+    print(f"wrote {store.path}: {len(store)} instances, columns {', '.join(store.columns)}, "
+          f"{store.file_size / 2**20:.1f} MiB")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -214,6 +277,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_demo(args.instances, workdir=args.workdir, seed=args.seed, progress=not args.quiet)
         elif args.command == "probe":
             _probe(args)
+        elif args.command == "export":
+            _export(args)
+        elif args.command == "import":
+            _import(args)
     except FormatError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

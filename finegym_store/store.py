@@ -371,6 +371,57 @@ class Store:
         """The section table: name, dtype, shape, offset, length, checksum."""
         return self._reader.sections()
 
+    # -- Arrow and Parquet (finegym_store.arrow; needs pyarrow) -----------------
+    def to_arrow(self, columns: Sequence[str] | str | None = None, tensor_type: str = "nested") -> Any:
+        """A pyarrow.Table over the mapped bytes, no copy: id, label, the
+        parsed id fields and one column per feature column (``columns``
+        selects and orders any of them). Fixed-T features are
+        fixed_size_list<fixed_size_list<value, C>, T> (``tensor_type=
+        "fixed_shape_tensor"``: the arrow.fixed_shape_tensor extension);
+        ragged ones large_list<fixed_size_list<value, C>>. The schema metadata
+        holds what rebuilds the store (README, "Arrow and Parquet")."""
+        from . import arrow
+
+        return arrow.to_arrow(self, columns, tensor_type)
+
+    def to_batches(self, batch_size: int | None = None, columns: Sequence[str] | str | None = None,
+                   tensor_type: str = "nested") -> Any:
+        """A pyarrow.RecordBatchReader of zero-copy slices of ``to_arrow()``,
+        ``batch_size`` rows each (default: about 128 MiB of features)."""
+        from . import arrow
+
+        return arrow.to_batches(self, batch_size, columns, tensor_type)
+
+    def to_parquet(self, path: str | os.PathLike[str], columns: Sequence[str] | str | None = None,
+                   row_group_size: int | None = None, compression: str = "none", byte_stream_split: bool = False,
+                   compression_level: int | None = None, tensor_type: str = "nested",
+                   progress: bool = False) -> str:
+        """Write a Parquet file one row group at a time (memory: one row
+        group; default about 128 MiB of features), atomically. No dictionary
+        pages for floats; ``byte_stream_split=True`` with
+        ``compression="zstd"`` shrinks float data. Returns the path."""
+        from . import arrow
+
+        return arrow.to_parquet(self, path, columns, row_group_size, compression, byte_stream_split,
+                                compression_level, tensor_type, progress)
+
+    def classes_table(self) -> Any:
+        """The label hierarchy as a pyarrow.Table (label, glabel, set, event,
+        name), or None when the store has none."""
+        from . import arrow
+
+        return arrow.classes_table(self)
+
+    def __arrow_c_stream__(self, requested_schema: Any = None) -> Any:
+        """Arrow PyCapsule stream of the whole store (polars.DataFrame(store),
+        duckdb, pyarrow.RecordBatchReader.from_stream(store))."""
+        return self.to_batches().__arrow_c_stream__(requested_schema)
+
+    def __arrow_c_schema__(self) -> Any:
+        from . import arrow
+
+        return arrow.arrow_schema(self).__arrow_c_schema__()
+
 
 def open(path: str | os.PathLike[str]) -> Store:  # noqa: A001 - the natural name
     """Open a store read-only. Costs the same for any file size: the file is
