@@ -185,13 +185,16 @@ HEADER_CASES = [
     ("section_table_offset", lambda b: b.size, r"the section table \(\d+ entries at offset \d+\) runs past the end"),
     ("section_table_offset", lambda b: b.table_offset + 64, r"section table .* runs past the end of the file"),
     ("section_table_offset", lambda b: 2**64 - 64, r"runs past the end of the file"),
-    # Inside the file but pointing at the padding before the first section: entry 0 is all zero.
-    ("section_table_offset", lambda b: 64, r"section entry 0: empty name"),
+    # Inside the file but not ending it: bytes after the table are refused (FORMAT.md, "Overview").
+    ("section_table_offset", lambda b: 64, r"the section table \(\d+ entries at offset 64\) ends at \d+, but the "
+     r"file goes on to \d+; the table must end the file"),
+    ("section_table_offset", lambda b: b.table_offset - 64, r"the table must end the file \(no bytes after it\)"),
     ("section_count", lambda b: 0, r"section_count 0 is outside 1\.\.65536"),
     ("section_count", lambda b: 65537, r"section_count 65537 is outside 1\.\.65536"),
     ("section_count", lambda b: 2**32 - 1, r"section_count 4294967295 is outside"),
     ("section_count", lambda b: b.section_count + 1, r"runs past the end of the file"),
     ("section_count", lambda b: 65536, r"runs past the end of the file"),
+    ("section_count", lambda b: b.section_count - 1, r"the table must end the file"),
     ("section_entry_size", lambda b: 64, r"section_entry_size is 64, expected 128"),
     ("section_entry_size", lambda b: 129, r"section_entry_size is 129, expected 128"),
     ("flags", lambda b: 1, r"unknown flags"),

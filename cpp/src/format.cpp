@@ -136,6 +136,11 @@ Header decode_header(const unsigned char* b, std::uint64_t actual_size, const st
     if (h.table_offset > h.file_size || table_size > h.file_size - h.table_offset)
         fail(path, "the section table (" + std::to_string(h.num_sections) + " entries at offset " +
                        std::to_string(h.table_offset) + ") runs past the end of the file");
+    if (table_size != h.file_size - h.table_offset)
+        fail(path, "the section table (" + std::to_string(h.num_sections) + " entries at offset " +
+                       std::to_string(h.table_offset) + ") ends at " + std::to_string(h.table_offset + table_size) +
+                       ", but the file goes on to " + std::to_string(h.file_size) +
+                       "; the table must end the file (no bytes after it)");
     // The number of instances is bounded by what int64 offsets can index.
     if (h.num_instances > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max() / 8))
         fail(path, "instance_count " + std::to_string(h.num_instances) + " is implausibly large");
@@ -222,6 +227,10 @@ Section decode_section(const unsigned char* b, std::uint32_t index, const Header
 namespace schema {
 bool valid_column_name(std::string_view name) noexcept {
     if (name.empty() || name.size() > kMaxColumnName) return false;
+    // "features/offsets" would read as the offsets of a column called "features":
+    // the last parts of the schema's suffixes are reserved.
+    for (auto reserved : kReservedColumnNames)
+        if (name == reserved) return false;
     for (char ch : name) {
         const auto c = static_cast<unsigned char>(ch);
         const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '-';
