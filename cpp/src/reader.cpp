@@ -74,30 +74,33 @@ void StoreReader::check_layout() {
     });
     std::vector<unsigned char> gap;
     std::uint64_t end = kHeaderSize;
-    std::string before = "the header";
-    auto check_gap = [&](std::uint64_t next, std::uint64_t alignment, const std::string& what) {
+    const Section* prev = nullptr;  // names for messages, built only on failure
+    auto name_of = [](const Section* s) { return s == nullptr ? std::string("the section table") : "section '" + s->name + "'"; };
+    auto before = [&] { return prev == nullptr ? std::string("the header") : name_of(prev); };
+    auto check_gap = [&](std::uint64_t next, std::uint64_t alignment, const Section* s) {
         if (next < end)
-            fail(path(), what + " at offset " + std::to_string(next) + " overlaps " + before + " (which ends at " +
-                             std::to_string(end) + ")");
+            fail(path(), name_of(s) + " at offset " + std::to_string(next) + " overlaps " + before() +
+                             " (which ends at " + std::to_string(end) + ")");
         if (next != align_up(end, alignment))
-            fail(path(), "there are " + std::to_string(next - end) + " bytes between " + before + " (ends at " +
-                             std::to_string(end) + ") and " + what + " (at " + std::to_string(next) +
+            fail(path(), "there are " + std::to_string(next - end) + " bytes between " + before() + " (ends at " +
+                             std::to_string(end) + ") and " + name_of(s) + " (at " + std::to_string(next) +
                              "); only padding to the next multiple of " + std::to_string(alignment) +
                              " may lie between sections");
+        if (next == end) return;
         gap.resize(static_cast<std::size_t>(next - end));
         copy_mapped(gap.data(), file_.data() + end, gap.size(), path(), "open");
         for (std::size_t k = 0; k < gap.size(); ++k)
             if (gap[k] != 0)
-                fail(path(), "padding byte at offset " + std::to_string(end + k) + " (between " + before + " and " +
-                                 what + ") is " + std::to_string(gap[k]) + ", expected 0");
+                fail(path(), "padding byte at offset " + std::to_string(end + k) + " (between " + before() + " and " +
+                                 name_of(s) + ") is " + std::to_string(gap[k]) + ", expected 0");
     };
     for (std::size_t i : order) {
         const Section& s = sections_[i];
-        check_gap(s.offset, align[i], "section '" + s.name + "'");
+        check_gap(s.offset, align[i], &s);
         end = s.offset + s.length;
-        before = "section '" + s.name + "'";
+        prev = &s;
     }
-    check_gap(header_.table_offset, kSectionAlign, "the section table");
+    check_gap(header_.table_offset, kSectionAlign, nullptr);
 }
 
 void StoreReader::load_offsets(const Section& s, std::uint64_t limit, bool strictly_increasing) {
