@@ -512,6 +512,7 @@ FUZZ = textwrap.dedent(
     from finegym_store import _core
 
     base_path, work, count, seed, regions = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), json.loads(sys.argv[5])
+    data_regions, ragged = json.loads(sys.argv[6]), json.loads(sys.argv[7])  # non-offsets sections; ragged offsets [start, N+1]
     base = open(base_path, "rb").read()
     toff = struct.unpack_from("<Q", base, 32)[0]
     nsec = struct.unpack_from("<I", base, 40)[0]
@@ -528,7 +529,8 @@ FUZZ = textwrap.dedent(
         return rnd.choice([0, 1, 0xFF, 0x7F, 0x80, 0x40, rnd.randrange(256)])
 
     def mutate():
-        kind = rnd.choice(["header", "table", "table", "offsets", "offsets", "garbage", "cut", "fields"])
+        kind = rnd.choice(["header", "table", "table", "offsets", "offsets", "garbage", "cut", "fields", "data", "data",
+                           "ragged", "ragged"])
         if kind == "garbage":
             n = rnd.choice([0, 1, 8, 63, 64, 65, 128, 500, 4096, len(base)])
             data = bytearray(rnd.randrange(256) for _ in range(n))
@@ -550,6 +552,20 @@ FUZZ = textwrap.dedent(
             v = rnd.choice([0, 1, 63, 64, 4096, 2**32, 2**63, 2**64 - 1, 2**64 - 64, len(base), toff, rnd.randrange(len(base))])
             struct.pack_into("<Q", b, at, v)
             rehash(b)
+            return kind, b
+        if kind == "data":  # bytes no check at open covers: the store opens, reads see them, verify reports them
+            lo, hi = data_regions[rnd.randrange(len(data_regions))]
+            for _ in range(rnd.randint(1, 6)):
+                b[rnd.randrange(lo, hi)] = value()
+            return kind, b
+        if kind == "ragged":  # another valid partition of the rows (or one with an empty instance)
+            at, m = ragged[rnd.randrange(len(ragged))]
+            total = struct.unpack_from("<q", b, at + 8 * (m - 1))[0]
+            cuts = sorted(rnd.sample(range(1, total), m - 2)) if total > m - 1 else list(range(1, m - 1))
+            if rnd.random() < 0.2:
+                cuts[rnd.randrange(len(cuts))] = cuts[0]  # an instance with T = 0
+            for j, v in enumerate([0] + sorted(cuts) + [total]):
+                struct.pack_into("<q", b, at + 8 * j, v)
             return kind, b
         if kind == "header":
             lo, hi = 0, 56
@@ -574,24 +590,58 @@ FUZZ = textwrap.dedent(
             outcomes["FormatError"] += 1
             continue
         outcomes["opened"] += 1
-        # Everything a reader can reach must stay inside the mapping.
+        # Everything a reader can reach must stay inside the mapping, and
+        # every failure must be one of the documented exceptions.
         n = len(store)
         store.labels.tobytes()
         for name in store.columns:
             col = store.column(name)
             col.values.tobytes()
-            col.lengths()
+            assert (col.lengths() > 0).all()
             for j in range(n):
                 store.features(name, j).tobytes()
+            if n:
+                idx = list(range(n)) + [-1]
+                store.gather(name, idx, num_segments=3, mode="train", seed=i, threads=2)
+                store.gather(name, idx, num_segments=2, dtype=np.float16)
+                if not col.ragged:
+                    store.gather(name, idx)
+                batch = next(iter(store.loader(name, batch_size=min(n, 4), num_segments=2, prefetch=1, threads=2)))
+                assert batch.features.shape[:2] == (min(n, 4), 2)
         meta = store.meta
         strings = [store.ids, meta.video]
         if store.classes is not None:
             strings += [store.classes.name, store.classes.event]
         for s in strings:
-            for j in range(len(s)):
-                s.data[s.offsets[j] : s.offsets[j + 1]].tobytes()  # bytes, not decoded: UTF-8 is not checked on open
-        store.verify()
+            try:
+                s.to_list()
+                [s[j] for j in range(len(s))]
+            except fgs.FormatError as e:  # UTF-8 is not checked on open
+                assert "not valid UTF-8" in str(e), e
+                outcomes["bad UTF-8"] += 1
+        try:
+            store.attrs
+        except fgs.FormatError as e:
+            assert "attrs" in str(e), e
+        try:
+            store.verify()
+            store.index_of(store.ids[0]) if n else None
+        except fgs.FormatError as e:  # duplicate ids (verify), or ids that are not UTF-8
+            assert "appears twice" in str(e) or "not valid UTF-8" in str(e), e
+            outcomes["verify FormatError"] += 1
         store.sections()
+        if kind == "cut" or rnd.random() < 0.1:  # and now truncate it under the open reader
+            os.truncate(path, rnd.randrange(len(data)))
+            for op in (lambda: store.verify(), lambda: store.ids.to_list(), lambda: store.features(store.columns[0], 0),
+                       lambda: store.gather(store.columns[0], list(range(n)), num_segments=2)):
+                try:
+                    op()
+                except OSError as e:
+                    assert path in str(e), e
+                    outcomes["OSError after truncation"] += 1
+                except (fgs.FormatError, IndexError):
+                    pass
+        del store
     print(json.dumps(outcomes))
     """
 )
@@ -603,16 +653,22 @@ def test_fuzz_open_never_crashes(base, tmp_path):
         for name, s in base.sections.items()
         if name.endswith("/offsets") and s["length"] > 0
     ]
+    data_regions = [[s["offset"], s["offset"] + s["length"]] for name, s in base.sections.items()
+                    if not name.endswith("/offsets") and s["length"] > 0]
+    ragged = [[s["offset"], s["shape"][0]] for name, s in base.sections.items() if name.startswith("features/")
+              and name.endswith("/offsets")]
     proc = subprocess.run(
-        [sys.executable, "-c", FUZZ, base.path, str(tmp_path), "300", "1234", json.dumps(regions)],
+        [sys.executable, "-c", FUZZ, base.path, str(tmp_path), "300", "1234", json.dumps(regions),
+         json.dumps(data_regions), json.dumps(ragged)],
         capture_output=True, text=True, timeout=120, cwd=CHILD_CWD,
     )
     assert proc.returncode == 0, f"child died (signal {-proc.returncode})" if proc.returncode < 0 else proc.stderr[-3000:]
     outcomes = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(outcomes) <= {"FormatError", "opened"}
+    assert set(outcomes) <= {"FormatError", "opened", "bad UTF-8", "verify FormatError", "OSError after truncation"}
     assert outcomes.get("FormatError", 0) > 100
-    assert outcomes.get("opened", 0) > 0
-    assert sum(outcomes.values()) == 300
+    assert outcomes.get("opened", 0) > 50
+    assert outcomes.get("OSError after truncation", 0) > 0
+    assert outcomes["FormatError"] + outcomes["opened"] == 300
 
 
 def test_invalid_utf8_in_ids_raises_format_error(tmp_path):
