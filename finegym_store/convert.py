@@ -232,8 +232,8 @@ def _write_instances(writer: Any, ids: list[str], labels: np.ndarray | None) -> 
     writer.add_array(names["labels"], labels if labels is not None else np.full(n, -1, dtype=np.int32))
     parsed = [parse_element_id(k) for k in ids]
     writer.add_strings(names["meta_video"], [p.video if p else "" for p in parsed])
-    for field, section in zip(("event_start", "event_end", "element_start", "element_end"), names["meta_ints"]):
-        assert section.endswith(field), section
+    for section in names["meta_ints"]:  # meta/event_start, ...: named after the ParsedId fields they hold
+        field = section.rsplit("/", 1)[1]
         values = np.fromiter((getattr(p, field) if p else -1 for p in parsed), dtype=np.int32, count=n)
         writer.add_array(section, values)
 
