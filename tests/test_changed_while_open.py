@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -231,3 +232,38 @@ def test_open_store_survives_its_file_being_replaced_by_rename(stores, tmp_path)
     os.replace(tmp, path)
     np.testing.assert_array_equal(store.gather("rag", range(N), num_segments=3), ref)
     assert store.verify() == []
+
+
+OUTSIDE = textwrap.dedent(
+    r"""
+    import faulthandler, os, signal, sys
+    import finegym_store as fgs
+
+    path, what = sys.argv[1], sys.argv[2]
+    faulthandler.enable()
+    store = fgs.open(path)
+    store.gather("fix", [0], num_segments=2)  # the guard's handler is installed now
+    view = store.column("fix").values  # a view handed out before the change: not protected
+    if what == "kill":
+        os.kill(os.getpid(), signal.SIGBUS)
+    else:
+        os.truncate(path, 0)
+        view.sum()
+    print("survived")
+    """
+)
+
+
+@pytest.mark.parametrize("what", ["kill", "held_view"])
+def test_sigbus_outside_a_guarded_copy_still_crashes(stores, tmp_path, what):
+    # The guard catches faults in its own copies only: any other SIGBUS goes to
+    # the handler installed before it (here faulthandler, which reports it) and
+    # then kills the process, as it would without finegym-store. A view the
+    # user already holds is the documented unprotected case (FORMAT.md).
+    path = str(tmp_path / "v.fgs")
+    shutil.copyfile(stores["big"], path)
+    proc = subprocess.run([sys.executable, "-c", OUTSIDE, path, what], capture_output=True, text=True, timeout=120,
+                          cwd=CHILD_CWD)
+    assert proc.returncode == -signal.SIGBUS, (proc.returncode, proc.stdout, proc.stderr[-2000:])
+    assert "survived" not in proc.stdout
+    assert "Fatal Python error: Bus error" in proc.stderr

@@ -30,8 +30,9 @@ void on_sigbus(int sig, siginfo_t* info, void* uctx) {
         siglongjmp(*jump, 1);
     }
     // Not ours to handle: restore the previous disposition. A fault then
-    // re-executes and reaches it; a signal sent with kill() is re-raised (it
-    // is blocked while we run and delivered on return).
+    // re-executes on return and reaches it; a signal sent with kill() is
+    // raised again, and (SA_NODEFER) delivered to it at once.
+    const int saved_errno = errno;
     struct sigaction prev = g_previous;
     if (t_chained) {
         prev = {};
@@ -40,6 +41,7 @@ void on_sigbus(int sig, siginfo_t* info, void* uctx) {
     t_chained = 1;
     ::sigaction(sig, &prev, nullptr);
     if (info == nullptr || info->si_code <= 0) ::raise(sig);
+    errno = saved_errno;
 }
 
 bool ours(const struct sigaction& sa) {

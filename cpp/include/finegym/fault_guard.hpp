@@ -16,7 +16,8 @@
 // still crash as they would without us.
 //
 // The guarded function must not own anything with a destructor (the jump
-// skips destructors): plain pointer loops, memcpy, hashing.
+// skips destructors) and must not throw (guard_sigbus is noexcept: a throw
+// terminates): plain pointer loops, memcpy, hashing.
 #pragma once
 
 #include <cstddef>
