@@ -197,7 +197,7 @@ def convert(
         raise ValueError("features must be a non-empty mapping of column name -> pickle path or dict")
     for name in features:
         if not isinstance(name, str) or not _core.valid_column_name(name):
-            raise ValueError(f"column name {name!r} must be 1..40 characters of [A-Za-z0-9_-]")
+            raise ValueError(f"column name {name!r} must be 1..40 characters of [A-Za-z0-9_-] and not 'offsets' or 'data'")
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
 
@@ -248,19 +248,23 @@ def convert(
 
 
 def _write_instances(writer: Any, ids: list[str], labels: np.ndarray | None) -> None:
+    names = _core.SECTIONS  # spelled once, in format.hpp
     n = len(ids)
-    writer.add_strings("ids", ids)
-    writer.add_array("labels", labels if labels is not None else np.full(n, -1, dtype=np.int32))
+    writer.add_strings(names["ids"], ids)
+    writer.add_array(names["labels"], labels if labels is not None else np.full(n, -1, dtype=np.int32))
     parsed = [parse_element_id(k) for k in ids]
-    writer.add_strings("meta/video", [p.video if p else "" for p in parsed])
-    for field in ("event_start", "event_end", "element_start", "element_end"):
+    writer.add_strings(names["meta_video"], [p.video if p else "" for p in parsed])
+    for section in names["meta_ints"]:  # meta/event_start, ...: named after the ParsedId fields they hold
+        field = section.rsplit("/", 1)[1]
         values = np.fromiter((getattr(p, field) if p else -1 for p in parsed), dtype=np.int32, count=n)
-        writer.add_array(f"meta/{field}", values)
+        writer.add_array(section, values)
 
 
 def _write_classes(writer: Any, cats: Categories) -> None:
-    writer.add_array("classes/label", cats.label)
-    writer.add_array("classes/glabel", cats.glabel)
-    writer.add_array("classes/set", cats.set)
-    writer.add_strings("classes/name", cats.name)
-    writer.add_strings("classes/event", cats.event)
+    label, glabel, set_ = _core.SECTIONS["class_ints"]
+    name, event = _core.SECTIONS["class_strings"]
+    writer.add_array(label, cats.label)
+    writer.add_array(glabel, cats.glabel)
+    writer.add_array(set_, cats.set)
+    writer.add_strings(name, cats.name)
+    writer.add_strings(event, cats.event)

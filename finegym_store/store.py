@@ -21,13 +21,21 @@ from .loader import Loader
 __all__ = ["Store", "Column", "Strings", "Meta", "Classes", "open"]
 
 
+_S = _core.SECTIONS  # the schema's section names, spelled once in C++ (format.hpp)
+
+
 class Strings(Sequence[str]):
     """A read-only sequence of str over an Arrow large_utf8 pair of sections
-    (int64 offsets + UTF-8 bytes). Decodes on access; nothing is copied up front."""
+    (int64 offsets + UTF-8 bytes). Decodes on access; nothing is copied up front.
 
-    def __init__(self, offsets: np.ndarray, data: np.ndarray, where: str = "string column") -> None:
-        self._offsets = offsets
-        self._data = data
+    Offsets are the reader's copy, validated when the store was opened; string
+    bytes are copied out of the mapping by the C++ core, so a file truncated
+    while open raises OSError naming it instead of crashing."""
+
+    def __init__(self, reader: _core.Reader, name: str, where: str = "string column") -> None:
+        self._reader = reader
+        self._data_name = name + _S["data_suffix"]
+        self._offsets = reader.section(name + _S["offsets_suffix"])
         self._where = where
 
     def __len__(self) -> int:
@@ -44,7 +52,7 @@ class Strings(Sequence[str]):
         if not -n <= i < n:
             raise IndexError(f"index {i} is out of range for {n} strings")
         i = int(i) % n
-        return self._decode(self._data[self._offsets[i] : self._offsets[i + 1]].tobytes())
+        return self._decode(self._reader.read_bytes(self._data_name, int(self._offsets[i]), int(self._offsets[i + 1])))
 
     def _decode(self, raw: bytes) -> str:
         try:
@@ -57,9 +65,9 @@ class Strings(Sequence[str]):
         return iter(self.to_list())
 
     def to_list(self) -> list[str]:
-        """All strings at once (one decode of the whole data buffer)."""
-        text = self._data.tobytes()
+        """All strings at once (one copy and decode of the whole data buffer)."""
         o = self._offsets.tolist()
+        text = self._reader.read_bytes(self._data_name, 0, o[-1])
         return [self._decode(text[o[i] : o[i + 1]]) for i in range(len(o) - 1)]
 
     @property
@@ -68,7 +76,8 @@ class Strings(Sequence[str]):
 
     @property
     def data(self) -> np.ndarray:
-        return self._data
+        """A view of the UTF-8 bytes in the mapping (not guarded: see docs/FORMAT.md, "Files changed while open")."""
+        return self._reader.section(self._data_name)
 
     def __repr__(self) -> str:
         head = ", ".join(repr(s) for s in self[:3])
@@ -127,14 +136,15 @@ class Column:
     @property
     def values(self) -> np.ndarray:
         """The whole column buffer: (N, T, C), or (total rows, C) when ragged."""
-        return self._reader.section(f"features/{self.name}")
+        return self._reader.section(_S["feature_prefix"] + self.name)
 
     @property
     def offsets(self) -> np.ndarray | None:
-        """Row offsets (N + 1,) of a ragged column; None when fixed."""
+        """Row offsets (N + 1,) of a ragged column; None when fixed. The
+        reader's copy, validated at open (owned by the reader, read-only)."""
         if not self.ragged:
             return None
-        return self._reader.section(f"features/{self.name}/offsets")
+        return self._reader.section(_S["feature_prefix"] + self.name + _S["offsets_suffix"])
 
     def lengths(self) -> np.ndarray:
         """T_i of every instance, as int64."""
@@ -197,22 +207,21 @@ class Store:
     @property
     def ids(self) -> Strings:
         """Element ids, in store order."""
-        return self._strings("ids")
+        return self._strings(_S["ids"])
 
     def _strings(self, name: str) -> Strings:
-        r = self._reader
-        return Strings(r.section(f"{name}/offsets"), r.section(f"{name}/data"), f"{self.path}, section '{name}'")
+        return Strings(self._reader, name, f"{self.path}, section '{name}'")
 
     @property
     def labels(self) -> np.ndarray:
         """int32 labels (N,), -1 where unlabelled."""
-        return self._reader.section("labels")
+        return self._reader.section(_S["labels"])
 
     def index_of(self, ids: str | Iterable[str]) -> int | np.ndarray:
         """Position of one id (int) or of many (int64 array). KeyError names an
         unknown id. The lookup table is built on first use."""
         if self._index is None:
-            self._index = {k: i for i, k in enumerate(self.ids.to_list())}
+            self._index = self._build_index()
         index = self._index
         if isinstance(ids, str):
             try:
@@ -228,15 +237,28 @@ class Store:
                 raise KeyError(f"id {k!r} (position {j}) is not in {self.path}") from None
         return out
 
+    def _build_index(self) -> dict[str, int]:
+        ids = self.ids.to_list()
+        index = {k: i for i, k in enumerate(ids)}
+        if len(index) != len(ids):
+            first: dict[str, int] = {}
+            for i, k in enumerate(ids):
+                if k in first:
+                    raise FormatError(f"'{self.path}' is not a valid finegym-store file: id {k!r} appears twice "
+                                      f"(instances {first[k]} and {i}); ids must be unique")
+                first[k] = i
+        return index
+
     @property
     def meta(self) -> Meta:
         r = self._reader
+        event_start, event_end, element_start, element_end = (r.section(name) for name in _S["meta_ints"])
         return Meta(
-            video=self._strings("meta/video"),
-            event_start=r.section("meta/event_start"),
-            event_end=r.section("meta/event_end"),
-            element_start=r.section("meta/element_start"),
-            element_end=r.section("meta/element_end"),
+            video=self._strings(_S["meta_video"]),
+            event_start=event_start,
+            event_end=event_end,
+            element_start=element_start,
+            element_end=element_end,
         )
 
     @property
@@ -245,13 +267,9 @@ class Store:
         r = self._reader
         if r.num_classes is None:
             return None
-        return Classes(
-            label=r.section("classes/label"),
-            glabel=r.section("classes/glabel"),
-            set=r.section("classes/set"),
-            event=self._strings("classes/event"),
-            name=self._strings("classes/name"),
-        )
+        label, glabel, set_ = (r.section(name) for name in _S["class_ints"])
+        name, event = _S["class_strings"]
+        return Classes(label=label, glabel=glabel, set=set_, event=self._strings(event), name=self._strings(name))
 
     @property
     def label_names(self) -> dict[int, str] | None:
@@ -266,7 +284,17 @@ class Store:
         """Provenance recorded at conversion (sources, dtypes, tool version)."""
         if not self._reader.has_attrs:
             return {}
-        return json.loads(self._reader.section("attrs").tobytes().decode("utf-8"))
+        name = _S["attrs"]
+        raw = self._reader.read_bytes(name, 0, self._reader.section(name).nbytes)
+        try:
+            value = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise FormatError(f"'{self.path}': section '{name}' is not UTF-8 JSON ({e}); "
+                              "the store is damaged (run `finegym-store verify`)") from None
+        if not isinstance(value, dict):
+            raise FormatError(f"'{self.path}': section '{name}' holds a JSON {type(value).__name__}, "
+                              "expected an object; the store is damaged")
+        return value
 
     # -- features --------------------------------------------------------------
     @property
@@ -364,7 +392,10 @@ class Store:
 
     # -- integrity ---------------------------------------------------------------
     def verify(self) -> list[str]:
-        """Checksum every section; returns the names of damaged ones (empty: intact)."""
+        """Checksum every section; returns the names of damaged ones (empty:
+        intact). Raises FormatError when the checksums match but two
+        instances share an id, and OSError when the file was truncated or
+        rewritten since it was opened."""
         return self._reader.verify()
 
     def sections(self) -> list[dict[str, Any]]:
@@ -424,7 +455,9 @@ class Store:
 
 
 def open(path: str | os.PathLike[str]) -> Store:  # noqa: A001 - the natural name
-    """Open a store read-only. Costs the same for any file size: the file is
-    mapped, not read. Raises FormatError for a damaged or foreign file and
-    OSError (FileNotFoundError, ...) when it cannot be opened."""
+    """Open a store read-only. The file is mapped, not read: opening reads the
+    header, section table, padding and the int64 offsets arrays (8 bytes per
+    instance per string or ragged column), never feature bytes. Raises
+    FormatError for a damaged or foreign file and OSError
+    (FileNotFoundError, ...) when it cannot be opened or read."""
     return Store(path)

@@ -185,13 +185,16 @@ HEADER_CASES = [
     ("section_table_offset", lambda b: b.size, r"the section table \(\d+ entries at offset \d+\) runs past the end"),
     ("section_table_offset", lambda b: b.table_offset + 64, r"section table .* runs past the end of the file"),
     ("section_table_offset", lambda b: 2**64 - 64, r"runs past the end of the file"),
-    # Inside the file but pointing at the padding before the first section: entry 0 is all zero.
-    ("section_table_offset", lambda b: 64, r"section entry 0: empty name"),
+    # Inside the file but not ending it: bytes after the table are refused (FORMAT.md, "Overview").
+    ("section_table_offset", lambda b: 64, r"the section table \(\d+ entries at offset 64\) ends at \d+, but the "
+     r"file goes on to \d+; the table must end the file"),
+    ("section_table_offset", lambda b: b.table_offset - 64, r"the table must end the file \(no bytes after it\)"),
     ("section_count", lambda b: 0, r"section_count 0 is outside 1\.\.65536"),
     ("section_count", lambda b: 65537, r"section_count 65537 is outside 1\.\.65536"),
     ("section_count", lambda b: 2**32 - 1, r"section_count 4294967295 is outside"),
     ("section_count", lambda b: b.section_count + 1, r"runs past the end of the file"),
     ("section_count", lambda b: 65536, r"runs past the end of the file"),
+    ("section_count", lambda b: b.section_count - 1, r"the table must end the file"),
     ("section_entry_size", lambda b: 64, r"section_entry_size is 64, expected 128"),
     ("section_entry_size", lambda b: 129, r"section_entry_size is 129, expected 128"),
     ("flags", lambda b: 1, r"unknown flags"),
@@ -509,6 +512,7 @@ FUZZ = textwrap.dedent(
     from finegym_store import _core
 
     base_path, work, count, seed, regions = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), json.loads(sys.argv[5])
+    data_regions, ragged = json.loads(sys.argv[6]), json.loads(sys.argv[7])  # non-offsets sections; ragged offsets [start, N+1]
     base = open(base_path, "rb").read()
     toff = struct.unpack_from("<Q", base, 32)[0]
     nsec = struct.unpack_from("<I", base, 40)[0]
@@ -525,7 +529,8 @@ FUZZ = textwrap.dedent(
         return rnd.choice([0, 1, 0xFF, 0x7F, 0x80, 0x40, rnd.randrange(256)])
 
     def mutate():
-        kind = rnd.choice(["header", "table", "table", "offsets", "offsets", "garbage", "cut", "fields"])
+        kind = rnd.choice(["header", "table", "table", "offsets", "offsets", "garbage", "cut", "fields", "data", "data",
+                           "ragged", "ragged"])
         if kind == "garbage":
             n = rnd.choice([0, 1, 8, 63, 64, 65, 128, 500, 4096, len(base)])
             data = bytearray(rnd.randrange(256) for _ in range(n))
@@ -547,6 +552,20 @@ FUZZ = textwrap.dedent(
             v = rnd.choice([0, 1, 63, 64, 4096, 2**32, 2**63, 2**64 - 1, 2**64 - 64, len(base), toff, rnd.randrange(len(base))])
             struct.pack_into("<Q", b, at, v)
             rehash(b)
+            return kind, b
+        if kind == "data":  # bytes no check at open covers: the store opens, reads see them, verify reports them
+            lo, hi = data_regions[rnd.randrange(len(data_regions))]
+            for _ in range(rnd.randint(1, 6)):
+                b[rnd.randrange(lo, hi)] = value()
+            return kind, b
+        if kind == "ragged":  # another valid partition of the rows (or one with an empty instance)
+            at, m = ragged[rnd.randrange(len(ragged))]
+            total = struct.unpack_from("<q", b, at + 8 * (m - 1))[0]
+            cuts = sorted(rnd.sample(range(1, total), m - 2)) if total > m - 1 else list(range(1, m - 1))
+            if rnd.random() < 0.2:
+                cuts[rnd.randrange(len(cuts))] = cuts[0]  # an instance with T = 0
+            for j, v in enumerate([0] + sorted(cuts) + [total]):
+                struct.pack_into("<q", b, at + 8 * j, v)
             return kind, b
         if kind == "header":
             lo, hi = 0, 56
@@ -571,24 +590,58 @@ FUZZ = textwrap.dedent(
             outcomes["FormatError"] += 1
             continue
         outcomes["opened"] += 1
-        # Everything a reader can reach must stay inside the mapping.
+        # Everything a reader can reach must stay inside the mapping, and
+        # every failure must be one of the documented exceptions.
         n = len(store)
         store.labels.tobytes()
         for name in store.columns:
             col = store.column(name)
             col.values.tobytes()
-            col.lengths()
+            assert (col.lengths() > 0).all()
             for j in range(n):
                 store.features(name, j).tobytes()
+            if n:
+                idx = list(range(n)) + [-1]
+                store.gather(name, idx, num_segments=3, mode="train", seed=i, threads=2)
+                store.gather(name, idx, num_segments=2, dtype=np.float16)
+                if not col.ragged:
+                    store.gather(name, idx)
+                batch = next(iter(store.loader(name, batch_size=min(n, 4), num_segments=2, prefetch=1, threads=2)))
+                assert batch.features.shape[:2] == (min(n, 4), 2)
         meta = store.meta
         strings = [store.ids, meta.video]
         if store.classes is not None:
             strings += [store.classes.name, store.classes.event]
         for s in strings:
-            for j in range(len(s)):
-                s.data[s.offsets[j] : s.offsets[j + 1]].tobytes()  # bytes, not decoded: UTF-8 is not checked on open
-        store.verify()
+            try:
+                s.to_list()
+                [s[j] for j in range(len(s))]
+            except fgs.FormatError as e:  # UTF-8 is not checked on open
+                assert "not valid UTF-8" in str(e), e
+                outcomes["bad UTF-8"] += 1
+        try:
+            store.attrs
+        except fgs.FormatError as e:
+            assert "attrs" in str(e), e
+        try:
+            store.verify()
+            store.index_of(store.ids[0]) if n else None
+        except fgs.FormatError as e:  # duplicate ids (verify), or ids that are not UTF-8
+            assert "appears twice" in str(e) or "not valid UTF-8" in str(e), e
+            outcomes["verify FormatError"] += 1
         store.sections()
+        if kind == "cut" or rnd.random() < 0.1:  # and now truncate it under the open reader
+            os.truncate(path, rnd.randrange(len(data)))
+            for op in (lambda: store.verify(), lambda: store.ids.to_list(), lambda: store.features(store.columns[0], 0),
+                       lambda: store.gather(store.columns[0], list(range(n)), num_segments=2)):
+                try:
+                    op()
+                except OSError as e:
+                    assert path in str(e), e
+                    outcomes["OSError after truncation"] += 1
+                except (fgs.FormatError, IndexError):
+                    pass
+        del store
     print(json.dumps(outcomes))
     """
 )
@@ -600,16 +653,22 @@ def test_fuzz_open_never_crashes(base, tmp_path):
         for name, s in base.sections.items()
         if name.endswith("/offsets") and s["length"] > 0
     ]
+    data_regions = [[s["offset"], s["offset"] + s["length"]] for name, s in base.sections.items()
+                    if not name.endswith("/offsets") and s["length"] > 0]
+    ragged = [[s["offset"], s["shape"][0]] for name, s in base.sections.items() if name.startswith("features/")
+              and name.endswith("/offsets")]
     proc = subprocess.run(
-        [sys.executable, "-c", FUZZ, base.path, str(tmp_path), "300", "1234", json.dumps(regions)],
+        [sys.executable, "-c", FUZZ, base.path, str(tmp_path), "300", "1234", json.dumps(regions),
+         json.dumps(data_regions), json.dumps(ragged)],
         capture_output=True, text=True, timeout=120, cwd=CHILD_CWD,
     )
     assert proc.returncode == 0, f"child died (signal {-proc.returncode})" if proc.returncode < 0 else proc.stderr[-3000:]
     outcomes = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(outcomes) <= {"FormatError", "opened"}
+    assert set(outcomes) <= {"FormatError", "opened", "bad UTF-8", "verify FormatError", "OSError after truncation"}
     assert outcomes.get("FormatError", 0) > 100
-    assert outcomes.get("opened", 0) > 0
-    assert sum(outcomes.values()) == 300
+    assert outcomes.get("opened", 0) > 50
+    assert outcomes.get("OSError after truncation", 0) > 0
+    assert outcomes["FormatError"] + outcomes["opened"] == 300
 
 
 def test_invalid_utf8_in_ids_raises_format_error(tmp_path):
@@ -626,3 +685,280 @@ def test_invalid_utf8_in_ids_raises_format_error(tmp_path):
     with pytest.raises(fgs.FormatError, match="not valid UTF-8"):
         bad.ids.to_list()
     assert bad.verify() == ["ids/data"]
+
+
+# -- (f) what FORMAT.md forbids and no checksum covers: layout, T > 0, uniqueness, names ------------
+
+
+def _table(buf):
+    toff, count = get(buf, "section_table_offset"), get(buf, "section_count")
+    return [bytes(buf[toff + 128 * i : toff + 128 * (i + 1)]) for i in range(count)]
+
+
+def _with_table(buf, rows):
+    """buf with its section table replaced by `rows`, the file ending at the table."""
+    toff = get(buf, "section_table_offset")
+    out = bytearray(buf[:toff]) + b"".join(rows)
+    put(out, "section_count", len(rows))
+    put(out, "file_size", len(out))
+    rehash(out)
+    return out
+
+
+def _entry_name(row):
+    return row[:64].split(b"\0", 1)[0].decode()
+
+
+def test_zero_row_instance_in_ragged_column_is_refused(base, damaged):
+    # Instance 2 loses its rows to instance 3: offsets stay in bounds and sum up,
+    # but T_2 = 0 (which made gather divide by zero).
+    buf = bytearray(base.data)
+    o = _offsets(base, "features/rag/offsets")
+    _put_offsets(buf, base, "features/rag/offsets", 3, int(o[2]))
+    open_fails(damaged(buf), r"section 'features/rag/offsets' entry 3 equals entry 2 \(\d+\): instance 2 has no "
+                             r"rows; every instance needs T > 0")
+
+
+def test_zero_row_last_instance_is_refused(base, damaged):
+    buf = bytearray(base.data)
+    o = _offsets(base, "features/rag/offsets")
+    _put_offsets(buf, base, "features/rag/offsets", N - 1, int(o[N]))
+    open_fails(damaged(buf), rf"entry {N} equals entry {N - 1} .*instance {N - 1} has no rows")
+
+
+def test_empty_strings_are_still_fine(tmp_path):
+    # T > 0 is for feature rows; strings may be empty (meta/video of ids that do not parse is "").
+    table = {"a": np.ones((2, 3), np.float32), "b": np.ones((1, 3), np.float32)}
+    store = fgs.convert(tmp_path / "s.fgs", {"x": table}, progress=False)
+    assert store.meta.video.to_list() == ["", ""]
+    assert store.verify() == []
+
+
+def test_writer_refuses_zero_rows(tmp_path):
+    w = _core.Writer(str(tmp_path / "w.fgs"), 2)
+    try:
+        w.begin_features("x", np.dtype(np.float32), 0, 3)
+        w.append_features(np.ones((3, 3), np.float32))
+        with pytest.raises(ValueError, match=r"ragged column 'x': instance 1 has 0 rows; every instance needs T > 0"):
+            w.end_features(np.array([3, 0], np.int64))
+    finally:
+        w.discard()
+    assert not (tmp_path / "w.fgs").exists()
+
+
+def test_converter_refuses_zero_rows(tmp_path):
+    table = {"a": np.ones((2, 3), np.float32), "b": np.ones((0, 3), np.float32)}
+    with pytest.raises(fgs.ConversionError, match=r"key 'b': empty array of shape \(0, 3\)"):
+        fgs.convert(tmp_path / "z.fgs", {"x": table}, progress=False)
+    assert not (tmp_path / "z.fgs").exists()
+
+
+def test_nonzero_padding_is_refused(base, damaged):
+    # The writer puts features/fix at 4096: bytes 64..4095 are padding, covered by no checksum.
+    first = min(s["offset"] for s in base.sections.values())
+    assert first == 4096 and base.data[64:4096] == bytes(4032)
+    buf = bytearray(base.data)
+    buf[1000] = 0x5A
+    open_fails(damaged(buf), r"padding byte at offset 1000 \(between the header and section 'features/fix'\) is 90, "
+                             r"expected 0")
+
+
+def test_nonzero_padding_before_the_table_is_refused(base, damaged):
+    last = max(s["offset"] + s["length"] for s in base.sections.values())
+    assert last < base.table_offset, "the base store should end its data off the 64-byte grid"
+    buf = bytearray(base.data)
+    buf[base.table_offset - 1] = 1
+    open_fails(damaged(buf), rf"padding byte at offset {base.table_offset - 1} \(between section '.*' and the section "
+                             r"table\) is 1")
+
+
+def test_gap_wider_than_alignment_is_refused(base, damaged):
+    # 64 more zero bytes before the table: aligned, zero, but not padding.
+    toff = base.table_offset
+    buf = bytearray(base.data[:toff]) + bytes(64) + bytearray(base.data[toff:])
+    put(buf, "section_table_offset", toff + 64)
+    put(buf, "file_size", len(buf))
+    rehash(buf)
+    open_fails(damaged(buf), r"there are \d+ bytes between section '.*' \(ends at \d+\) and the section table \(at "
+                             rf"{toff + 64}\); only padding to the next multiple of 64 may lie between sections")
+
+
+@pytest.mark.parametrize("victim, onto", [("meta/event_end", "meta/event_start"), ("labels", "meta/element_end"),
+                                          ("classes/set", "classes/glabel")])
+def test_overlapping_sections_are_refused(base, damaged, victim, onto):
+    # Same dtype and shape, so the entry is valid on its own; the bytes are shared.
+    buf = bytearray(base.data)
+    at = entries(buf)[victim]
+    put(buf, "offset", base.sections[onto]["offset"], ENTRY, at)
+    rehash(buf)
+    open_fails(damaged(buf), r"(overlaps section '.*'|there are \d+ bytes between)")
+
+
+def test_overlap_message(base, damaged):
+    buf = bytearray(base.data)
+    at = entries(buf)["meta/event_end"]
+    start = base.sections["meta/event_start"]["offset"]
+    put(buf, "offset", start, ENTRY, at)
+    rehash(buf)
+    open_fails(damaged(buf), rf"section '(meta/event_end|meta/event_start)' at offset {start} overlaps section "
+                             rf"'(meta/event_start|meta/event_end)' \(which ends at {start + 4 * N}\)")
+
+
+def test_store_without_feature_columns_is_refused(base, damaged):
+    rows = [r for r in _table(base.data) if not _entry_name(r).startswith("features/")]
+    assert len(rows) == base.section_count - 3
+    open_fails(damaged(_with_table(base.data, rows)),
+               r"no feature column \(no 'features/NAME' section\); a store needs at least one")
+
+
+def test_writer_refuses_store_without_features(tmp_path):
+    w = _core.Writer(str(tmp_path / "nf.fgs"), 1)
+    try:
+        w.add_strings("ids", ["a"])
+        w.add_array("labels", np.zeros(1, np.int32))
+        w.add_strings("meta/video", [""])
+        for name in ("event_start", "event_end", "element_start", "element_end"):
+            w.add_array(f"meta/{name}", np.zeros(1, np.int32))
+        with pytest.raises(fgs.FormatError, match=r"no feature column"):
+            w.commit()
+    finally:
+        w.discard()
+    assert not (tmp_path / "nf.fgs").exists()
+
+
+def _duplicate_id(base):
+    """base with id 1 overwritten by id 0 and the ids/data checksum (and header) recomputed,
+    so that the checksums match and only uniqueness is wrong."""
+    buf = bytearray(base.data)
+    o = _offsets(base, "ids/offsets")
+    d = base.sections["ids/data"]
+    assert o[1] - o[0] == o[2] - o[1], "synthetic FineGym ids all have the same length"
+    first = bytes(buf[d["offset"] + o[0] : d["offset"] + o[1]])
+    buf[d["offset"] + o[1] : d["offset"] + o[2]] = first
+    put(buf, "checksum", _core.hash64(bytes(buf[d["offset"] : d["offset"] + d["length"]])), ENTRY,
+        entries(buf)["ids/data"])
+    rehash(buf)
+    return buf, first.decode()
+
+
+def test_duplicate_ids_fail_verify_and_index_of(base, damaged):
+    buf, dup = _duplicate_id(base)
+    path = damaged(buf)
+    store = fgs.open(path)  # open does not read string bytes
+    assert store.ids[0] == store.ids[1] == dup
+    with pytest.raises(fgs.FormatError, match=rf"id '{dup}' appears twice \(instances 0 and 1\); ids must be unique") as e:
+        store.verify()
+    assert path in str(e.value)
+    with pytest.raises(fgs.FormatError, match=rf"{path}.*id '{dup}' appears twice \(instances 0 and 1\)"):
+        store.index_of(dup)
+    from finegym_store.cli import main
+
+    assert main(["verify", path]) != 0
+
+
+def test_damaged_ids_are_reported_as_damage_not_duplicates(base, damaged):
+    # Without the recomputed checksum the same change is plain damage.
+    buf = bytearray(base.data)
+    o = _offsets(base, "ids/offsets")
+    d = base.sections["ids/data"]
+    buf[d["offset"] + o[1] : d["offset"] + o[2]] = buf[d["offset"] + o[0] : d["offset"] + o[1]]
+    assert fgs.open(damaged(buf)).verify() == ["ids/data"]
+
+
+@pytest.mark.parametrize("name", ["offsets", "data"])
+def test_column_names_that_collide_with_suffixes_are_refused_up_front(tmp_path, name):
+    assert not _core.valid_column_name(name)
+    assert _core.valid_column_name(name + "2") and _core.valid_column_name("my_" + name)
+
+    class Exploding(dict):  # the conversion must stop before it reads any feature
+        def __getitem__(self, key):
+            raise AssertionError("features were read before the column name was checked")
+
+    with pytest.raises(ValueError, match=rf"column name '{name}' must be .* and not 'offsets' or 'data'"):
+        fgs.convert(tmp_path / "c.fgs", {"x": {"a": np.ones((1, 2), np.float32)}, name: Exploding(a=1)},
+                    progress=False)
+    assert not (tmp_path / "c.fgs").exists()
+    w = _core.Writer(str(tmp_path / "w.fgs"), 1)
+    try:
+        with pytest.raises(ValueError, match=rf"column name '{name}' must be"):
+            w.begin_features(name, np.dtype(np.float32), 1, 2)
+    finally:
+        w.discard()
+
+
+def test_reader_refuses_a_column_named_data(base, damaged):
+    buf = bytearray(base.data)
+    set_name(buf, entries(buf)["features/fix"], b"features/data")
+    rehash(buf)
+    open_fails(damaged(buf), r"section 'features/data': column name must be .* and not 'offsets' or 'data'")
+
+
+@pytest.mark.parametrize(
+    "payload, pattern",
+    [
+        (b"\xff\xfe", r"section 'attrs' is not UTF-8 JSON \(.*can't decode"),
+        (b"{not json", r"section 'attrs' is not UTF-8 JSON \(Expecting"),
+        (b"[1, 2]", r"section 'attrs' holds a JSON list, expected an object"),
+    ],
+)
+def test_damaged_attrs_raise_format_error(base, damaged, payload, pattern):
+    buf = bytearray(base.data)
+    a = base.sections["attrs"]
+    buf[a["offset"] : a["offset"] + a["length"]] = payload.ljust(a["length"], b" ")
+    path = damaged(buf)
+    store = fgs.open(path)
+    with pytest.raises(fgs.FormatError, match=pattern) as e:
+        store.attrs
+    assert path in str(e.value)
+    assert store.verify() == ["attrs"]
+
+
+def _many_sections_store(columns: int) -> bytes:
+    """A valid store of N = 0 instances with `columns` fixed feature columns,
+    crafted byte by byte (the writer would take a while to make it): every
+    section is empty, so the file is little more than its table."""
+    names = [("ids/offsets", 3, (1,), 8), ("ids/data", 1, (0,), 0), ("labels", 2, (0,), 0),
+             ("meta/video/offsets", 3, (1,), 8), ("meta/video/data", 1, (0,), 0)]
+    names += [(f"meta/{f}", 2, (0,), 0) for f in ("event_start", "event_end", "element_start", "element_end")]
+    names += [(f"features/c{i}", 5, (0, 1, 1), 0) for i in range(columns)]
+    # Layout: ids/offsets at 64 (8 zero bytes = [0]), meta/video/offsets at 128,
+    # the empty sections at 192, the empty feature sections at 4096, table at 4096.
+    rows, offsets = [], {"ids/offsets": 64, "meta/video/offsets": 128}
+    for name, dtype, shape, length in names:
+        off = offsets.get(name, 4096 if name.startswith("features/") else 192)
+        data = bytes(length)
+        row = bytearray(128)
+        row[: len(name)] = name.encode()
+        struct.pack_into("<QQQBB", row, 64, off, length, _core.hash64(data), dtype, len(shape))
+        for k, d in enumerate(shape):
+            struct.pack_into("<Q", row, 96 + 8 * k, d)
+        rows.append(bytes(row))
+    buf = bytearray(4096) + b"".join(rows)
+    buf[:8] = b"FGSTORE\0"
+    struct.pack_into("<IIQQQIIQ", buf, 8, 1, 64, len(buf), 0, 4096, len(rows), 128, 0)
+    rehash(buf)
+    return bytes(buf)
+
+
+def test_open_handles_the_maximum_section_count(damaged):
+    # 65,536 sections: the schema check is O(sections) (it was quadratic).
+    # Correctness only here; benchmarks/ holds timings.
+    columns = 65536 - 9
+    store = fgs.open(damaged(_many_sections_store(columns)))
+    assert len(store) == 0 and len(store.columns) == columns
+    assert store.columns[-1] == f"c{columns - 1}"
+    assert store.verify() == []
+
+
+def test_sections_dict_names_the_schema(base):
+    s = _core.SECTIONS
+    expected = {s["ids"] + s["offsets_suffix"], s["ids"] + s["data_suffix"], s["labels"],
+                s["meta_video"] + s["offsets_suffix"], s["meta_video"] + s["data_suffix"], *s["meta_ints"],
+                *s["class_ints"], *(c + x for c in s["class_strings"] for x in (s["offsets_suffix"], s["data_suffix"])),
+                s["attrs"], s["feature_prefix"] + "fix", s["feature_prefix"] + "rag",
+                s["feature_prefix"] + "rag" + s["offsets_suffix"]}
+    assert set(base.sections) == expected
+    # The spelling of docs/FORMAT.md, independently of the code.
+    assert s["meta_ints"] == ("meta/event_start", "meta/event_end", "meta/element_start", "meta/element_end")
+    assert s["class_ints"] == ("classes/label", "classes/glabel", "classes/set")
+    assert (s["ids"], s["feature_prefix"], s["offsets_suffix"], s["attrs"]) == ("ids", "features/", "/offsets", "attrs")

@@ -216,3 +216,46 @@ def test_golden_v1_f16_opens_with_its_content(tmp_path):
     for s in fresh.sections():
         if s["name"] != "attrs":
             assert s["checksum"] == by_name[s["name"]]["checksum"], s["name"]
+
+
+def _layout_of(data: bytes):
+    """Sections of a store parsed with struct from docs/FORMAT.md alone:
+    [(name, offset, length, dtype, shape)], and the table offset."""
+    toff, count = struct.unpack_from("<QI", data, 32)
+    out = []
+    for i in range(count):
+        e = toff + 128 * i
+        name = data[e : e + 64].split(b"\0", 1)[0].decode()
+        offset, length, _, dtype, ndim = struct.unpack_from("<QQQBB", data, e + 64)
+        out.append((name, offset, length, dtype, struct.unpack_from(f"<{ndim}Q", data, e + 96)))
+    return out, toff, count
+
+
+def test_golden_files_meet_the_version_1_layout_rules():
+    # The rules FORMAT.md states for every version-1 file (table ends the
+    # file, no overlap, only minimal zero padding, T > 0, unique ids), checked
+    # on the committed golden bytes independently of the reader: tightening
+    # the reader must not turn away files that version 1 always wrote.
+    for path in sorted(DATA.glob("golden_v1*.fgs")):
+        data = path.read_bytes()
+        sections, toff, count = _layout_of(data)
+        assert toff + 128 * count == len(data), path
+        end = 64
+        for name, offset, length, _, _ in sorted(sections, key=lambda s: (s[1], s[2])):
+            align = 4096 if name.startswith("features/") and not name.endswith("/offsets") else 64
+            assert offset >= end and offset - end < align, (path, name)
+            assert data[end:offset] == bytes(offset - end), (path, name)
+            end = offset + length
+        assert toff - end < 64 and data[end:toff] == bytes(toff - end)
+        by_name = {s[0]: s for s in sections}
+        ragged = [n for n in by_name if n.startswith("features/") and n.endswith("/offsets")]
+        assert ragged, "the golden files include a ragged column"
+        for n in ragged:
+            _, offset, length, _, _ = by_name[n]
+            assert (np.diff(np.frombuffer(data, "<i8", length // 8, offset)) > 0).all(), (path, n)
+        _, o_off, o_len, _, _ = by_name["ids/offsets"]
+        _, d_off, _, _, _ = by_name["ids/data"]
+        o = np.frombuffer(data, "<i8", o_len // 8, o_off)
+        ids = [data[d_off + a : d_off + b] for a, b in zip(o[:-1], o[1:])]
+        assert len(set(ids)) == len(ids)
+        assert fgs.open(path).verify() == []

@@ -1,6 +1,8 @@
 // StoreReader -> finegym_store._core.Reader. Every array handed out is a
-// read-only view into the mapping whose numpy base is the Reader object, so
-// the mapping stays alive as long as any view does.
+// read-only view whose numpy base is the Reader object, so the mapping stays
+// alive as long as any view does: into the mapping (checked against
+// truncation when handed out), or, for offsets sections, into the copies the
+// reader validated at open.
 #include <pybind11/pybind11.h>
 
 #include "bindings.hpp"
@@ -46,6 +48,27 @@ std::vector<py::ssize_t> to_ssize(const std::vector<std::uint64_t>& v) {
 }  // namespace
 
 void register_reader(py::module_& m) {
+    // The section names of the schema (format.hpp), spelled once for Python.
+    namespace sc = finegym::schema;
+    py::dict sections;
+    sections["ids"] = std::string(sc::kIds);
+    sections["labels"] = std::string(sc::kLabels);
+    sections["meta_video"] = std::string(sc::kMetaVideo);
+    py::tuple meta_ints(sc::kMetaInts.size());
+    for (std::size_t i = 0; i < sc::kMetaInts.size(); ++i) meta_ints[i] = std::string(sc::kMetaInts[i]);
+    sections["meta_ints"] = meta_ints;  // event_start, event_end, element_start, element_end
+    sections["feature_prefix"] = std::string(sc::kFeaturePrefix);
+    sections["offsets_suffix"] = std::string(sc::kOffsetsSuffix);
+    sections["data_suffix"] = std::string(sc::kDataSuffix);
+    py::tuple class_ints(sc::kClassInts.size());
+    for (std::size_t i = 0; i < sc::kClassInts.size(); ++i) class_ints[i] = std::string(sc::kClassInts[i]);
+    sections["class_ints"] = class_ints;  // label, glabel, set
+    py::tuple class_strings(sc::kClassStrings.size());
+    for (std::size_t i = 0; i < sc::kClassStrings.size(); ++i) class_strings[i] = std::string(sc::kClassStrings[i]);
+    sections["class_strings"] = class_strings;  // name, event
+    sections["attrs"] = std::string(sc::kAttrs);
+    m.attr("SECTIONS") = sections;
+
     py::class_<StoreReader>(m, "Reader", "A memory-mapped store (internal; see finegym_store.Store).")
         .def(py::init([](const std::string& path) {
                  py::gil_scoped_release release;  // opening touches only C++ state and the file
@@ -77,17 +100,42 @@ void register_reader(py::module_& m) {
                  }
                  return out;
              })
-        .def("has_section", [](const StoreReader& r, const std::string& name) {
-            return finegym::find_section(r.sections(), name) >= 0;
-        })
+        .def("has_section", [](const StoreReader& r, const std::string& name) { return r.find(name) != nullptr; })
         .def(
             "section",
             [](py::object self, const std::string& name) {
                 const auto& r = self.cast<const StoreReader&>();
                 const auto& s = r.section(name);
+                if (s.dtype == DType::Int64 && name.size() > finegym::schema::kOffsetsSuffix.size() &&
+                    std::string_view(name).substr(name.size() - finegym::schema::kOffsetsSuffix.size()) ==
+                        finegym::schema::kOffsetsSuffix) {
+                    const auto& copy = r.offsets(s);  // validated at open; immune to changes of the file
+                    return readonly_view(self, s.dtype, to_ssize(s.shape),
+                                         reinterpret_cast<const unsigned char*>(copy.data()));
+                }
+                r.check_not_truncated("a view of this section");
                 return readonly_view(self, s.dtype, to_ssize(s.shape), r.bytes(s));
             },
-            py::arg("name"), "Read-only view of a whole section.")
+            py::arg("name"),
+            "Read-only view of a whole section (offsets sections: of the copy validated at open).")
+        .def(
+            "read_bytes",
+            [](const StoreReader& r, const std::string& name, std::uint64_t begin, std::uint64_t end) {
+                const auto& s = r.section(name);
+                if (begin > end || end > s.length)
+                    throw std::out_of_range("bytes [" + std::to_string(begin) + ", " + std::to_string(end) +
+                                            ") are not inside section '" + name + "' of '" + r.path() + "'");
+                py::bytes out(nullptr, static_cast<py::ssize_t>(end - begin));
+                char* dst = PyBytes_AS_STRING(out.ptr());
+                {
+                    py::gil_scoped_release release;  // copies mapped bytes into `out`, which we hold
+                    r.copy_bytes(s, begin, end, dst);
+                }
+                return out;
+            },
+            py::arg("name"), py::arg("begin"), py::arg("end"),
+            "A copy of bytes [begin, end) of a section: OSError naming the file, not a crash, if the file "
+            "was truncated under the mapping.")
         .def("columns",
              [](const StoreReader& r) {
                  py::list out;
@@ -103,6 +151,7 @@ void register_reader(py::module_& m) {
                 const auto& r = self.cast<const StoreReader&>();
                 const auto& col = r.column(column);
                 const auto rows = r.instance(col, i);
+                r.check_not_truncated("a view of these features");
                 return readonly_view(self, col.dtype,
                                      {static_cast<py::ssize_t>(rows.rows), static_cast<py::ssize_t>(col.channels)},
                                      rows.data);

@@ -136,6 +136,11 @@ Header decode_header(const unsigned char* b, std::uint64_t actual_size, const st
     if (h.table_offset > h.file_size || table_size > h.file_size - h.table_offset)
         fail(path, "the section table (" + std::to_string(h.num_sections) + " entries at offset " +
                        std::to_string(h.table_offset) + ") runs past the end of the file");
+    if (table_size != h.file_size - h.table_offset)
+        fail(path, "the section table (" + std::to_string(h.num_sections) + " entries at offset " +
+                       std::to_string(h.table_offset) + ") ends at " + std::to_string(h.table_offset + table_size) +
+                       ", but the file goes on to " + std::to_string(h.file_size) +
+                       "; the table must end the file (no bytes after it)");
     // The number of instances is bounded by what int64 offsets can index.
     if (h.num_instances > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max() / 8))
         fail(path, "instance_count " + std::to_string(h.num_instances) + " is implausibly large");
@@ -173,48 +178,49 @@ static bool valid_section_char(unsigned char c) {
 }
 
 Section decode_section(const unsigned char* b, std::uint32_t index, const Header& h, const std::string& path) {
-    const std::string where = "section entry " + std::to_string(index);
+    // Messages are built only on failure: open stays cheap for 65,536 entries.
+    const auto where = [index] { return "section entry " + std::to_string(index); };
     const auto* name_begin = b + entry::name;
     const void* nul = std::memchr(name_begin, 0, kSectionNameSize);
-    if (nul == nullptr) fail(path, where + ": name is not NUL-terminated within 64 bytes");
+    if (nul == nullptr) fail(path, where() + ": name is not NUL-terminated within 64 bytes");
     const auto name_len = static_cast<std::size_t>(static_cast<const unsigned char*>(nul) - name_begin);
-    if (name_len == 0) fail(path, where + ": empty name");
+    if (name_len == 0) fail(path, where() + ": empty name");
     Section s;
     s.name.assign(reinterpret_cast<const char*>(name_begin), name_len);
     for (char ch : s.name) {
         const auto c = static_cast<unsigned char>(ch);
-        if (!valid_section_char(c)) fail(path, where + ": name contains byte " + std::to_string(c) + ", expected [A-Za-z0-9_./-]");
+        if (!valid_section_char(c)) fail(path, where() + ": name contains byte " + std::to_string(c) + ", expected [A-Za-z0-9_./-]");
     }
     for (std::size_t i = name_len; i < kSectionNameSize; ++i)
-        if (name_begin[i] != 0) fail(path, where + " ('" + s.name + "'): name padding is not zero");
-    const std::string named = "section '" + s.name + "'";
+        if (name_begin[i] != 0) fail(path, where() + " ('" + s.name + "'): name padding is not zero");
+    const auto named = [&s] { return "section '" + s.name + "'"; };
     s.offset = get<std::uint64_t>(b, entry::offset);
     s.length = get<std::uint64_t>(b, entry::length);
     s.checksum = get<std::uint64_t>(b, entry::checksum);
     const std::uint8_t code = b[entry::dtype];
-    if (!dtype_valid(code)) fail(path, named + ": unknown dtype code " + std::to_string(code) + ", expected 1..5");
+    if (!dtype_valid(code)) fail(path, named() + ": unknown dtype code " + std::to_string(code) + ", expected 1..5");
     s.dtype = static_cast<DType>(code);
     const std::uint8_t ndim = b[entry::ndim];
-    if (ndim < 1 || ndim > kMaxDims) fail(path, named + ": ndim " + std::to_string(ndim) + " is outside 1..4");
+    if (ndim < 1 || ndim > kMaxDims) fail(path, named() + ": ndim " + std::to_string(ndim) + " is outside 1..4");
     for (std::size_t i = entry::reserved; i < entry::shape; ++i)
-        if (b[i] != 0) fail(path, named + ": reserved bytes are not zero");
+        if (b[i] != 0) fail(path, named() + ": reserved bytes are not zero");
     std::uint64_t count = 1;
     for (std::size_t i = 0; i < kMaxDims; ++i) {
         const auto d = get<std::uint64_t>(b, entry::shape + 8 * i);
         if (i < ndim) {
             s.shape.push_back(d);
-            if (!mul_ok(count, d, count)) fail(path, named + ": shape overflows");
+            if (!mul_ok(count, d, count)) fail(path, named() + ": shape overflows");
         } else if (d != 0) {
-            fail(path, named + ": shape dim " + std::to_string(i) + " is set but ndim is " + std::to_string(ndim));
+            fail(path, named() + ": shape dim " + std::to_string(i) + " is set but ndim is " + std::to_string(ndim));
         }
     }
     std::uint64_t bytes = 0;
     if (!mul_ok(count, dtype_size(s.dtype), bytes) || bytes != s.length)
-        fail(path, named + ": length " + std::to_string(s.length) + " does not match its shape and dtype");
+        fail(path, named() + ": length " + std::to_string(s.length) + " does not match its shape and dtype");
     if (s.offset % kSectionAlign != 0)
-        fail(path, named + ": offset " + std::to_string(s.offset) + " is not a multiple of " + std::to_string(kSectionAlign));
+        fail(path, named() + ": offset " + std::to_string(s.offset) + " is not a multiple of " + std::to_string(kSectionAlign));
     if (s.offset < kHeaderSize || s.offset > h.table_offset || s.length > h.table_offset - s.offset)
-        fail(path, named + ": bytes [" + std::to_string(s.offset) + ", +" + std::to_string(s.length) +
+        fail(path, named() + ": bytes [" + std::to_string(s.offset) + ", +" + std::to_string(s.length) +
                        ") lie outside the data area [64, " + std::to_string(h.table_offset) + ")");
     return s;
 }
@@ -222,6 +228,10 @@ Section decode_section(const unsigned char* b, std::uint32_t index, const Header
 namespace schema {
 bool valid_column_name(std::string_view name) noexcept {
     if (name.empty() || name.size() > kMaxColumnName) return false;
+    // "features/offsets" would read as the offsets of a column called "features":
+    // the last parts of the schema's suffixes are reserved.
+    for (auto reserved : kReservedColumnNames)
+        if (name == reserved) return false;
     for (char ch : name) {
         const auto c = static_cast<unsigned char>(ch);
         const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '-';

@@ -1,9 +1,12 @@
 #include "finegym/gather.hpp"
 
+#include "finegym/fault_guard.hpp"
+
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -184,23 +187,32 @@ void gather(const StoreReader& reader, const FeatureColumn& col, const std::int6
     }
 
     // Copy (and convert) runs of consecutive segments, one call each.
+    // A file truncated under the mapping raises SIGBUS in the copy: the guard
+    // (fault_guard.hpp) abandons that instance and the batch raises IoError.
+    ensure_sigbus_handler();
+    std::atomic<bool> faulted{false};
     const long faults_before = major_faults();
     pool.parallel_for(batch, [&](std::size_t b) {
+        if (faulted.load(std::memory_order_relaxed)) return;
         scratch.resize(rows_out);
         choose(b, scratch.data());
         const unsigned char* src = sources[b].data;
         unsigned char* row_out = dst + b * rows_out * out_row;
-        // Touch the first line of every page of every row up front: the
-        // address translations (TLB misses, costly under virtualisation) and
-        // first cache misses of all rows then overlap instead of queueing
-        // behind each copy.
-        for (std::uint64_t r = 0; r < rows_out; ++r)
-            for (std::size_t off = 0; off < in_row; off += 4096) __builtin_prefetch(src + scratch[r] * in_row + off);
-        for_each_run(scratch.data(), rows_out, [&](std::uint64_t r, std::uint64_t run) {
-            convert_rows(src + scratch[r] * in_row, col.dtype, row_out + r * out_row, spec.out_dtype,
-                         static_cast<std::size_t>(run) * col.channels);
-        });
+        if (!guard_sigbus([&] {
+            // Touch the first line of every page of every row up front: the
+            // address translations (TLB misses, costly under virtualisation) and
+            // first cache misses of all rows then overlap instead of queueing
+            // behind each copy.
+            for (std::uint64_t r = 0; r < rows_out; ++r)
+                for (std::size_t off = 0; off < in_row; off += 4096) __builtin_prefetch(src + scratch[r] * in_row + off);
+            for_each_run(scratch.data(), rows_out, [&](std::uint64_t r, std::uint64_t run) {
+                convert_rows(src + scratch[r] * in_row, col.dtype, row_out + r * out_row, spec.out_dtype,
+                             static_cast<std::size_t>(run) * col.channels);
+            });
+        }))
+            faulted.store(true, std::memory_order_relaxed);
     }, threads);
+    if (faulted.load()) throw_mapping_fault(reader.path(), "gather");
     // Auto prefetch: pages had to come from disk (major faults, counted for
     // the whole process: other threads' faults only err towards prefetching)
     // -> prefetch the next batch; a batch served from memory -> skip the

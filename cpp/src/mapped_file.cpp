@@ -40,6 +40,21 @@ MappedFile::MappedFile(const std::string& path, std::size_t min_size) : path_(pa
     data_ = static_cast<const unsigned char*>(p);
 }
 
+std::uint64_t MappedFile::current_size() const {
+    struct stat st {};
+    if (::fstat(fd_, &st) != 0) throw_io_error("fstat", path_);
+    return static_cast<std::uint64_t>(st.st_size);
+}
+
+void MappedFile::check_not_truncated(const char* during) const {
+    const std::uint64_t now = current_size();
+    if (now < size_)
+        throw IoError("'" + path_ + "' is now " + std::to_string(now) + " bytes, smaller than the " +
+                          std::to_string(size_) + " bytes mapped when it was opened (truncated or rewritten while " +
+                          "open?); " + during + " would read past its end: reopen it",
+                      EIO, path_);
+}
+
 MappedFile::~MappedFile() {
     if (data_ != nullptr) ::munmap(const_cast<unsigned char*>(data_), static_cast<std::size_t>(size_));
     if (fd_ >= 0) ::close(fd_);

@@ -1,6 +1,6 @@
 #include "finegym/schema.hpp"
 
-#include <set>
+#include <unordered_map>
 
 #include "finegym/errors.hpp"
 
@@ -29,12 +29,18 @@ std::string shape_str(const std::vector<std::uint64_t>& shape) {
 
 class Checker {
 public:
-    Checker(const std::vector<Section>& sections, const std::string& path) : sections_(sections), path_(path) {}
+    Checker(const std::vector<Section>& sections, const SectionIndex& index, const std::string& path)
+        : sections_(sections), index_(index), path_(path), used_(sections.size(), false) {}
+
+    std::ptrdiff_t find(std::string_view name) const {
+        const auto it = index_.find(name);
+        return it == index_.end() ? -1 : static_cast<std::ptrdiff_t>(it->second);
+    }
 
     const Section& require(std::string_view name) {
-        const auto i = find_section(sections_, name);
+        const auto i = find(name);
         if (i < 0) fail(path_, "required section '" + std::string(name) + "' is missing");
-        used_.insert(static_cast<std::size_t>(i));
+        used_[static_cast<std::size_t>(i)] = true;
         return sections_[static_cast<std::size_t>(i)];
     }
 
@@ -55,17 +61,18 @@ public:
                             ", expected a 1-D uint8 array");
     }
 
-    void mark(std::size_t i) { used_.insert(i); }
+    void mark(std::size_t i) { used_[i] = true; }
 
     void no_leftovers() const {
         for (std::size_t i = 0; i < sections_.size(); ++i)
-            if (!used_.count(i)) fail(path_, "unexpected section '" + sections_[i].name + "'");
+            if (!used_[i]) fail(path_, "unexpected section '" + sections_[i].name + "'");
     }
 
 private:
     const std::vector<Section>& sections_;
+    const SectionIndex& index_;
     const std::string& path_;
-    std::set<std::size_t> used_;
+    std::vector<bool> used_;
 };
 
 }  // namespace
@@ -76,22 +83,31 @@ std::ptrdiff_t find_section(const std::vector<Section>& sections, std::string_vi
     return -1;
 }
 
+SectionIndex index_sections(const std::vector<Section>& sections, const std::string& path) {
+    SectionIndex index;
+    index.reserve(sections.size());
+    for (std::size_t i = 0; i < sections.size(); ++i)
+        if (!index.emplace(sections[i].name, i).second) fail(path, "section '" + sections[i].name + "' appears twice");
+    return index;
+}
+
 Schema validate_schema(const std::vector<Section>& sections, std::uint64_t n, const std::string& path) {
-    {
-        std::set<std::string> names;
-        for (const auto& s : sections)
-            if (!names.insert(s.name).second) fail(path, "section '" + s.name + "' appears twice");
-    }
+    return validate_schema(sections, index_sections(sections, path), n, path);
+}
+
+// O(sections): every lookup goes through the hash index.
+Schema validate_schema(const std::vector<Section>& sections, const SectionIndex& index, std::uint64_t n,
+                       const std::string& path) {
     Schema out;
     out.num_instances = n;
-    Checker c(sections, path);
+    Checker c(sections, index, path);
     c.strings(schema::kIds, n);
     c.vector(schema::kLabels, DType::Int32, n);
     c.strings(schema::kMetaVideo, n);
     for (auto name : schema::kMetaInts) c.vector(name, DType::Int32, n);
 
     // Label hierarchy: all of it or none of it.
-    const auto cls = find_section(sections, schema::kClassInts[0]);
+    const auto cls = c.find(schema::kClassInts[0]);
     if (cls >= 0) {
         const Section& s = sections[static_cast<std::size_t>(cls)];
         if (s.shape.size() != 1) fail(path, "section '" + s.name + "' must be 1-D");
@@ -100,7 +116,7 @@ Schema validate_schema(const std::vector<Section>& sections, std::uint64_t n, co
         for (auto name : schema::kClassInts) c.vector(name, DType::Int32, out.num_classes);
         for (auto name : schema::kClassStrings) c.strings(name, out.num_classes);
     }
-    const auto attrs = find_section(sections, schema::kAttrs);
+    const auto attrs = c.find(schema::kAttrs);
     if (attrs >= 0) {
         const Section& s = sections[static_cast<std::size_t>(attrs)];
         if (s.dtype != DType::UInt8 || s.shape.size() != 1) fail(path, "section 'attrs' must be 1-D uint8");
@@ -114,7 +130,8 @@ Schema validate_schema(const std::vector<Section>& sections, std::uint64_t n, co
         FeatureColumn col;
         col.name = s.name.substr(schema::kFeaturePrefix.size());
         if (!schema::valid_column_name(col.name))
-            fail(path, "section '" + s.name + "': column name must be 1..40 characters of [A-Za-z0-9_-]");
+            fail(path, "section '" + s.name + "': column name must be 1..40 characters of [A-Za-z0-9_-], "
+                           "and not 'offsets' or 'data'");
         if (s.dtype != DType::Float32 && s.dtype != DType::Float16)
             fail(path, "section '" + s.name + "' is " + dtype_name(s.dtype) + ", expected float32 or float16");
         if (s.offset % kFeatureAlign != 0)
@@ -123,7 +140,7 @@ Schema validate_schema(const std::vector<Section>& sections, std::uint64_t n, co
         col.values = i;
         c.mark(i);
         const std::string offsets_name = s.name + std::string(schema::kOffsetsSuffix);
-        const auto off = find_section(sections, offsets_name);
+        const auto off = c.find(offsets_name);
         if (s.shape.size() == 3) {
             if (s.shape[0] != n || s.shape[1] == 0 || s.shape[2] == 0)
                 fail(path, "section '" + s.name + "' has shape " + shape_str(s.shape) + ", expected (" +
@@ -143,6 +160,8 @@ Schema validate_schema(const std::vector<Section>& sections, std::uint64_t n, co
         out.columns.push_back(col);
     }
     c.no_leftovers();
+    if (out.columns.empty())
+        fail(path, "no feature column (no 'features/NAME' section); a store needs at least one");
     return out;
 }
 

@@ -180,7 +180,8 @@ void StoreWriter::add_strings(std::string_view name, const std::vector<std::stri
 void StoreWriter::begin_features(const std::string& column, DType dtype, std::uint64_t segments,
                                  std::uint64_t channels) {
     if (!schema::valid_column_name(column))
-        throw std::invalid_argument("column name '" + column + "' must be 1..40 characters of [A-Za-z0-9_-]");
+        throw std::invalid_argument("column name '" + column +
+                                    "' must be 1..40 characters of [A-Za-z0-9_-] and not 'offsets' or 'data'");
     if (dtype != DType::Float32 && dtype != DType::Float16)
         throw std::invalid_argument("feature column '" + column + "' must be float32 or float16");
     if (channels == 0) throw std::invalid_argument("feature column '" + column + "' needs C > 0 channels");
@@ -219,7 +220,11 @@ void StoreWriter::end_features(const std::vector<std::int64_t>& row_counts) {
                                     " row counts, got " + std::to_string(row_counts.size()));
     std::vector<std::int64_t> offsets(row_counts.size() + 1, 0);
     for (std::size_t i = 0; i < row_counts.size(); ++i) {
-        if (row_counts[i] < 0) throw std::invalid_argument("negative row count for instance " + std::to_string(i));
+        // T_i = 0 would leave nothing to sample: the format requires T > 0 (FORMAT.md), and readers refuse it.
+        if (row_counts[i] <= 0)
+            throw std::invalid_argument("ragged column '" + feat_column_ + "': instance " + std::to_string(i) +
+                                        " has " + std::to_string(row_counts[i]) +
+                                        " rows; every instance needs T > 0 rows");
         offsets[i + 1] = offsets[i] + row_counts[i];
     }
     if (static_cast<std::uint64_t>(offsets.back()) != rows)

@@ -102,7 +102,8 @@ std::uint64_t header_checksum(const unsigned char* header, const unsigned char* 
 //   features/NAME          float32|float16, (N, T, C) when every instance has T rows,
 //                          or (S, C) with S = total rows when T varies (ragged), plus
 //   features/NAME/offsets  int64 (N+1), ragged columns only: rows of instance i are
-//                          [offsets[i], offsets[i+1])
+//                          [offsets[i], offsets[i+1]); strictly increasing (T_i > 0)
+// At least one feature column. Ids are unique (checked by verify, not open).
 // Optional, present together when a categories file was given (M classes):
 //   classes/label int32 (M), classes/glabel int32 (M), classes/set int32 (M),
 //   classes/name/offsets int64 (M+1) + classes/name/data uint8,
@@ -123,8 +124,11 @@ inline constexpr std::array<std::string_view, 3> kClassInts = {
 inline constexpr std::array<std::string_view, 2> kClassStrings = {"classes/name", "classes/event"};
 inline constexpr std::string_view kAttrs = "attrs";
 inline constexpr std::size_t kMaxColumnName = 40;
+// Column names that would collide with the suffixes above ("features/offsets").
+inline constexpr std::array<std::string_view, 2> kReservedColumnNames = {"offsets", "data"};
 
-// A column name is 1..40 characters of [A-Za-z0-9_-].
+// A column name is 1..40 characters of [A-Za-z0-9_-], and not one of
+// kReservedColumnNames.
 bool valid_column_name(std::string_view name) noexcept;
 }  // namespace schema
 

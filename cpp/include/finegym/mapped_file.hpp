@@ -22,6 +22,13 @@ public:
     std::uint64_t size() const noexcept { return size_; }
     const std::string& path() const noexcept { return path_; }
 
+    // The file's size now (fstat on the open descriptor): smaller than size()
+    // when it was truncated after mapping, and touching the pages past its
+    // end would then raise SIGBUS. Throws IoError if fstat fails.
+    std::uint64_t current_size() const;
+    // Throws IoError (EIO) naming the file, and `during`, if current_size() < size().
+    void check_not_truncated(const char* during) const;
+
 private:
     std::string path_;
     int fd_ = -1;

@@ -6,6 +6,8 @@
 
 #include <cstdint>
 #include <string>
+#include <string_view>
+#include <unordered_map>
 #include <vector>
 
 #include "finegym/format.hpp"
@@ -30,11 +32,21 @@ struct Schema {
     std::vector<FeatureColumn> columns;  // in section-table order
 };
 
+// Section name -> index in the table. The views point into the Sections'
+// names: the vector must outlive the index and not reallocate.
+using SectionIndex = std::unordered_map<std::string_view, std::size_t>;
+
+// Builds the index; throws FormatError naming `path` for a duplicate name.
+SectionIndex index_sections(const std::vector<Section>& sections, const std::string& path);
+
 // Checks names, dtypes, shapes and alignment of every section against the
-// schema in format.hpp. Throws FormatError naming `path` and the section.
+// schema in format.hpp, in O(sections). Throws FormatError naming `path` and
+// the section.
+Schema validate_schema(const std::vector<Section>& sections, const SectionIndex& index,
+                       std::uint64_t num_instances, const std::string& path);
 Schema validate_schema(const std::vector<Section>& sections, std::uint64_t num_instances, const std::string& path);
 
-// Index of the section called `name`, or -1.
+// Index of the section called `name`, or -1 (a linear scan; readers use their index).
 std::ptrdiff_t find_section(const std::vector<Section>& sections, std::string_view name);
 
 }  // namespace finegym
