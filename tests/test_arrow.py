@@ -91,6 +91,17 @@ def test_zero_copy_buffers_are_the_mapping(store: fgs.Store) -> None:
     ids = t.column("id").chunk(0)
     assert ids.buffers()[1].address == store.ids.offsets.ctypes.data
     assert ids.buffers()[2].address == store.ids.data.ctypes.data
+    # int64 offsets are the reader's own copy, validated once at open (so a
+    # file rewritten in place cannot hand Arrow out-of-range offsets): shared,
+    # not copied per export. Every other buffer is the mapping itself.
+    validated = {
+        store.ids.offsets.ctypes.data: store.ids.offsets.nbytes,
+        store.meta.video.offsets.ctypes.data: store.meta.video.offsets.nbytes,
+        store.column("r").offsets.ctypes.data: store.column("r").offsets.nbytes,
+    }
+    assert all(not (lo <= address < hi) for address in validated)
+    again = store.to_arrow()
+    assert again.column("r").chunk(0).buffers()[1].address == r.buffers()[1].address
     for col in t.columns:
         for chunk in col.chunks:
             for arr in (chunk, getattr(chunk, "values", None), getattr(getattr(chunk, "values", None), "values", None)):
@@ -98,7 +109,8 @@ def test_zero_copy_buffers_are_the_mapping(store: fgs.Store) -> None:
                     continue
                 for buf in arr.buffers():
                     if buf is not None and buf.size:
-                        assert lo <= buf.address and buf.address + buf.size <= hi
+                        in_mapping = lo <= buf.address and buf.address + buf.size <= hi
+                        assert in_mapping or validated.get(buf.address) == buf.size
 
 
 def test_table_outlives_the_store(tmp_path: Path) -> None:
@@ -169,8 +181,11 @@ def test_pyarrow_from_stream(store: fgs.Store) -> None:
     lo, hi = _mapping_range(store)
     first = t.column("a").chunk(0).values.values.buffers()[1]
     assert first.address == store.column("a").values.ctypes.data
+    offsets = store.column("r").offsets  # the reader's validated copy (see the zero-copy test)
+    o_lo, o_hi = offsets.ctypes.data, offsets.ctypes.data + offsets.nbytes
     for chunk in t.column("r").chunks:
-        assert lo <= chunk.buffers()[1].address < hi
+        assert o_lo <= chunk.buffers()[1].address < o_hi
+        assert lo <= chunk.values.values.buffers()[1].address < hi
     assert t.equals(store.to_arrow())
     assert pa.schema(store).equals(store.to_arrow().schema)  # __arrow_c_schema__
 
