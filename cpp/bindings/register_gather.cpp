@@ -152,7 +152,7 @@ private:
 }  // namespace
 
 void register_gather(py::module_& m) {
-    static py::exception<finegym::ForkedJobError> forked_error(m, "ForkedJobError", PyExc_RuntimeError);
+    py::register_exception<finegym::ForkedJobError>(m, "ForkedJobError", PyExc_RuntimeError);
 
     m.def(
         "gather",
