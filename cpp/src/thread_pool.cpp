@@ -121,8 +121,11 @@ void leak(std::shared_ptr<ThreadPool>& pool) {
     pool.reset();
 }
 
+// Never destroyed (deliberately): at exit, static destructors run while other
+// threads (a Python daemon thread mid-gather, a background job) may still be
+// using the pools; the process's end takes the idle workers with it.
 Registry& registry() {
-    static Registry reg;
+    static Registry& reg = *new Registry;  // NOLINT: intentionally immortal
     static const int registered = ::pthread_atfork([] { registry().mutex.lock(); },
                                                    [] { registry().mutex.unlock(); },
                                                    [] {

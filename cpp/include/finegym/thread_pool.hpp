@@ -10,6 +10,9 @@
 // background() for whole background jobs (GatherJob), kBackgroundThreads
 // workers; both start their threads once and reuse them.
 //
+// The pools are never destroyed (their workers end with the process), so a
+// thread still gathering while the process exits finds them intact.
+//
 // Fork: worker threads do not survive fork(). A pthread_atfork child handler
 // leaks the parent's pools in the child (joining or destroying their
 // std::thread objects, mutexes or condition variables there would abort or
