@@ -24,7 +24,6 @@ import bench_gather as bg  # noqa: E402
 import common  # noqa: E402
 
 import finegym_store as fgs  # noqa: E402
-from finegym_store import _core  # noqa: E402
 
 N = int(os.environ.get("FINEGYM_BENCH_INSTANCES", "2000"))
 B = 256
@@ -67,6 +66,6 @@ def test_hot_gather(benchmark, store, k, method):
 
         def run():
             offs, size = bg.record_offsets(0, next(it), segs)
-            _core._baselines.memcpy_records(src, offs, size, np.empty(len(offs) * size, np.uint8))
+            common.baselines.memcpy_records(src, offs, size, np.empty(len(offs) * size, np.uint8))
 
         benchmark(run)

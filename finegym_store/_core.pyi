@@ -53,13 +53,21 @@ class Writer:
     def discard(self) -> None: ...
 
 def default_threads() -> int: ...
+def max_threads() -> int: ...
 def sample_segments(
-    T: int, K: int, L: int, mode: str, seed: int = 0, epoch: int = 0, index: int = 0
+    T: int,
+    K: int,
+    L: int,
+    mode: str,
+    seed: int = 0,
+    epoch: int = 0,
+    index: int = 0,
+    sampling: str = "mmaction2",
 ) -> NDArray[np.int64]: ...
 def gather(
     reader: Reader,
     column: str,
-    indices: NDArray[np.int64],
+    indices: Any,
     num_segments: int | None,
     mode: str,
     seed: int,
@@ -69,14 +77,17 @@ def gather(
     dtype: np.dtype[Any],
     threads: int,
     prefetch: str = "auto",
+    sampling: str = "mmaction2",
 ) -> NDArray[Any]: ...
+
+class ForkedJobError(RuntimeError): ...
 
 class GatherJob:
     def __init__(
         self,
         reader: Reader,
         column: str,
-        indices: NDArray[np.int64],
+        indices: Any,
         num_segments: int | None,
         mode: str,
         seed: int,
@@ -85,11 +96,8 @@ class GatherJob:
         out: NDArray[Any] | None,
         dtype: np.dtype[Any],
         threads: int,
+        sampling: str = "mmaction2",
     ) -> None: ...
     def wait(self) -> NDArray[Any]: ...
-
-class _baselines:  # a submodule: benchmark baselines
-    @staticmethod
-    def memcpy_records(src: Any, offsets: NDArray[np.int64], record_bytes: int, out: Any) -> None: ...
-    @staticmethod
-    def pread_records(path: str, offsets: NDArray[np.int64], record_bytes: int, out: Any, depth: int = 32) -> None: ...
+    @property
+    def owned(self) -> bool: ...

@@ -9,10 +9,10 @@ its own threads, ``prefetch`` batches ahead of the caller.
 from __future__ import annotations
 
 import math
+import operator
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -21,14 +21,19 @@ from . import _core
 if TYPE_CHECKING:
     from .store import Store
 
-__all__ = ["Batch", "Loader", "epoch_order", "shard"]
+__all__ = ["Batch", "Loader", "SAMPLINGS", "epoch_order", "shard"]
 
 SAMPLERS = ("uniform", "balanced")
+#: Segment-sampling rule sets (README, "Sampling"): mmaction2 1.2.0's SampleFrames, bit-exact
+#: (the default), or the same rules in exact integer arithmetic.
+SAMPLINGS = ("mmaction2", "exact")
 
 
-@dataclass(frozen=True)
-class Batch:
-    """One batch: ``features`` (B, K, C), ``labels`` (B,) int32, ``indices`` (B,) int64."""
+class Batch(NamedTuple):
+    """One batch: ``features`` (B, K, C), ``labels`` (B,) int32, ``indices`` (B,) int64.
+
+    A named tuple: ``features, labels, indices = batch`` unpacks it, and the
+    fields are attributes too. ``len(batch)`` is B, the number of instances."""
 
     features: np.ndarray
     labels: np.ndarray
@@ -36,6 +41,62 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+def as_indices(indices: Any, n: int) -> np.ndarray:
+    """Instance indices as a 1-D int64 array, each in [-n, n) (negative ones
+    count from the end). IndexError names the first one out of range and its
+    position; TypeError for anything but integers (bools are not indices)."""
+    idx = np.asarray(indices)
+    if idx.ndim != 1:
+        raise TypeError(f"indices must be a 1-D sequence of integers, got an array of shape {idx.shape}")
+    if idx.size == 0:
+        return np.zeros(0, np.int64)
+    kind = idx.dtype.kind
+    if kind == "b":
+        raise TypeError("indices must be integers, got bools (bools are not indices; use np.flatnonzero(mask))")
+    if kind == "O":
+        # Python ints too large for int64 (2**70) or a mix: each one checked on its own.
+        values = []
+        for pos, v in enumerate(idx.tolist()):
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+                raise TypeError(f"indices must be integers, got {type(v).__name__} {v!r} at position {pos}")
+            values.append(operator.index(v))
+        for pos, v in enumerate(values):
+            if not -n <= v < n:
+                raise IndexError(f"index {v} (position {pos}) is out of range for a store of {n} instances")
+        return np.array(values, dtype=np.int64)
+    if kind not in "iu":
+        raise TypeError(f"indices must be integers, got an array of {idx.dtype}")
+    if kind == "u":
+        # Unsigned values never count from the end: 2**63 and above must not wrap to negative int64.
+        bad = np.flatnonzero(idx >= n)
+        if bad.size:
+            raise IndexError(f"index {int(idx[bad[0]])} (position {int(bad[0])}) is out of range for a store of "
+                             f"{n} instances")
+    return idx.astype(np.int64, copy=False)
+
+
+def check_count(value: Any, name: str, minimum: int, maximum: int = 2**64 - 1) -> int:
+    """An integer argument in [minimum, maximum], or TypeError/ValueError naming it."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}") from None
+    if v < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {v}")
+    if v > maximum:
+        raise ValueError(f"{name} must be at most {maximum}, got {v}")
+    return v
+
+
+def check_sampling(mode: str, sampling: str) -> None:
+    if mode not in ("train", "test"):
+        raise ValueError(f"mode must be 'train' or 'test', got {mode!r}")
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
 
 
 def epoch_order(labels: np.ndarray, seed: int, epoch: int, shuffle: bool = True,
@@ -89,7 +150,7 @@ class Loader:
                  mode: str = "train", shuffle: bool = True, seed: int = 0, drop_last: bool = False,
                  rank: int = 0, world_size: int = 1, prefetch: int = 2, threads: int | None = None,
                  sampler: str = "uniform", clip_len: int = 1, dtype: Any = None,
-                 reuse_buffers: bool = False) -> None:
+                 reuse_buffers: bool = False, sampling: str = "mmaction2") -> None:
         store.column(column)  # KeyError naming the columns, now rather than at the first batch
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -99,6 +160,7 @@ class Loader:
             raise ValueError(f"prefetch must be >= 0, got {prefetch}")
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        check_sampling(mode, sampling)
         self.store = store
         self.column = column
         self.batch_size = batch_size
@@ -115,14 +177,15 @@ class Loader:
         self.clip_len = clip_len
         self.dtype = store._gather_dtype(column, dtype)
         self.reuse_buffers = reuse_buffers
+        self.sampling = sampling
         self.epoch = 0
         # Fail now, not in a background job, on arguments the column can't serve.
-        store.gather(column, np.zeros(0, np.int64), num_segments=num_segments, mode=mode, clip_len=clip_len,
-                     dtype=self.dtype)
+        store.gather(column, np.zeros(0, np.int64), num_segments=num_segments, mode=mode, seed=seed,
+                     clip_len=clip_len, dtype=self.dtype, threads=threads, sampling=sampling)
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch the next iteration runs (like DistributedSampler.set_epoch)."""
-        self.epoch = int(epoch)
+        self.epoch = check_count(epoch, "epoch", 0)
 
     def indices(self, epoch: int | None = None) -> np.ndarray:
         """This rank's instance indices for an epoch, in batch order."""
@@ -166,7 +229,7 @@ class Loader:
                     if free and free[-1].shape[0] == len(chunk):
                         out = free.pop()
                     job = _core.GatherJob(reader, self.column, chunk, self.num_segments, self.mode, self.seed,
-                                          epoch, self.clip_len, out, self.dtype, threads)
+                                          epoch, self.clip_len, out, self.dtype, threads, self.sampling)
                     pending.append((chunk, job))
                 chunk, job = pending.popleft()
                 features = job.wait()
@@ -175,10 +238,15 @@ class Loader:
                 yield Batch(features, labels[chunk], chunk)
         finally:
             # Abandoned mid-epoch (or done): wait for in-flight jobs so no
-            # thread outlives the iterator; their buffers are dropped.
+            # thread outlives the iterator; their buffers are dropped. Jobs
+            # inherited across fork() are not ours to wait for (their thread
+            # is not in this process): dropping them is all there is to do.
             while pending:
-                pending.popleft()[1].wait()
+                job = pending.popleft()[1]
+                if job.owned:
+                    job.wait()
 
     def __repr__(self) -> str:
         return (f"<Loader {self.column!r} batch_size={self.batch_size} K={self.num_segments} mode={self.mode} "
+                f"sampling={self.sampling} "
                 f"rank={self.rank}/{self.world_size} epoch={self.epoch} batches={len(self)}>")

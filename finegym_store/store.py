@@ -16,7 +16,7 @@ import numpy as np
 
 from . import _core
 from .errors import FormatError
-from .loader import Loader
+from .loader import Loader, as_indices, check_count, check_sampling
 
 __all__ = ["Store", "Column", "Strings", "Meta", "Classes", "open"]
 
@@ -200,8 +200,9 @@ class Store:
         return f"<Store {self.path!r}: {len(self)} instances; {cols}>"
 
     def __reduce__(self) -> tuple[Any, tuple[str]]:
-        # Crosses process boundaries by path: the receiver maps the file itself.
-        return (Store, (self.path,))
+        # Crosses process boundaries by absolute path: the receiver maps the
+        # file itself, whatever its working directory.
+        return (Store, (os.path.abspath(self.path),))
 
     # -- instances -------------------------------------------------------------
     @property
@@ -323,11 +324,13 @@ class Store:
 
     @staticmethod
     def _threads(threads: int | None) -> int:
+        """Threads for a gather: the cores available by default; at most
+        ``_core.max_threads()`` (the machine's cores) are used in any case."""
         if threads is None:
-            return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else _core.default_threads()
-        if threads < 1:
-            raise ValueError(f"threads must be at least 1, got {threads}")
-        return int(threads)
+            n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else _core.default_threads()
+        else:
+            n = check_count(threads, "threads", 1)
+        return max(1, min(n, _core.max_threads()))
 
     def gather(
         self,
@@ -341,24 +344,30 @@ class Store:
         out: np.ndarray | None = None,
         dtype: Any = None,
         threads: int | None = None,
+        sampling: str = "mmaction2",
     ) -> np.ndarray:
         """Gather a batch: (B, K * clip_len, C) from instances ``indices``.
 
         Each instance contributes ``num_segments`` (K) clips of ``clip_len``
-        segments chosen by TSN sampling (README, "Sampling"): centred in
-        ``mode="test"``, random within equal parts in ``"train"`` (keyed by
-        seed, epoch, instance and clip, so independent of threads and batch
-        composition). ``num_segments=None`` takes all T segments (fixed-T
-        columns). ``dtype`` is float32 or float16 (default: the column's);
-        ``out`` is filled and returned without allocating. The work runs on
-        ``threads`` C++ threads (default: the cores available) with the GIL
-        released. IndexError names an out-of-range index."""
-        idx = np.asarray(indices)
-        if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
-            raise TypeError(f"indices must be a 1-D sequence of integers, got {idx.dtype} array of shape {idx.shape}")
+        segments (README, "Sampling"): ``sampling="mmaction2"`` (default) is
+        bit-exact with mmaction2 1.2.0's SampleFrames, ``"exact"`` the same
+        rules in exact integer arithmetic; centred in ``mode="test"``, random
+        within equal parts in ``"train"`` (keyed by seed, epoch, instance and
+        clip, so independent of threads and batch composition).
+        ``num_segments=None`` takes all T segments (fixed-T columns). ``dtype``
+        is float32 or float16 (default: the column's); ``out`` is filled and
+        returned without allocating. The work runs on ``threads`` C++ threads
+        (default: the cores available; at most the machine's cores) with the
+        GIL released. IndexError names an out-of-range index; TypeError a
+        non-integer one (bools included)."""
+        check_sampling(mode, sampling)
+        if num_segments is not None:
+            num_segments = check_count(num_segments, "num_segments", 1)
+        idx = as_indices(indices, len(self))
         return _core.gather(
-            self._reader, column, idx.astype(np.int64, copy=False), num_segments, mode, int(seed), int(epoch),
-            int(clip_len), out, self._gather_dtype(column, dtype), self._threads(threads),
+            self._reader, column, idx, num_segments, mode, check_count(seed, "seed", 0),
+            check_count(epoch, "epoch", 0), check_count(clip_len, "clip_len", 1), out,
+            self._gather_dtype(column, dtype), self._threads(threads), "auto", sampling,
         )
 
     def loader(
@@ -378,17 +387,20 @@ class Store:
         clip_len: int = 1,
         dtype: Any = None,
         reuse_buffers: bool = False,
+        sampling: str = "mmaction2",
     ) -> Loader:
         """Batches for a training loop; see README, "Loader". Iterating yields
         :class:`Batch` (features, labels, indices); each new iteration is the
         next epoch (``set_epoch`` sets it). ``rank``/``world_size`` shard like
         torch's DistributedSampler; ``sampler="balanced"`` draws classes
-        uniformly. ``prefetch`` batches are gathered ahead by C++ threads.
-        A yielded batch is the caller's; ``reuse_buffers=True`` recycles its
-        array once the next batch is requested."""
+        uniformly. ``prefetch`` batches are gathered ahead on persistent C++
+        threads. A yielded batch is the caller's; ``reuse_buffers=True``
+        recycles its array once the next batch is requested. ``sampling`` as
+        in :meth:`gather`."""
         return Loader(self, column, batch_size, num_segments=num_segments, mode=mode, shuffle=shuffle, seed=seed,
                       drop_last=drop_last, rank=rank, world_size=world_size, prefetch=prefetch, threads=threads,
-                      sampler=sampler, clip_len=clip_len, dtype=dtype, reuse_buffers=reuse_buffers)
+                      sampler=sampler, clip_len=clip_len, dtype=dtype, reuse_buffers=reuse_buffers,
+                      sampling=sampling)
 
     # -- integrity ---------------------------------------------------------------
     def verify(self) -> list[str]:

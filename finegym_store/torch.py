@@ -5,8 +5,10 @@ Two ways in:
 * :class:`StoreDataset` for ``torch.utils.data.DataLoader``. It implements
   ``__getitems__``, so with ``collate_fn=finegym_store.torch.collate`` a
   DataLoader fetches each batch with one C++ gather instead of B item calls.
-  It pickles by path (``spawn`` workers reopen the file) and survives
-  ``fork`` (the C++ thread pool is rebuilt in the child).
+  It pickles by absolute path (``spawn`` workers reopen the file) and
+  survives ``fork`` (the C++ thread pools are rebuilt in the child). Call
+  ``set_epoch(epoch)`` before each epoch: train-mode segments are keyed by
+  the epoch, so without it every epoch sees the same segments.
 * :func:`tensor_batches`: wraps a :class:`finegym_store.Loader`, turning its
   batches into tensors without a copy (``torch.from_numpy``).
 """
@@ -19,9 +21,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
-from .loader import Loader
+from .loader import Loader, as_indices, check_count, check_sampling
 from .store import Store, open as open_store
 
 __all__ = ["StoreDataset", "TensorBatch", "collate", "tensor_batches"]
@@ -40,40 +42,63 @@ class StoreDataset(Dataset):
 
     ``dataset[i]`` is ``(features (K, C) tensor, label)``; a DataLoader with
     ``collate_fn=collate`` gets whole :class:`TensorBatch` es gathered in C++.
-    Sampling arguments are those of :meth:`finegym_store.Store.gather`; call
-    ``set_epoch`` each epoch so train-mode offsets change."""
+    Sampling arguments are those of :meth:`finegym_store.Store.gather`.
+
+    Call ``set_epoch(epoch)`` at the start of every epoch (before iterating
+    the DataLoader, so its workers get the new epoch): train-mode segments
+    are drawn from (seed, epoch, instance), so without it every epoch sees
+    the same segments.
+
+    ``threads`` (default None): the C++ threads of each gather. In the main
+    process that is every available core; inside a DataLoader worker it is
+    max(1, cores // num_workers), so the workers together use the cores once
+    rather than each all of them."""
 
     def __init__(self, store: Store | str | os.PathLike[str], column: str, num_segments: int | None = None,
                  mode: str = "test", seed: int = 0, clip_len: int = 1, dtype: Any = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, sampling: str = "mmaction2") -> None:
         self.store = store if isinstance(store, Store) else open_store(store)
-        self.column = column
-        self.num_segments = num_segments
-        self.mode = mode
-        self.seed = seed
-        self.clip_len = clip_len
-        self.dtype = dtype
-        self.threads = threads
-        self.epoch = 0
         self.store.column(column)  # KeyError naming the columns, now
+        check_sampling(mode, sampling)
+        self.column = column
+        self.num_segments = None if num_segments is None else check_count(num_segments, "num_segments", 1)
+        self.mode = mode
+        self.seed = check_count(seed, "seed", 0)
+        self.clip_len = check_count(clip_len, "clip_len", 1)
+        self.dtype = dtype
+        self.threads = None if threads is None else check_count(threads, "threads", 1)
+        self.sampling = sampling
+        self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        """The epoch whose train-mode segments the next items get."""
+        self.epoch = check_count(epoch, "epoch", 0)
 
     def __len__(self) -> int:
         return len(self.store)
 
+    def gather_threads(self) -> int | None:
+        """The threads a gather uses here (None: every available core)."""
+        if self.threads is not None:
+            return self.threads
+        info = get_worker_info()
+        if info is None:
+            return None
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, cores // max(1, info.num_workers))
+
     def _gather(self, indices: np.ndarray) -> np.ndarray:
         return self.store.gather(self.column, indices, num_segments=self.num_segments, mode=self.mode,
                                  seed=self.seed, epoch=self.epoch, clip_len=self.clip_len, dtype=self.dtype,
-                                 threads=self.threads)
+                                 threads=self.gather_threads(), sampling=self.sampling)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        features = self._gather(np.array([index], dtype=np.int64))[0]
-        return torch.from_numpy(features), int(self.store.labels[index])
+        idx = as_indices([index], len(self.store))
+        features = self._gather(idx)[0]
+        return torch.from_numpy(features), int(self.store.labels[idx[0]])
 
     def __getitems__(self, indices: Sequence[int]) -> TensorBatch:
-        idx = np.asarray(indices, dtype=np.int64)
+        idx = as_indices(indices, len(self.store))
         features = self._gather(idx)
         labels = self.store.labels[idx].astype(np.int64)
         return TensorBatch(torch.from_numpy(features), torch.from_numpy(labels), torch.from_numpy(idx))

@@ -5,45 +5,161 @@ from __future__ import annotations
 import math
 import os
 import signal
+import struct
 import threading
 
 import numpy as np
 import pytest
+import xxhash
 
 import finegym_store as fgs
 from finegym_store import _core
 
 
-# ---- a reference of mmaction2's SampleFrames rules (clip_len L, interval 1) ----
-def reference_test(T: int, K: int, L: int) -> np.ndarray:
-    span = T - L + 1
-    if span > 0:
-        offsets = np.array([math.floor((2 * k + 1) * span / (2 * K)) for k in range(K)])
+# ---- mmaction2's SampleFrames, written from its published formulas -------------------
+# mmaction2 1.2.0, mmaction/datasets/transforms/loading.py, SampleFrames with
+# frame_interval=1, out_of_bound_opt='loop', keep_tail_frames=False, no
+# target_fps (so ori_clip_len = clip_len in both modes). Plain numpy, float64
+# where mmaction2 computes in float64.
+def mm_expand(offsets: np.ndarray, T: int, L: int) -> np.ndarray:
+    """_sample_clips -> frame_inds: offset + arange(L), np.mod by T, astype(int32)."""
+    inds = offsets[:, None] + np.arange(L)[None, :]
+    return np.mod(inds, T).astype(np.int32).ravel().astype(np.int64)
+
+
+def mm_test(T: int, K: int, L: int) -> np.ndarray:
+    """_get_test_clips."""
+    if L == 1:  # "2D recognizer"
+        avg = T / float(K)
+        offsets = np.arange(K) * avg + avg / 2.0
+    else:  # "3D recognizer"
+        max_offset = max(T - L, 0)
+        if K > 1:
+            offsets = np.round(np.arange(K) * (max_offset / float(K - 1)))
+        else:
+            offsets = np.array([max_offset // 2])
+    return mm_expand(offsets, T, L)
+
+
+def mm_train_deterministic(T: int, K: int, L: int) -> np.ndarray | None:
+    """_get_train_clips where it draws nothing; None where it is random."""
+    avg = (T - L + 1) // K
+    if avg > 0 or T > max(K, L):
+        return None
+    if avg == 0:
+        offsets = np.around(np.arange(K) * ((T - L + 1.0) / K))
     else:
-        offsets = np.zeros(K, dtype=np.int64)
-    return ((offsets[:, None] + np.arange(L)[None, :]) % T).ravel()
+        offsets = np.zeros(K, dtype=np.int32)
+    return mm_expand(offsets, T, L)
 
 
-def reference_train_deterministic(T: int, K: int, L: int) -> np.ndarray:
-    """The T < K branch: round_half_even(k * span / K) (numpy.around)."""
+# The same rules in exact integer arithmetic (sampling="exact").
+def exact_test(T: int, K: int, L: int) -> np.ndarray:
     span = T - L + 1
-    offsets = np.around(np.arange(K) * span / K).astype(np.int64) if span > 0 else np.zeros(K, np.int64)
+    offsets = np.array([(2 * k + 1) * span // (2 * K) for k in range(K)]) if span > 0 else np.zeros(K, np.int64)
     return ((offsets[:, None] + np.arange(L)[None, :]) % T).ravel()
 
 
-@pytest.mark.parametrize("T", [1, 2, 3, 5, 7, 8, 12, 13, 24, 31])
-@pytest.mark.parametrize("K", [1, 2, 3, 4, 5, 8, 12, 16])
-def test_test_mode_offsets_are_exact(T, K):
-    np.testing.assert_array_equal(_core.sample_segments(T, K, 1, "test"), reference_test(T, K, 1))
-    # TSN's centred formula, written the way the README states it.
-    assert _core.sample_segments(T, K, 1, "test").tolist() == [math.floor((k + 0.5) * T / K) for k in range(K)]
+def exact_train_deterministic(T: int, K: int, L: int) -> np.ndarray:
+    """The T <= K branch: round_half_even(k * span / K) on exact fractions."""
+    span = T - L + 1
+    offsets = np.zeros(K, np.int64)
+    if span > 0:
+        for k in range(K):
+            q, r = divmod(k * span, K)
+            offsets[k] = q + (1 if 2 * r > K or (2 * r == K and q % 2) else 0)
+    return ((offsets[:, None] + np.arange(L)[None, :]) % T).ravel()
 
 
-@pytest.mark.parametrize("T,K", [(1, 3), (2, 3), (3, 8), (5, 8), (7, 12), (11, 12), (6, 16)])
-def test_train_mode_with_fewer_segments_than_clips_is_deterministic(T, K):
-    expected = reference_train_deterministic(T, K, 1)
-    for seed in range(3):
-        np.testing.assert_array_equal(_core.sample_segments(T, K, 1, "train", seed=seed, index=seed), expected)
+SWEEP = [(T, K, L) for T in range(1, 41) for K in range(1, 17) for L in range(1, 5)]
+
+
+def test_test_mode_is_bit_exact_with_mmaction2():
+    for T, K, L in SWEEP:
+        np.testing.assert_array_equal(_core.sample_segments(T, K, L, "test"), mm_test(T, K, L), err_msg=str((T, K, L)))
+
+
+def test_train_mode_deterministic_branches_are_bit_exact_with_mmaction2():
+    checked = 0
+    for T, K, L in SWEEP:
+        expected = mm_train_deterministic(T, K, L)
+        if expected is None:
+            continue
+        checked += 1
+        for seed in range(2):
+            np.testing.assert_array_equal(_core.sample_segments(T, K, L, "train", seed=seed, index=seed), expected,
+                                          err_msg=str((T, K, L)))
+    assert checked > 100
+
+
+@pytest.mark.parametrize("T,K,L,mode,mm,exact", [
+    # float64 lands just below a whole number at a tie (README, "Sampling"):
+    (12, 7, 1, "test", [0, 2, 4, 5, 7, 9, 11], [0, 2, 4, 6, 7, 9, 11]),
+    # mmaction2 >= 1.0 test clips for clip_len > 1: round(k * max(T - L, 0) / (K - 1)) (first segment of each clip)
+    (20, 5, 2, "test", [0, 4, 9, 14, 18], [1, 5, 9, 13, 17]),
+    # train, T <= K: around(k * 15/22) is 7.4999... at k = 11 in float64
+    (15, 22, 1, "train", [0, 1, 1, 2, 3, 3, 4, 5, 5, 6, 7, 7, 8, 9, 10, 10, 11, 12, 12, 13, 14, 14],
+     [0, 1, 1, 2, 3, 3, 4, 5, 5, 6, 7, 8, 8, 9, 10, 10, 11, 12, 12, 13, 14, 14]),
+])
+def test_tie_cases(T, K, L, mode, mm, exact):
+    assert _core.sample_segments(T, K, L, mode)[::L].tolist() == mm
+    assert mm_test(T, K, L)[::L].tolist() == mm if mode == "test" else mm_train_deterministic(T, K, L)[::L].tolist() == mm
+    assert _core.sample_segments(T, K, L, mode, sampling="exact")[::L].tolist() == exact
+
+
+def test_exact_sampling_rules():
+    for T, K, L in SWEEP:
+        np.testing.assert_array_equal(_core.sample_segments(T, K, L, "test", sampling="exact"), exact_test(T, K, L))
+        if (T - L + 1) // K == 0 and not T > max(K, L):
+            np.testing.assert_array_equal(_core.sample_segments(T, K, L, "train", seed=1, sampling="exact"),
+                                          exact_train_deterministic(T, K, L))
+    # TSN's centred formula for clip_len = 1, as the README states it.
+    for T in range(1, 30):
+        for K in range(1, 17):
+            assert _core.sample_segments(T, K, 1, "test", sampling="exact").tolist() == \
+                [math.floor((k + 0.5) * T / K) for k in range(K)]
+
+
+# ---- train-mode randomness: the README's counter-based stream, recomputed with the xxhash package ----
+def xxh_u(seed: int, epoch: int, index: int, k: int) -> int:
+    return xxhash.xxh64_intdigest(struct.pack("<4Q", seed, epoch, index, k))
+
+
+def expected_train(T: int, K: int, L: int, seed: int, epoch: int, index: int) -> list[int]:
+    span = T - L + 1
+    avg = span // K
+    if avg > 0:  # offset_k = k * avg + floor(r * avg / 2^64)
+        offsets = [k * avg + (xxh_u(seed, epoch, index, k) * avg >> 64) for k in range(K)]
+    else:  # T > max(K, L): K draws floor(r * span / 2^64), sorted
+        assert T > max(K, L)
+        offsets = sorted(xxh_u(seed, epoch, index, k) * span >> 64 for k in range(K))
+    return [(o + l) % T for o in offsets for l in range(L)]
+
+
+@pytest.mark.parametrize("sampling", ["mmaction2", "exact"])
+def test_train_randomness_known_answers_from_xxhash(sampling):
+    rng = np.random.default_rng(7)
+    cases = [(12, 3, 1), (12, 12, 1), (40, 7, 1), (13, 4, 2), (12, 5, 4), (9, 8, 3), (30, 16, 4)]
+    for T, K, L in cases:
+        for _ in range(20):
+            seed, epoch, index = (int(v) for v in rng.integers(0, 2**63, 3, dtype=np.uint64))
+            got = _core.sample_segments(T, K, L, "train", seed=seed, epoch=epoch, index=index, sampling=sampling)
+            assert got.tolist() == expected_train(T, K, L, seed, epoch, index), (T, K, L, seed, epoch, index)
+    big = 2**64 - 1  # the whole u64 range of the key
+    assert _core.sample_segments(50, 3, 1, "train", seed=big, epoch=big, index=big).tolist() == \
+        expected_train(50, 3, 1, big, big, big)
+
+
+def test_train_randomness_hand_checked_vectors():
+    # r = XXH64(seed 0) of the 32 bytes (seed, epoch, index, k) as little-endian u64s.
+    # All zero: r_0 = 0xF6E9BE5D70632CF5. T = 12, K = 3: avg = 4 and
+    # u_0 = floor(r_0 * 4 / 2^64) = r_0 >> 62 = 0b11 = 3, so offset_0 = 3.
+    assert xxh_u(0, 0, 0, 0) == 0xF6E9BE5D70632CF5
+    assert _core.sample_segments(12, 3, 1, "train")[0] == 3
+    # seed 1, epoch 2, index 3, T = 32, K = 4: avg = 8, u_k = r_k >> 61 (the top three bits):
+    # r = 0x58FD.., 0x7DD2.., 0x8847.., 0x0191.. -> u = 2, 3, 4, 0 -> offsets 2, 11, 20, 24.
+    assert [xxh_u(1, 2, 3, k) >> 56 for k in range(4)] == [0x58, 0x7D, 0x88, 0x01]
+    assert _core.sample_segments(32, 4, 1, "train", seed=1, epoch=2, index=3).tolist() == [2, 11, 20, 24]
 
 
 @pytest.mark.parametrize("T,K", [(12, 3), (12, 5), (12, 12), (13, 4), (40, 7)])
@@ -61,19 +177,6 @@ def test_train_offsets_stay_in_their_part_and_are_uniform(T, K):
             assert chi2 < 33, (k, counts)
 
 
-@pytest.mark.parametrize("T,K,L", [(12, 3, 4), (12, 4, 3), (12, 2, 8), (5, 3, 4), (3, 2, 5), (12, 5, 4)])
-def test_clip_len_follows_sampleframes(T, K, L):
-    np.testing.assert_array_equal(_core.sample_segments(T, K, L, "test"), reference_test(T, K, L))
-    train = _core.sample_segments(T, K, L, "train", seed=3, index=9).reshape(K, L)
-    # Every clip is L consecutive segments, wrapping modulo T.
-    np.testing.assert_array_equal(train, (train[:, :1] + np.arange(L)) % T)
-    span = T - L + 1
-    if span > 0 and span // K > 0:
-        avg = span // K
-        u = train[:, 0] - np.arange(K) * avg
-        assert ((u >= 0) & (u < avg)).all()
-
-
 def test_randomness_is_keyed_by_seed_epoch_and_instance():
     a = _core.sample_segments(12, 3, 1, "train", seed=0, epoch=0, index=5)
     assert np.array_equal(a, _core.sample_segments(12, 3, 1, "train", seed=0, epoch=0, index=5))
@@ -84,6 +187,16 @@ def test_randomness_is_keyed_by_seed_epoch_and_instance():
     many = np.stack([_core.sample_segments(12, 3, 1, "train", seed=0, epoch=e, index=5) for e in range(50)])
     assert len({tuple(r) for r in many}) > 10
     assert any(not np.array_equal(a, v) for v in variants)
+
+
+def test_sample_segments_argument_errors():
+    for mode in ("TRAIN", "val", "", "Test"):
+        with pytest.raises(ValueError, match="mode must be 'train' or 'test'"):
+            _core.sample_segments(12, 3, 1, mode)
+    with pytest.raises(ValueError, match="sampling must be"):
+        _core.sample_segments(12, 3, 1, "test", sampling="tsn")
+    with pytest.raises(ValueError, match="at least 1"):
+        _core.sample_segments(0, 3, 1, "test")
 
 
 # ---- gather --------------------------------------------------------------------------

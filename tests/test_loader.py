@@ -136,11 +136,13 @@ def os_threads() -> int:
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through Linux /proc")
 def test_abandoned_iterator_stops_its_threads(store):
-    store.gather("x", [0, 1], num_segments=3)  # the shared C++ pool exists from here on
+    # The C++ pools (gather's and the background jobs') exist from here on:
+    # their threads are persistent, started once per process.
+    next(iter(store.loader("x", batch_size=10, num_segments=3)))
     before = os_threads()
     loader = store.loader("x", batch_size=10, num_segments=3, prefetch=4)
     it = iter(loader)
-    next(it)  # prefetch jobs now run (or ran) on their own C++ threads
+    next(it)  # prefetch jobs now run (or ran) on the background threads
     del it
     gc.collect()
     assert os_threads() == before

@@ -150,3 +150,65 @@ def test_two_process_distributed_run_covers_the_dataset(store, tmp_path):
         assert not set(shards[0][: n // 2]) & set(shards[1][: n // 2])
         epochs.append(both)
     assert epochs[0] != epochs[1]  # a new permutation each epoch
+
+
+class _ThreadsProbe(StoreDataset):
+    """Reports, from inside a worker, the threads its gathers would use."""
+
+    def __getitems__(self, indices):
+        return torch.tensor([self.gather_threads()])
+
+
+@fork_ok
+def test_dataset_threads_default_splits_the_cores_between_workers(store):
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    ds = _ThreadsProbe(store, "x", num_segments=3)
+    assert ds.gather_threads() is None  # the main process: every available core
+    for workers in (1, 2):
+        dl = torch.utils.data.DataLoader(ds, batch_size=100, num_workers=workers, collate_fn=lambda b: b,
+                                         multiprocessing_context="fork")
+        assert {int(t) for t in dl} == {max(1, cores // workers)}
+    explicit = _ThreadsProbe(store, "x", num_segments=3, threads=5)
+    dl = torch.utils.data.DataLoader(explicit, batch_size=100, num_workers=2, collate_fn=lambda b: b,
+                                     multiprocessing_context="fork")
+    assert {int(t) for t in dl} == {5}
+
+
+@fork_ok
+def test_set_epoch_changes_train_segments_under_a_dataloader(store):
+    ds = StoreDataset(store, "x", num_segments=3, mode="train", seed=1)
+    dl = torch.utils.data.DataLoader(ds, batch_size=64, shuffle=False, num_workers=2, collate_fn=collate,
+                                     multiprocessing_context="fork")
+
+    def epoch(e):
+        ds.set_epoch(e)  # before iterating: the workers are started (forked) by iter(dl)
+        return torch.cat([b.features for b in dl]).numpy()
+
+    e0, e1, e0_again = epoch(0), epoch(1), epoch(0)
+    assert e0.tobytes() == e0_again.tobytes()
+    assert e0.tobytes() != e1.tobytes()
+    idx = np.arange(len(store))
+    np.testing.assert_array_equal(e1, store.gather("x", idx, num_segments=3, mode="train", seed=1, epoch=1))
+
+
+def test_dataset_index_and_argument_errors(store):
+    ds = StoreDataset(store, "x", num_segments=3)
+    n = len(store)
+    for bad in (n, -n - 1, 2**63, 2**70):
+        with pytest.raises(IndexError, match="out of range"):
+            ds[bad]
+    with pytest.raises(IndexError, match="out of range"):
+        ds.__getitems__(np.array([0, 2**63], np.uint64))
+    for bad in (1.0, True, "3", None):
+        with pytest.raises(TypeError, match="integers|bool"):
+            ds[bad]
+    with pytest.raises(TypeError, match="bool"):
+        ds.__getitems__([True, False])
+    assert int(ds[-1][1]) == int(store.labels[n - 1])
+    with pytest.raises(ValueError, match="mode must be"):
+        StoreDataset(store, "x", num_segments=3, mode="TRAIN")
+    with pytest.raises(ValueError, match="sampling must be"):
+        StoreDataset(store, "x", num_segments=3, sampling="tsn")
+    exact = StoreDataset(store, "x", num_segments=5, clip_len=2, sampling="exact")
+    np.testing.assert_array_equal(exact.__getitems__([0, 1]).features.numpy(),
+                                  store.gather("x", [0, 1], num_segments=5, clip_len=2, sampling="exact"))

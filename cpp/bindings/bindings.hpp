@@ -14,7 +14,6 @@ void register_errors(py::module_& m);
 void register_reader(py::module_& m);
 void register_writer(py::module_& m);
 void register_gather(py::module_& m);
-void register_baselines(py::module_& m);
 
 // numpy dtype <-> core dtype.
 py::dtype to_numpy(finegym::DType t);

@@ -8,5 +8,4 @@ PYBIND11_MODULE(_core, m) {
     register_reader(m);
     register_writer(m);
     register_gather(m);
-    register_baselines(m);
 }

@@ -4,6 +4,9 @@
 //   IoError     -> OSError(errno, message, path), so FileNotFoundError etc. apply
 // std::invalid_argument -> ValueError and std::out_of_range -> IndexError are
 // pybind11's own mapping.
+#include <cstring>
+#include <memory>
+
 #include "bindings.hpp"
 #include "finegym/errors.hpp"
 #include "finegym/hash.hpp"
@@ -25,13 +28,28 @@ void register_errors(py::module_& m) {
 
     m.def(
         "hash64",
-        [](py::buffer b) {
-            py::buffer_info info = b.request();
-            const auto size = static_cast<std::size_t>(info.size * info.itemsize);
-            py::gil_scoped_release release;  // reads the caller's buffer only, which b keeps alive
-            return finegym::hash64(info.ptr, size);
+        [](const py::object& data) {
+            // The buffer's bytes in memory order: only a C-contiguous buffer has
+            // its logical bytes there (a strided view such as a[::2] or a[::-1]
+            // does not), so anything else is refused rather than misread.
+            Py_buffer view;
+            if (PyObject_GetBuffer(data.ptr(), &view, PyBUF_STRIDES | PyBUF_FORMAT) != 0) {
+                PyErr_Clear();
+                throw py::type_error("hash64 needs a bytes-like object (buffer protocol), got " +
+                                     py::str(py::type::of(data)).cast<std::string>());
+            }
+            std::unique_ptr<Py_buffer, void (*)(Py_buffer*)> release_view(&view, PyBuffer_Release);
+            if (!PyBuffer_IsContiguous(&view, 'C'))
+                throw py::value_error("hash64 needs a C-contiguous buffer (the bytes in memory order); got a strided "
+                                      "view: pass numpy.ascontiguousarray(a) to hash its logical bytes");
+            if (view.format != nullptr && std::strchr(view.format, 'O') != nullptr)
+                throw py::type_error("hash64 hashes bytes, not Python objects: got a buffer of object pointers");
+            const void* ptr = view.buf;
+            const auto size = static_cast<std::size_t>(view.len);
+            py::gil_scoped_release release;  // reads the caller's buffer only, which the view keeps alive
+            return finegym::hash64(ptr, size);
         },
-        py::arg("data"), "XXH64 (seed 0) of a contiguous buffer: the checksum the format uses.");
+        py::arg("data"), "XXH64 (seed 0) of a C-contiguous buffer: the checksum the format uses.");
     m.attr("FORMAT_VERSION") = finegym::kFormatVersion;
     m.attr("HEADER_SIZE") = finegym::kHeaderSize;
     m.attr("SECTION_ENTRY_SIZE") = finegym::kSectionEntrySize;

@@ -7,6 +7,8 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -81,7 +83,22 @@ std::uint64_t output_rows(const FeatureColumn& col, const GatherSpec& spec) {
             throw std::invalid_argument("clip_len > 1 needs num_segments=K (clips of clip_len segments)");
         return col.segments;
     }
-    return spec.num_segments * spec.clip_len;
+    return clip_rows(spec.num_segments, spec.clip_len);
+}
+
+std::size_t output_bytes(std::uint64_t batch, std::uint64_t rows, std::uint64_t channels, std::size_t itemsize) {
+    const uint128_t elements_rows = static_cast<uint128_t>(batch) * rows;  // exact in 128 bits
+    const auto pages = ::sysconf(_SC_PHYS_PAGES), page = ::sysconf(_SC_PAGESIZE);
+    uint128_t limit = static_cast<uint128_t>(PTRDIFF_MAX);
+    if (pages > 0 && page > 0)
+        limit = std::min(limit, static_cast<uint128_t>(pages) * static_cast<std::uint64_t>(page));
+    // bytes > limit  <=>  batch * rows > floor(limit / (channels * itemsize)), without overflow.
+    if (channels != 0 && itemsize != 0 && elements_rows > limit / channels / itemsize)
+        throw std::invalid_argument("a batch of " + std::to_string(batch) + " x " + std::to_string(rows) + " x " +
+                                    std::to_string(channels) + " elements of " + std::to_string(itemsize) +
+                                    " bytes is larger than this machine's memory; lower the batch size, "
+                                    "num_segments or clip_len");
+    return static_cast<std::size_t>(elements_rows * channels * itemsize);
 }
 
 namespace {
@@ -147,6 +164,7 @@ void gather(const StoreReader& reader, const FeatureColumn& col, const std::int6
     if (spec.out_dtype != DType::Float32 && spec.out_dtype != DType::Float16)
         throw std::invalid_argument("gather output must be float32 or float16");
     const std::uint64_t rows_out = output_rows(col, spec);
+    output_bytes(batch, rows_out, col.channels, dtype_size(spec.out_dtype));  // the caller's `out` has this size
     const auto n = static_cast<std::int64_t>(reader.num_instances());
     check_indices(indices, batch, reader.num_instances());
     std::vector<Rows> sources(batch);
@@ -168,7 +186,7 @@ void gather(const StoreReader& reader, const FeatureColumn& col, const std::int6
         std::int64_t i = indices[b];
         if (i < 0) i += n;
         sample_segments(sources[b].rows, spec.num_segments, spec.clip_len, spec.mode,
-                        SampleKey{spec.seed, spec.epoch, static_cast<std::uint64_t>(i)}, s);
+                        SampleKey{spec.seed, spec.epoch, static_cast<std::uint64_t>(i)}, s, spec.sampling);
     };
     thread_local std::vector<std::uint64_t> scratch;  // per-thread, reused across batches
 

@@ -27,6 +27,8 @@ unsigned ThreadPool::default_threads() noexcept {
     return n == 0 ? 1 : n;
 }
 
+void ThreadPool::submit(std::function<void()> task) { post(std::move(task)); }
+
 void ThreadPool::post(std::function<void()> task) {
     {
         std::lock_guard<std::mutex> lock(mutex_);
@@ -103,34 +105,61 @@ void ThreadPool::parallel_for(std::size_t n, const std::function<void(std::size_
 
 namespace {
 
-// Guards the process-wide pool. Held across fork() (pthread_atfork), so a
-// child never inherits it locked by a thread that does not exist there.
-std::mutex& registry_mutex() {
-    static std::mutex mutex;
-    static const int registered = ::pthread_atfork([] { registry_mutex().lock(); },
-                                                   [] { registry_mutex().unlock(); },
-                                                   [] { registry_mutex().unlock(); });
+// The process-wide pools. The mutex is held across fork() (pthread_atfork), so
+// a child never inherits it locked by a thread that does not exist there; the
+// child handler leaks the parent's pools (their threads are gone: joining or
+// destroying their std::thread objects would abort, destroying a condition
+// variable with waiters would hang). A bounded one-off per fork.
+struct Registry {
+    std::mutex mutex;
+    std::shared_ptr<ThreadPool> compute;
+    std::shared_ptr<ThreadPool> background;
+};
+
+void leak(std::shared_ptr<ThreadPool>& pool) {
+    if (pool) new std::shared_ptr<ThreadPool>(std::move(pool));  // NOLINT: intentional leak after fork
+    pool.reset();
+}
+
+// Never destroyed (deliberately): at exit, static destructors run while other
+// threads (a Python daemon thread mid-gather, a background job) may still be
+// using the pools; the process's end takes the idle workers with it.
+Registry& registry() {
+    static Registry& reg = *new Registry;  // NOLINT: intentionally immortal
+    static const int registered = ::pthread_atfork([] { registry().mutex.lock(); },
+                                                   [] { registry().mutex.unlock(); },
+                                                   [] {
+                                                       Registry& r = registry();
+                                                       leak(r.compute);
+                                                       leak(r.background);
+                                                       r.mutex.unlock();
+                                                   });
     (void)registered;
-    return mutex;
+    return reg;
 }
 
 }  // namespace
 
 std::shared_ptr<ThreadPool> ThreadPool::shared(unsigned threads) {
-    static std::shared_ptr<ThreadPool> pool;
-    if (threads == 0) threads = default_threads();
+    if (threads == 0 || threads > max_threads()) threads = max_threads();
     const unsigned workers = threads - 1;  // the caller is one more thread
-    std::lock_guard<std::mutex> lock(registry_mutex());
-    if (pool && pool->owner_pid_ != ::getpid()) {
-        // We are a fork()ed child: the workers are gone, and joining or
-        // destroying their std::thread objects would abort. Leak the husk on
-        // purpose (a one-off, bounded per fork) and build a new pool.
-        new std::shared_ptr<ThreadPool>(std::move(pool));  // NOLINT: intentional leak after fork
-        pool.reset();
-    }
-    // Grow only: callers cap their share with parallel_for's max_threads.
-    if (!pool || pool->size() < workers) pool = std::make_shared<ThreadPool>(workers);
-    return pool;
+    Registry& r = registry();
+    std::lock_guard<std::mutex> lock(r.mutex);
+    // (The atfork handler already leaked a parent's pool; this catches a pool
+    // built before the handler was registered.)
+    if (r.compute && r.compute->owner_pid_ != ::getpid()) leak(r.compute);
+    // Grow only, up to max_threads() - 1 workers: callers cap their share with
+    // parallel_for's max_threads. The old pool lives on while a caller holds it.
+    if (!r.compute || r.compute->size() < workers) r.compute = std::make_shared<ThreadPool>(workers);
+    return r.compute;
+}
+
+std::shared_ptr<ThreadPool> ThreadPool::background() {
+    Registry& r = registry();
+    std::lock_guard<std::mutex> lock(r.mutex);
+    if (r.background && r.background->owner_pid_ != ::getpid()) leak(r.background);
+    if (!r.background) r.background = std::make_shared<ThreadPool>(kBackgroundThreads);
+    return r.background;
 }
 
 }  // namespace finegym

@@ -22,6 +22,7 @@ struct GatherSpec {
     std::uint64_t num_segments = 0;  // K; 0 = every segment (fixed-T columns only)
     std::uint64_t clip_len = 1;      // L
     SampleMode mode = SampleMode::Test;
+    Sampling sampling = Sampling::MMAction2;
     std::uint64_t seed = 0;
     std::uint64_t epoch = 0;
     DType out_dtype = DType::Float32;  // float32 or float16
@@ -30,8 +31,14 @@ struct GatherSpec {
 };
 
 // Rows per instance in the output: K * L, or T when num_segments is 0.
-// Throws std::invalid_argument for a spec that does not fit the column.
+// Throws std::invalid_argument for a spec that does not fit the column
+// (including K * L above kMaxSampleCount).
 std::uint64_t output_rows(const FeatureColumn& col, const GatherSpec& spec);
+
+// Bytes of a (batch, rows, channels) output of `itemsize`-byte elements.
+// Throws std::invalid_argument, naming the sizes, when the product overflows
+// or exceeds this machine's physical memory (so it could never be allocated).
+std::size_t output_bytes(std::uint64_t batch, std::uint64_t rows, std::uint64_t channels, std::size_t itemsize);
 
 // Throws std::out_of_range naming the first index outside [-n, n) and its position.
 void check_indices(const std::int64_t* indices, std::size_t batch, std::uint64_t num_instances);

@@ -1,12 +1,22 @@
-// A fixed set of worker threads for data-parallel loops.
+// Worker threads, process-wide and persistent.
 //
 // parallel_for(n, fn) runs fn(i) for every i in [0, n): the calling thread
 // takes chunks too, and it waits only for chunks that were actually started,
 // never for helpers still queued. So a parallel_for never deadlocks, even
 // when called from several threads at once or while every worker is busy.
 //
-// Fork: worker threads do not survive fork(). A pool notices it is in a child
-// (getpid() changed) and rebuilds itself there; see ThreadPool::for_process.
+// Two process-wide pools: shared() for the data-parallel loops of gather
+// (at most max_threads() - 1 workers: the caller is one more thread), and
+// background() for whole background jobs (GatherJob), kBackgroundThreads
+// workers; both start their threads once and reuse them.
+//
+// The pools are never destroyed (their workers end with the process), so a
+// thread still gathering while the process exits finds them intact.
+//
+// Fork: worker threads do not survive fork(). A pthread_atfork child handler
+// leaks the parent's pools in the child (joining or destroying their
+// std::thread objects, mutexes or condition variables there would abort or
+// hang); the next shared()/background() call builds fresh pools.
 #pragma once
 
 #include <condition_variable>
@@ -35,12 +45,23 @@ public:
     // workers plus the caller). Rethrows the first exception thrown by fn.
     void parallel_for(std::size_t n, const std::function<void(std::size_t)>& fn, unsigned max_threads = 0);
 
-    // The process-wide pool, with at least `threads` - 1 workers (0: one
-    // thread per core); it grows when more are asked for and is rebuilt in a
-    // fork()ed child.
+    // Runs `task` on a worker, later; the task must not throw. Needs size() >= 1.
+    void submit(std::function<void()> task);
+
+    // The process-wide pool for `threads` threads (0: default_threads()),
+    // `threads` capped at max_threads(). It grows when more are asked for (up
+    // to the cap) and never shrinks: callers cap their share with
+    // parallel_for's max_threads.
     static std::shared_ptr<ThreadPool> shared(unsigned threads);
 
+    // The process-wide pool of kBackgroundThreads workers for background jobs.
+    static std::shared_ptr<ThreadPool> background();
+    static constexpr unsigned kBackgroundThreads = 4;
+
+    // One thread per core (std::thread::hardware_concurrency, at least 1).
     static unsigned default_threads() noexcept;
+    // The cap on the threads of one gather: the number of cores.
+    static unsigned max_threads() noexcept { return default_threads(); }
 
 private:
     void worker_loop();

@@ -1,0 +1,6 @@
+"""Type stubs for the benchmark baselines (finegym_store._bench; not part of the API)."""
+
+from typing import Any
+
+def memcpy_records(src: Any, offsets: Any, record_bytes: int, out: Any) -> None: ...
+def pread_records(path: str, offsets: Any, record_bytes: int, out: Any, depth: int = 32) -> None: ...
