@@ -197,7 +197,7 @@ def convert(
         raise ValueError("features must be a non-empty mapping of column name -> pickle path or dict")
     for name in features:
         if not isinstance(name, str) or not _core.valid_column_name(name):
-            raise ValueError(f"column name {name!r} must be 1..40 characters of [A-Za-z0-9_-] and not 'offsets' or 'data'")
+            raise ConversionError(f"column name {name!r} must be 1..40 characters of [A-Za-z0-9_-] and not 'offsets'")
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
 

@@ -174,6 +174,9 @@ class Store:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self._reader = _core.Reader(os.fspath(path))
+        # Resolved now: a later chdir must not change which file a pickled
+        # Store (a spawn worker, say) reopens.
+        self._abspath = os.path.abspath(self._reader.path)
         self._columns = {
             name: Column(self._reader, name, dtype, t, c) for name, dtype, t, c in self._reader.columns()
         }
@@ -202,7 +205,7 @@ class Store:
     def __reduce__(self) -> tuple[Any, tuple[str]]:
         # Crosses process boundaries by absolute path: the receiver maps the
         # file itself, whatever its working directory.
-        return (Store, (os.path.abspath(self.path),))
+        return (Store, (self._abspath,))
 
     # -- instances -------------------------------------------------------------
     @property

@@ -359,6 +359,7 @@ def test_store_pickles_by_absolute_path(store, tmp_path, monkeypatch):
     link.symlink_to(store.path)
     monkeypatch.chdir(tmp_path / "a")
     rel = fgs.open("s.fgs")  # a relative path
+    monkeypatch.chdir(tmp_path)  # resolved at open, not when pickled
     blob = pickle.dumps(rel)
     out = run_child("""
         import pickle, sys

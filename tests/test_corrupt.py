@@ -865,7 +865,7 @@ def test_damaged_ids_are_reported_as_damage_not_duplicates(base, damaged):
     assert fgs.open(damaged(buf)).verify() == ["ids/data"]
 
 
-@pytest.mark.parametrize("name", ["offsets", "data"])
+@pytest.mark.parametrize("name", ["offsets"])
 def test_column_names_that_collide_with_suffixes_are_refused_up_front(tmp_path, name):
     assert not _core.valid_column_name(name)
     assert _core.valid_column_name(name + "2") and _core.valid_column_name("my_" + name)
@@ -874,7 +874,7 @@ def test_column_names_that_collide_with_suffixes_are_refused_up_front(tmp_path, 
         def __getitem__(self, key):
             raise AssertionError("features were read before the column name was checked")
 
-    with pytest.raises(ValueError, match=rf"column name '{name}' must be .* and not 'offsets' or 'data'"):
+    with pytest.raises(fgs.ConversionError, match=rf"column name '{name}' must be .* and not 'offsets'"):
         fgs.convert(tmp_path / "c.fgs", {"x": {"a": np.ones((1, 2), np.float32)}, name: Exploding(a=1)},
                     progress=False)
     assert not (tmp_path / "c.fgs").exists()
@@ -886,11 +886,14 @@ def test_column_names_that_collide_with_suffixes_are_refused_up_front(tmp_path, 
         w.discard()
 
 
-def test_reader_refuses_a_column_named_data(base, damaged):
-    buf = bytearray(base.data)
-    set_name(buf, entries(buf)["features/fix"], b"features/data")
-    rehash(buf)
-    open_fails(damaged(buf), r"section 'features/data': column name must be .* and not 'offsets' or 'data'")
+def test_a_column_named_data_is_valid(tmp_path):
+    # Version-1 writers accepted it and "features/data" is unambiguous: it
+    # converts, opens and gathers like any other column.
+    assert _core.valid_column_name("data")
+    table = {"a": np.arange(6, dtype=np.float32).reshape(3, 2), "b": np.ones((3, 2), np.float32)}
+    s = fgs.convert(tmp_path / "d.fgs", {"data": table}, progress=False)
+    assert s.columns == ("data",) and s.verify() == []
+    np.testing.assert_array_equal(s.gather("data", [0]), table["a"][None])
 
 
 @pytest.mark.parametrize(

@@ -131,7 +131,7 @@ Schema validate_schema(const std::vector<Section>& sections, const SectionIndex&
         col.name = s.name.substr(schema::kFeaturePrefix.size());
         if (!schema::valid_column_name(col.name))
             fail(path, "section '" + s.name + "': column name must be 1..40 characters of [A-Za-z0-9_-], "
-                           "and not 'offsets' or 'data'");
+                           "and not 'offsets'");
         if (s.dtype != DType::Float32 && s.dtype != DType::Float16)
             fail(path, "section '" + s.name + "' is " + dtype_name(s.dtype) + ", expected float32 or float16");
         if (s.offset % kFeatureAlign != 0)

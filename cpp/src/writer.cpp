@@ -181,7 +181,7 @@ void StoreWriter::begin_features(const std::string& column, DType dtype, std::ui
                                  std::uint64_t channels) {
     if (!schema::valid_column_name(column))
         throw std::invalid_argument("column name '" + column +
-                                    "' must be 1..40 characters of [A-Za-z0-9_-] and not 'offsets' or 'data'");
+                                    "' must be 1..40 characters of [A-Za-z0-9_-] and not 'offsets'");
     if (dtype != DType::Float32 && dtype != DType::Float16)
         throw std::invalid_argument("feature column '" + column + "' must be float32 or float16");
     if (channels == 0) throw std::invalid_argument("feature column '" + column + "' needs C > 0 channels");

@@ -124,8 +124,10 @@ inline constexpr std::array<std::string_view, 3> kClassInts = {
 inline constexpr std::array<std::string_view, 2> kClassStrings = {"classes/name", "classes/event"};
 inline constexpr std::string_view kAttrs = "attrs";
 inline constexpr std::size_t kMaxColumnName = 40;
-// Column names that would collide with the suffixes above ("features/offsets").
-inline constexpr std::array<std::string_view, 2> kReservedColumnNames = {"offsets", "data"};
+// Column names that would collide with the suffixes above: "features/offsets"
+// reads as the offsets of a ragged column. ("features/data" is unambiguous, and
+// version-1 writers accepted it, so "data" stays a valid name.)
+inline constexpr std::array<std::string_view, 1> kReservedColumnNames = {"offsets"};
 
 // A column name is 1..40 characters of [A-Za-z0-9_-], and not one of
 // kReservedColumnNames.
