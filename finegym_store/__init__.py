@@ -11,7 +11,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from ._core import FORMAT_VERSION
-from .errors import ConversionError, FormatError, UnsafePickleError
+from .errors import ConversionError, ForkedJobError, FormatError, UnsafePickleError
 from .loader import Batch, Loader
 from .store import Classes, Column, Meta, Store, Strings, open
 from .convert import convert  # noqa: E402 (needs __version__)
@@ -34,4 +34,5 @@ __all__ = [
     "FormatError",
     "ConversionError",
     "UnsafePickleError",
+    "ForkedJobError",
 ]

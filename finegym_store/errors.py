@@ -9,15 +9,21 @@ from __future__ import annotations
 
 import pickle
 
-from ._core import FormatError
+from ._core import ForkedJobError, FormatError
 
-__all__ = ["FormatError", "ConversionError", "UnsafePickleError"]
+__all__ = ["FormatError", "ConversionError", "UnsafePickleError", "ForkedJobError"]
 
 FormatError.__doc__ = (
     "A store file is corrupt, truncated, foreign or of an unsupported format "
     "version. A ValueError; the message names the path and what is wrong."
 )
 FormatError.__module__ = "finegym_store"
+
+ForkedJobError.__doc__ = (
+    "A background gather (a loader's prefetch) started in another process was "
+    "waited for in a fork()ed child. A RuntimeError: start a new iteration in the child."
+)
+ForkedJobError.__module__ = "finegym_store"
 
 
 class ConversionError(ValueError):

@@ -262,7 +262,7 @@ def test_jobs_belong_to_their_process_across_fork(store):
             assert not job.owned
             try:
                 job.wait()
-            except _core.ForkedJobError as e:
+            except fgs.ForkedJobError as e:  # the public name of _core.ForkedJobError
                 assert isinstance(e, RuntimeError) and "forked process" in str(e), e
             else:
                 return 3
