@@ -7,8 +7,9 @@ The C++ writer takes one feature column at a time, every row in order, so the
 source is read once per feature column, reading only that column (the id and
 label columns ride along with the first): memory is one record batch, not the
 table. A one-shot stream with more than one feature column is first spilled
-to an uncompressed Arrow IPC file beside the output (removed afterwards) and
-then read column by column through a memory map. Everything is checked while
+to an uncompressed Arrow IPC file beside the output (unlinked as soon as it is
+created, so even a killed import leaves nothing behind) and then read column
+by column through a memory map. Everything is checked while
 it streams; a ConversionError (naming the column and the row) discards the
 temporary file, so nothing ever appears under the target name.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import glob
 import json
+import mmap
 import os
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -127,21 +129,27 @@ class _StreamSource(_Source):
                 yield b.slice(start, batch_rows)
 
 
-def _spill(source: _StreamSource, out: str) -> tuple[_TableSource, str]:
-    """Write the stream to an Arrow IPC file beside ``out``; map it back."""
-    pa = _pa()
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".spill.arrow",
+def _anonymous_file(out: str, suffix: str) -> Any:
+    """A temporary file in ``out``'s folder, unlinked at once: it vanishes
+    with its last descriptor or mapping, even if the process is killed."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=suffix,
                                dir=os.path.dirname(os.path.abspath(out)))
-    os.close(fd)
-    try:
-        with pa.OSFile(tmp, "wb") as f, pa.ipc.new_file(f, source.schema) as w:
+    os.unlink(tmp)
+    return os.fdopen(fd, "w+b")
+
+
+def _spill(source: _StreamSource, out: str) -> _TableSource:
+    """Write the stream to an anonymous Arrow IPC file beside ``out``; map it back."""
+    pa = _pa()
+    with _anonymous_file(out, ".spill.arrow") as f:
+        with pa.ipc.new_file(f, source.schema) as w:
             for b in source.reader:
                 w.write_batch(b)
-        table = pa.ipc.open_file(pa.memory_map(tmp, "r")).read_all()
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return _TableSource(table, source.where), tmp
+        f.flush()
+        # The table's buffers hold the mapping, which outlives the descriptor.
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    table = pa.ipc.open_file(pa.py_buffer(mapped)).read_all()
+    return _TableSource(table, source.where)
 
 
 def _as_source(source: Any) -> _Source:
@@ -493,9 +501,8 @@ def _ingest(source: _Source, out: str, id_column: str, label_column: str | None,
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
 
-    spilled = None
     if isinstance(source, _StreamSource) and len(layouts) > 1:
-        source, spilled = _spill(source, out)
+        source = _spill(source, out)
     writer = None
     try:
         instances = _Instances(where, id_column, label_column)
@@ -537,8 +544,6 @@ def _ingest(source: _Source, out: str, id_column: str, label_column: str | None,
     finally:
         if writer is not None:
             writer.discard()
-        if spilled is not None:
-            os.unlink(spilled)
     return Store(out)
 
 
@@ -550,9 +555,7 @@ class _StreamWriter:
     def __init__(self, out: str, overwrite: bool) -> None:
         self.out, self.overwrite = out, overwrite
         self.inner: Any = None
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".rows",
-                                        dir=os.path.dirname(os.path.abspath(out)))
-        self.file = os.fdopen(fd, "wb")
+        self.file = _anonymous_file(out, ".rows")
         self.column: tuple[str, np.dtype, int, int] | None = None
 
     def begin_features(self, name: str, dtype: np.dtype, segments: int, channels: int) -> None:
@@ -565,17 +568,18 @@ class _StreamWriter:
         self.lengths = lengths
 
     def _open(self, n: int) -> None:
-        self.file.close()
+        self.file.flush()
         assert self.column is not None
         name, dtype, segments, channels = self.column
         self.inner = _core.Writer(self.out, n, self.overwrite)
         self.inner.begin_features(name, dtype, segments, channels)
         step = max(1, (4 << 20) // (channels * dtype.itemsize))
-        data = np.memmap(self.tmp, dtype=dtype, mode="r").reshape(-1, channels) if os.path.getsize(self.tmp) \
+        data = np.memmap(self.file, dtype=dtype, mode="r").reshape(-1, channels) if self.file.tell() \
             else np.zeros((0, channels), dtype)
         for start in range(0, len(data), step):
             self.inner.append_features(np.ascontiguousarray(data[start:start + step]))
         del data
+        self.file.close()  # the staged rows vanish with it
         self.inner.end_features(self.lengths)
 
     def add_strings(self, name: str, values: list[str]) -> None:
@@ -592,8 +596,6 @@ class _StreamWriter:
     def discard(self) -> None:
         if not self.file.closed:
             self.file.close()
-        if os.path.exists(self.tmp):
-            os.unlink(self.tmp)
         if self.inner is not None:
             self.inner.discard()
 

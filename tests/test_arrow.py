@@ -247,6 +247,29 @@ def test_from_arrow_streams(store: fgs.Store, tmp_path: Path) -> None:
     _no_leftovers(tmp_path, {"one.fgs", "all.fgs", "capsule.fgs"})
 
 
+def test_stream_import_keeps_no_named_temporary_files(store: fgs.Store, tmp_path: Path) -> None:
+    # The spill file and the staged rows are unlinked as soon as they are
+    # created: at every point of the import, a kill would leave nothing behind.
+    for columns in (None, ["id", "label", "r"]):  # spilled (several columns) and staged (one)
+        source = store.to_batches(batch_size=8, columns=columns)
+        seen: list[set[str]] = []
+
+        def batches():
+            for b in source:
+                seen.append({p.name for p in tmp_path.iterdir()})
+                yield b
+
+        out = tmp_path / f"s{len(columns or [])}.fgs"
+        before = {p.name for p in tmp_path.iterdir()}
+        reader = pa.RecordBatchReader.from_batches(source.schema, batches())
+        got = fgs.from_arrow(reader, out, progress=False)
+        if columns is None:
+            assert_same_store(store, got)
+        else:
+            assert got.column("r").values.tobytes() == store.column("r").values.tobytes()
+        assert seen and all(names == before for names in seen)
+
+
 def test_polars_built_table_imports(tmp_path: Path) -> None:
     pl = require("polars")
     rng = np.random.default_rng(5)
