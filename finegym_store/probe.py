@@ -405,6 +405,24 @@ def _check_int(name: str, value: Any, low: int) -> int:
     return int(value)
 
 
+class _WaitClock:
+    """Seconds the probe spent blocked on data (batches it asked for)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def timed(self, batches: Iterable[Any]) -> Iterator[Any]:
+        """The items of ``batches``, adding the time each took to arrive."""
+        it = iter(batches)
+        while True:
+            t0 = time.perf_counter()
+            item = next(it, None)
+            self.seconds += time.perf_counter() - t0
+            if item is None:
+                return
+            yield item
+
+
 def run_probe(
     train: Store | str | os.PathLike[str],
     val: Store | str | os.PathLike[str],
@@ -482,14 +500,14 @@ def run_probe(
         hierarchy.map(y_val_all[val_keep], "event", what=f"{va.path} labels")
     name = dataset or _dataset_name(tr, va)
     say = log or (lambda _msg: None)
-    wait = 0.0
+    clock = _WaitClock()
 
     # Standardization statistics from (up to) NORM_SAMPLE training instances.
     rng = np.random.default_rng([seed, 2])
     sample = np.sort(rng.choice(labelled_train, min(len(labelled_train), NORM_SAMPLE), replace=False))
     t0 = time.perf_counter()
     xs = tr.gather(column, sample, num_segments=num_segments, mode="test", threads=threads)
-    wait += time.perf_counter() - t0
+    clock.seconds += time.perf_counter() - t0
     xs = xs.mean(axis=1, dtype=np.float32)
     if not np.isfinite(xs).all():
         bad = int(sample[np.flatnonzero(~np.isfinite(xs).all(axis=1))[0]])
@@ -521,14 +539,8 @@ def run_probe(
         t_train = time.perf_counter()
         for epoch in range(epochs):
             loader.set_epoch(epoch)
-            batches = iter(loader)
             loss_sum, loss_n = 0.0, 0
-            while True:
-                t0 = time.perf_counter()
-                batch = next(batches, None)
-                wait += time.perf_counter() - t0
-                if batch is None:
-                    break
+            for batch in clock.timed(loader):
                 y = np.asarray(batch.labels, dtype=np.int64)
                 x = consensus(batch.features)
                 keep = y >= 0
@@ -551,13 +563,7 @@ def run_probe(
         scores = np.empty((len(va), num_classes), dtype=np.float32)
         evaluator = va.loader(column, batch_size, num_segments=num_segments, mode="test", shuffle=False,
                               prefetch=prefetch, threads=threads)
-        batches = iter(evaluator)
-        while True:
-            t0 = time.perf_counter()
-            batch = next(batches, None)
-            wait += time.perf_counter() - t0
-            if batch is None:
-                break
+        for batch in clock.timed(evaluator):
             scores[batch.indices] = trainer.scores(consensus(batch.features))
     y_val = y_val_all[val_keep].astype(np.int64)
     scores = scores[val_keep]
@@ -577,7 +583,7 @@ def run_probe(
         val_unlabelled=int(len(va) - len(val_keep)), levels=result["levels"], per_event=result["per_event"],
         per_class={"class": classes.tolist(), "recall": recall.tolist(), "val_support": support.tolist(),
                    "train_count": train_counts[classes].tolist()},
-        timing={"total_s": total_s, "data_wait_s": wait, "data_wait_fraction": wait / total_s,
+        timing={"total_s": total_s, "data_wait_s": clock.seconds, "data_wait_fraction": clock.seconds / total_s,
                 "train_s": train_s, "eval_s": eval_s},
         final_loss=loss_sum / max(loss_n, 1), predictions=pred, labels=y_val,
     )
