@@ -22,7 +22,7 @@ from . import __version__
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from .store import Store
+    from .store import Store, Strings
 
 __all__ = ["METADATA_KEY", "to_arrow", "to_batches", "to_parquet", "to_ipc", "classes_table", "arrow_schema",
            "default_batch_rows"]
@@ -57,10 +57,9 @@ def _buffer(view: np.ndarray) -> pa.Buffer:
     return pa.foreign_buffer(view.ctypes.data, view.nbytes, base=view)
 
 
-def _strings(store: Store, name: str) -> pa.Array:
+def _strings(strings: Strings) -> pa.Array:
     pa = _pa()
-    r = store._reader
-    offsets, data = r.section(f"{name}/offsets"), r.section(f"{name}/data")
+    offsets, data = strings.offsets, strings.data
     return pa.Array.from_buffers(pa.large_utf8(), len(offsets) - 1, [None, _buffer(offsets), _buffer(data)])
 
 
@@ -174,17 +173,17 @@ def to_arrow(store: Store, columns: Sequence[str] | str | None = None, tensor_ty
     """A pyarrow.Table over the mapped bytes (no copy). See Store.to_arrow."""
     pa = _pa()
     schema = arrow_schema(store, columns, tensor_type)
-    r = store._reader
+    meta = store.meta
     arrays = []
     for n in schema.names:
-        if n in ("id",):
-            arrays.append(_strings(store, "ids"))
+        if n == "id":
+            arrays.append(_strings(store.ids))
         elif n == "video":
-            arrays.append(_strings(store, "meta/video"))
+            arrays.append(_strings(meta.video))
         elif n == "label":
-            arrays.append(_primitive(r.section("labels"), pa.int32()))
+            arrays.append(_primitive(store.labels, pa.int32()))
         elif n in INSTANCE_FIELDS:
-            arrays.append(_primitive(r.section(f"meta/{n}"), pa.int32()))
+            arrays.append(_primitive(getattr(meta, n), pa.int32()))
         else:
             arrays.append(_feature_array(store, n, tensor_type))
     return pa.Table.from_arrays(arrays, schema=schema)
@@ -194,15 +193,15 @@ def classes_table(store: Store) -> pa.Table | None:
     """The label hierarchy (label, glabel, set, event, name), one row per
     class, over the mapped bytes; None when the store has no hierarchy."""
     pa = _pa()
-    r = store._reader
-    if r.num_classes is None:
+    c = store.classes
+    if c is None:
         return None
     return pa.table({
-        "label": _primitive(r.section("classes/label"), pa.int32()),
-        "glabel": _primitive(r.section("classes/glabel"), pa.int32()),
-        "set": _primitive(r.section("classes/set"), pa.int32()),
-        "event": _strings(store, "classes/event"),
-        "name": _strings(store, "classes/name"),
+        "label": _primitive(c.label, pa.int32()),
+        "glabel": _primitive(c.glabel, pa.int32()),
+        "set": _primitive(c.set, pa.int32()),
+        "event": _strings(c.event),
+        "name": _strings(c.name),
     })
 
 
