@@ -33,7 +33,7 @@ from finegym_store import synth
 
 #: Native baselines (memcpy, pread): a separate extension module, built with
 #: the package but not part of its API (nor of the user's ``_core``).
-from finegym_store import _bench as baselines  # noqa: E402
+from finegym_store import _bench as baselines  # noqa: E402, F401 (re-exported)
 
 #: FineGym's I3D features: gym99 has 20484 element instances (train + val
 #: of the largest released I3D pickle), each (12, 2048, 1, 1, 1) float32:

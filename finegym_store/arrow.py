@@ -95,6 +95,7 @@ def _feature_array(store: Store, name: str, tensor_type: str) -> pa.Array:
         offsets = col.offsets
         assert offsets is not None
         return pa.Array.from_buffers(pa.large_list(rows.type), len(col), [None, _buffer(offsets)], children=[rows])
+    assert col.segments is not None  # a fixed-T column from here on
     if tensor_type == "fixed_shape_tensor":
         storage = pa.FixedSizeListArray.from_arrays(flat, col.segments * col.channels)
         return pa.ExtensionArray.from_storage(_feature_type(store, name, tensor_type), storage)
@@ -163,7 +164,8 @@ def arrow_schema(store: Store, columns: Sequence[str] | str | None = None, tenso
             fields.append(pa.field(n, pa.int32(), nullable=False))
         else:
             c = store.column(n)
-            meta = {FIELD_KEY: json.dumps({"dtype": str(c.dtype), "segments": c.segments, "channels": c.channels})}
+            meta = {FIELD_KEY: json.dumps({"dtype": str(c.dtype), "segments": c.segments,
+                                           "channels": c.channels}).encode("utf-8")}
             fields.append(pa.field(n, _feature_type(store, n, tensor_type), nullable=False, metadata=meta))
     meta = {METADATA_KEY: json.dumps(store_metadata(store, names, tensor_type)).encode("utf-8")}
     return pa.schema(fields, metadata=meta)

@@ -253,6 +253,7 @@ def _layout(where: str, field: Any, dtype: str | None, segments: int | None, cha
             if n % channels:
                 raise ConversionError(f"{here}: {n} values per instance are not a multiple of channels={channels}")
             segments = n // channels
+        assert segments is not None and channels is not None
         if segments * channels != n:
             raise ConversionError(f"{here}: {n} values per instance, but segments x channels = "
                                   f"{segments} x {channels}")
@@ -441,8 +442,8 @@ def _hierarchy(doc: Mapping[str, Any], categories: Any, classes: Any, where: str
     pa = _pa()
     if classes is not None:
         t = classes if isinstance(classes, pa.Table) else pa.table(classes)
-        h = {k: t.column(k).to_pylist() for k in ("label", "glabel", "set", "event", "name")
-             if k in t.column_names}
+        h: Any = {k: t.column(k).to_pylist() for k in ("label", "glabel", "set", "event", "name")
+                  if k in t.column_names}
     else:
         h = doc.get("classes")
         if not h:
@@ -503,7 +504,7 @@ def _ingest(source: _Source, out: str, id_column: str, label_column: str | None,
 
     if isinstance(source, _StreamSource) and len(layouts) > 1:
         source = _spill(source, out)
-    writer = None
+    writer: Any = None  # _core.Writer, or _StreamWriter for a one-shot stream
     try:
         instances = _Instances(where, id_column, label_column)
         columns_attrs: dict[str, Any] = {}
@@ -562,7 +563,7 @@ class _StreamWriter:
         self.column = (name, dtype, segments, channels)
 
     def append_features(self, rows: np.ndarray) -> None:
-        self.file.write(memoryview(rows).cast("B"))
+        self.file.write(rows.data.cast("B"))  # C-contiguous: no copy
 
     def end_features(self, lengths: np.ndarray) -> None:
         self.lengths = lengths

@@ -358,7 +358,7 @@ class _Input:
     _REPORT = 1 << 20  # progress is reported in steps of at least 1 MiB
 
     def __init__(self, f: BinaryIO, size: int, on_read: Callable[[int], None] | None) -> None:
-        self._f = f
+        self._f: Any = f  # a buffered binary file: read, readinto, readline
         self._size = size
         self.pos = 0
         self._on_read = on_read
@@ -453,6 +453,7 @@ class _Machine:
         self._budget = ALLOC_FACTOR * size + ALLOC_SLACK
         self._array_bytes_left = size
         self._stack: list[Any] = []
+        self._result: Any = None  # what STOP found on the stack
         self._meta: list[list[Any]] = []
         self._memo: list[Any] = []
         # id -> [container, depth, frozen, tainted] for every container that
@@ -1094,7 +1095,7 @@ def load(
             return _load_stream(raw, os.fstat(raw.fileno()).st_size, path, on_read)
         f: BinaryIO = raw
         if on_read is not None:
-            f = io.BufferedReader(_CountingReader(raw, on_read), buffer_size=1 << 20)  # type: ignore[assignment]
+            f = io.BufferedReader(_CountingReader(raw, on_read), buffer_size=1 << 20)  # type: ignore[assignment,arg-type]
         try:
             return pickle.load(f, encoding="latin1")  # the caller opted in explicitly
         except EOFError:

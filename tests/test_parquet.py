@@ -14,7 +14,7 @@ import finegym_store as fgs
 from finegym_store.arrow import default_batch_rows
 from finegym_store.cli import main
 
-from arrow_fixtures import C, N, RC, T, assert_same_store, make_store, require
+from arrow_fixtures import C, N, T, assert_same_store, make_store, require
 
 pa = require("pyarrow")
 import pyarrow.parquet as pq  # noqa: E402
