@@ -220,6 +220,58 @@ class Runner:
         return _core.gather(s._reader, self.d.column, idx, None if self.k == self.d.t else self.k, "test", 0, 0, 1,
                             None, s._gather_dtype(self.d.column, None), self.threads, prefetch, "mmaction2")
 
+    def stream(self, method: str, order: np.ndarray, b: int, batches: int) -> list[float]:
+        """Seconds per batch for `batches` consecutive batches of `order`, as
+        the caller of the named method waits for them."""
+        chunks = [order[(j * b) % len(order):][:b] for j in range(batches)]
+        chunks = [c if len(c) == b else order[:b] for c in chunks]
+        k = None if self.k == self.d.t else self.k
+        times = []
+        if method == "loader":
+            loader = self.store.loader(self.d.column, batch_size=b, num_segments=k, mode="test", shuffle=True,
+                                       seed=int(order[0]), drop_last=True)
+            it = iter(loader)
+            for _ in range(batches):
+                t0 = time.perf_counter()
+                try:
+                    next(it)
+                except StopIteration:
+                    it = iter(loader)
+                    next(it)
+                times.append(time.perf_counter() - t0)
+            return times
+        if method.startswith("DataLoader"):
+            import torch.utils.data as tud
+
+            from finegym_store.torch import StoreDataset, collate
+
+            workers = int(method.split("w")[-1])
+            ds = StoreDataset(self.store, self.d.column, num_segments=k, mode="test")
+            dl = tud.DataLoader(ds, batch_sampler=[c.tolist() for c in chunks], collate_fn=collate,
+                                num_workers=workers, persistent_workers=False)
+            it = iter(dl)
+            for _ in range(batches):
+                t0 = time.perf_counter()
+                next(it)
+                times.append(time.perf_counter() - t0)
+            return times
+        for idx in chunks:
+            t0 = time.perf_counter()
+            self.batch(method, idx)
+            times.append(time.perf_counter() - t0)
+        return times
+
+    def evict_mapped(self) -> None:
+        """Unmap this process's pages of the file (MADV_DONTNEED on both of its
+        mappings; the data stays in the page cache), then drop them from the
+        page cache: the file is cold again while the store stays open."""
+        for arr in (self.features, self.mm):
+            a = np.asarray(arr).view(np.uint8).reshape(-1)
+            addr = int(a.ctypes.data)
+            start = addr - addr % PAGE
+            _libc.madvise(start, addr + a.nbytes - start, 4)  # MADV_DONTNEED
+        evict(self.d.store)
+
     def batch(self, method: str, idx: np.ndarray) -> None:
         from finegym_store import _bench
 
@@ -242,19 +294,20 @@ class Runner:
         del self.mm, self.features, self.store  # unmapped when the last references go
 
 
-def run_batches(d: Data, method: str, k: int, b: int, threads: int, batches: int, seed: int) -> list[float]:
-    """Seconds per batch for `batches` consecutive batches of an epoch order."""
+def run_batches(d: Data, method: str, k: int, b: int, threads: int, batches: int, seed: int,
+                epochs: int = 0) -> list[float]:
+    """Seconds per batch for `batches` consecutive batches of an epoch order;
+    with epochs > 0, that many whole epochs instead, the file evicted before
+    each (a store larger than the page cache, simulated)."""
     order = np.random.default_rng(seed).permutation(d.n)
     r = Runner(d, k, threads)
     try:
+        if epochs == 0:
+            return r.stream(method, order, b, batches)
         times = []
-        for j in range(batches):
-            idx = order[(j * b) % d.n:][:b]
-            if len(idx) < b:
-                idx = order[:b]
-            t0 = time.perf_counter()
-            r.batch(method, idx)
-            times.append(time.perf_counter() - t0)
+        for e in range(epochs):
+            r.evict_mapped()
+            times += r.stream(method, np.random.default_rng(seed + e).permutation(d.n), b, d.n // b)
         return times
     finally:
         r.close()
@@ -262,13 +315,15 @@ def run_batches(d: Data, method: str, k: int, b: int, threads: int, batches: int
 
 def child_main(spec: dict[str, Any]) -> None:
     d = Data(**spec["data"])
-    times = run_batches(d, spec["method"], spec["k"], spec["b"], spec["threads"], spec["batches"], spec["seed"])
+    times = run_batches(d, spec["method"], spec["k"], spec["b"], spec["threads"], spec["batches"], spec["seed"],
+                        spec.get("epochs", 0))
     print(json.dumps(times))
 
 
-def in_child(d: Data, method: str, k: int, b: int, threads: int, batches: int, seed: int) -> list[float]:
+def in_child(d: Data, method: str, k: int, b: int, threads: int, batches: int, seed: int,
+             epochs: int = 0) -> list[float]:
     spec = {"data": asdict(d), "method": method, "k": k, "b": b, "threads": threads, "batches": batches,
-            "seed": seed}
+            "seed": seed, "epochs": epochs}
     out = subprocess.run([sys.executable, "-m", "finegym_store.bench", "--child", json.dumps(spec)],
                          check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -282,7 +337,7 @@ def prepare(d: Data, state: str, b: int, batches: int, seed: int) -> float:
     if state == "half":
         order = np.random.default_rng(seed).permutation(d.n)[: b * batches]
         read_instances(d.store, d.base, d.instance_bytes, order[::2])
-    elif state != "cold":
+    elif state not in ("cold", "epochs"):
         raise ValueError(state)
     return left if state == "cold" else residency(d.store, d.base, d.n * d.instance_bytes)
 
@@ -305,8 +360,11 @@ class Result:
 
 
 def steady(times: list[float]) -> float:
-    """Median batch time after the first batch (the steady state)."""
-    return statistics.median(times[1:] if len(times) > 1 else times)
+    """Mean batch time over the run (total time / batches): what a training
+    loop waits in all, first batch included. (A median would hide the cost of
+    the fault path, whose first batches read far more than they need and
+    make later ones hot.)"""
+    return sum(times) / len(times)
 
 
 def bench_cold(d: Data, state: str, methods: list[str], k: int, b: int, threads: int, batches: int, rounds: int,
@@ -315,8 +373,8 @@ def bench_cold(d: Data, state: str, methods: list[str], k: int, b: int, threads:
     for rnd in range(rounds):
         for m in methods:  # interleaved: drift in the VM's disk hits every method alike
             seed = 1000 * rnd + 7
-            frac = prepare(d, state, b, batches, seed)
-            times = in_child(d, m, k, b, threads, batches, seed)
+            frac = prepare(d, "cold" if state == "flow" else state, b, batches, seed)
+            times = in_child(d, m, k, b, threads, batches, seed, 2 if state == "epochs" else 0)
             results[m].batch_s.append(steady(times))
             echo(f"  [{state} K={k} B={b} round {rnd}] {m:14s} {b / steady(times):9.0f} inst/s "
                  f"(resident before: {frac:.2f}; batches ms: {' '.join(f'{t * 1e3:.0f}' for t in times[:8])} ...)")
@@ -332,12 +390,8 @@ def bench_hot(d: Data, methods: list[str], k: int, b: int, threads: int, batches
         for rnd in range(rounds):
             for m in methods:
                 times = []
-                for j in range(batches):
-                    idx = order[((rnd * batches + j) * b) % (d.n - b):][:b]
-                    t0 = time.perf_counter()
-                    r.batch(m, idx)
-                    times.append(time.perf_counter() - t0)
-                results[m].batch_s.append(steady(times))
+                times = r.stream(m, np.roll(order, rnd * batches * b), b, batches)
+                results[m].batch_s.append(statistics.median(times))  # hot: no first-batch effect to count
         return list(results.values())
     finally:
         r.close()
@@ -363,7 +417,8 @@ def add_arguments(p: Any) -> None:
                    help="folder for the generated stores (kept between runs)")
     p.add_argument("--small", action="store_true", help=f"{SMALL_INSTANCES} instances instead of {INSTANCES}")
     p.add_argument("--column", choices=sorted(CHANNELS), default="i3d")
-    p.add_argument("--states", default="hot,cold,half", help="comma-separated: hot, cold, half")
+    p.add_argument("--states", default="hot,cold,half", help="comma-separated: hot, cold, half, epochs (two whole epochs, evicted "
+                   "before each), flow (cold: the loader and a DataLoader over StoreDataset)")
     p.add_argument("--k", default="12,3", help="segments per instance (comma-separated)")
     p.add_argument("--batch", default="256", help="batch sizes (comma-separated)")
     p.add_argument("--threads", type=int, default=0, help="gather threads (0: every core)")
@@ -390,6 +445,10 @@ def run(args: Any) -> int:
                     methods = ["gather:auto", "gather:on", "gather:off", "numpy memmap", "pread QD1",
                                "pread QD32", "pread QD64"]
                     results += bench_cold(d, state, methods, k, b, threads, args.batches, args.rounds, echo)
+                elif state == "flow":  # the loader and the DataLoader, cold, beside gather and pread
+                    methods = ["gather:auto", "loader", "DataLoader w0", "DataLoader w2", "pread QD32",
+                               "pread QD64"]
+                    results += bench_cold(d, "flow", methods, k, b, threads, args.batches, args.rounds, echo)
                 else:
                     methods = ["gather:auto", "gather:on", "gather:off", "numpy memmap"]
                     results += bench_cold(d, state, methods, k, b, threads, args.batches, args.rounds, echo)

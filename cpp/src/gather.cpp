@@ -209,63 +209,84 @@ void gather(const StoreReader& reader, const FeatureColumn& col, const std::int6
         sample_segments(sources[b].rows, spec.num_segments, spec.clip_len, spec.mode,
                         SampleKey{spec.seed, spec.epoch, static_cast<std::uint64_t>(i)}, s, spec.sampling);
     };
-    // Every instance's segments, chosen once for both passes: 8 bytes per
-    // output row (a float32 row of C channels takes 4 * C).
+    // Every instance's segments, chosen once (by whichever pass reaches the
+    // instance first; a parallel_for's end orders its writes before the next
+    // pass): 8 bytes per output row (a float32 row of C channels takes 4 * C).
     std::vector<std::uint64_t> segs(batch * static_cast<std::size_t>(rows_out));
+    std::vector<unsigned char> chosen(batch, 0);
+    auto segments_of = [&](std::size_t b) {
+        std::uint64_t* s = segs.data() + b * rows_out;
+        if (chosen[b] == 0) {
+            choose(b, s);
+            chosen[b] = 1;
+        }
+        return s;
+    };
     thread_local std::vector<unsigned char> resident;  // per-thread mincore vector, reused across batches
 
-    // Pass 1: choose the segments and queue the disk reads of the rows the
-    // batch needs, all at once (madvise WILLNEED starts the reads and returns),
-    // so a cold file is read at a deep queue depth instead of one page fault
-    // at a time in pass 2.
-    //   On:   every run of rows is advised.
-    //   Off:  nothing is.
-    //   Auto: decided per batch, per run, from what this batch needs: mincore
-    //         on each instance's rows, then WILLNEED only for runs with a page
-    //         missing from the page cache. Hot rows cost one mincore call per
-    //         instance and no madvise; cold rows are all queued up front; a
-    //         partly resident batch queues exactly its missing runs. (No
-    //         process-wide state: another thread's faults or a previous batch
-    //         do not change what this batch does.)
-    pool.parallel_for(batch, [&](std::size_t b) {
-        std::uint64_t* s = segs.data() + b * rows_out;
-        choose(b, s);
-        if (spec.prefetch == Prefetch::Off) return;
+    // Whether instance b has a page of the rows it reads missing from the page
+    // cache (mincore); with `advise`, also madvise(WILLNEED)s exactly the runs
+    // of rows with a missing page. One mincore over the span of rows the
+    // instance reads (lowest to highest segment), or one per run for a few
+    // rows of a long instance (not mapping residency over rows it skips).
+    auto check = [&](std::size_t b, bool advise) {
+        const std::uint64_t* s = segments_of(b);
         const unsigned char* src = sources[b].data;
-        if (spec.prefetch == Prefetch::On) {
-            for_each_run(s, rows_out, [&](std::uint64_t r, std::uint64_t run) {
-                advise_willneed(src + s[r] * in_row, static_cast<std::size_t>(run) * in_row);
-            });
-            return;
-        }
-        // Auto. One mincore over the span of rows this instance touches (lowest
-        // to highest segment): its vector is one byte per page of the span.
         std::uint64_t lo = s[0], hi = s[0];
         for (std::uint64_t r = 1; r < rows_out; ++r) {
             lo = std::min(lo, s[r]);
             hi = std::max(hi, s[r]);
         }
-        const unsigned char* span = src + lo * in_row;
         const std::size_t span_bytes = static_cast<std::size_t>(hi - lo + 1) * in_row;
-        const std::size_t need_bytes = static_cast<std::size_t>(rows_out) * in_row;
-        if (span_bytes / 4 > need_bytes + 16 * page_size()) {
-            // A few rows from a long instance: ask per run rather than map
-            // residency over rows the batch does not read.
-            for_each_run(s, rows_out, [&](std::uint64_t r, std::uint64_t run) {
-                const unsigned char* at = src + s[r] * in_row;
-                const std::size_t bytes = static_cast<std::size_t>(run) * in_row;
-                const std::uintptr_t first = residency(at, bytes, resident);
-                if (missing(at, bytes, first, resident)) advise_willneed(at, bytes);
-            });
-            return;
-        }
-        const std::uintptr_t first = residency(span, span_bytes, resident);
+        const bool per_run = span_bytes / 4 > static_cast<std::size_t>(rows_out) * in_row + 16 * page_size();
+        std::uintptr_t first = per_run ? 0 : residency(src + lo * in_row, span_bytes, resident);
+        bool any = false;
         for_each_run(s, rows_out, [&](std::uint64_t r, std::uint64_t run) {
+            if (any && !advise) return;
             const unsigned char* at = src + s[r] * in_row;
             const std::size_t bytes = static_cast<std::size_t>(run) * in_row;
-            if (missing(at, bytes, first, resident)) advise_willneed(at, bytes);
+            if (per_run) first = residency(at, bytes, resident);
+            if (missing(at, bytes, first, resident)) {
+                any = true;
+                if (advise) advise_willneed(at, bytes);
+            }
         });
-    }, threads);
+        return any;
+    };
+
+    // Pass 1: queue the disk reads of the rows the batch needs, all at once
+    // (madvise WILLNEED starts the reads and returns), so a cold file is read
+    // at a deep queue depth instead of one page fault at a time in pass 2.
+    //   On:   every run of rows is advised.
+    //   Off:  nothing is (no pass 1).
+    //   Auto: decided for this batch from the rows it reads, with no state
+    //         kept between batches (so no other thread's faults or earlier
+    //         batch can switch it off). First a probe, on this thread, of
+    //         kProbe instances spread over the batch: all resident -> the
+    //         batch is taken as hot and pass 1 is skipped (a hot batch pays
+    //         kProbe mincore calls, not one per instance). Otherwise every
+    //         instance is checked in parallel and only the runs with a
+    //         missing page are advised: a cold batch queues all its rows, a
+    //         partly resident one exactly its missing runs.
+    constexpr std::size_t kProbe = 8;
+    bool advise_all = spec.prefetch == Prefetch::On;
+    bool check_all = false;
+    if (spec.prefetch == Prefetch::Auto) {
+        const std::size_t probes = std::min(batch, kProbe);
+        for (std::size_t j = 0; j < probes && !check_all; ++j) check_all = check(j * batch / probes, false);
+    }
+    if (advise_all || check_all) {
+        pool.parallel_for(batch, [&](std::size_t b) {
+            if (check_all) {
+                check(b, true);
+                return;
+            }
+            const std::uint64_t* s = segments_of(b);
+            for_each_run(s, rows_out, [&](std::uint64_t r, std::uint64_t run) {
+                advise_willneed(sources[b].data + s[r] * in_row, static_cast<std::size_t>(run) * in_row);
+            });
+        }, threads);
+    }
 
     // Pass 2: copy (and convert) runs of consecutive segments, one call each.
     // A file truncated under the mapping raises SIGBUS in the copy: the guard
@@ -274,7 +295,7 @@ void gather(const StoreReader& reader, const FeatureColumn& col, const std::int6
     std::atomic<bool> faulted{false};
     pool.parallel_for(batch, [&](std::size_t b) {
         if (faulted.load(std::memory_order_relaxed)) return;
-        const std::uint64_t* s = segs.data() + b * rows_out;
+        const std::uint64_t* s = segments_of(b);
         const unsigned char* src = sources[b].data;
         unsigned char* row_out = dst + b * rows_out * out_row;
         if (!guard_sigbus([&] {
