@@ -350,10 +350,11 @@ class Result:
     threads: int
     method: str
     batch_s: list[float] = field(default_factory=list)  # per round: the steady-state median batch time
+    skipped: str | None = None  # why it did not run
 
     @property
     def median_s(self) -> float:
-        return statistics.median(self.batch_s)
+        return statistics.median(self.batch_s) if self.batch_s else float("nan")
 
     def per_s(self) -> float:
         return self.b / self.median_s
@@ -397,6 +398,235 @@ def bench_hot(d: Data, methods: list[str], k: int, b: int, threads: int, batches
         r.close()
 
 
+# -- what users do instead (peers) ------------------------------------------------
+
+#: name -> module it needs (an optional `bench` extra); a peer whose module is
+#: missing is reported as skipped, with the reason, never left out.
+PEERS = {
+    "pickle dict + np.stack": None,
+    "h5py": "h5py",
+    "LMDB": "lmdb",
+    "Arrow IPC mmap take": "pyarrow",
+    "Parquet (pyarrow)": "pyarrow",
+    "Lance take": "lance",
+    "HF datasets": "datasets",
+}
+
+
+def peer_missing(name: str) -> str | None:
+    """Why a peer cannot run here (None: it can)."""
+    import importlib.util
+
+    mod = PEERS[name]
+    if mod is not None and importlib.util.find_spec(mod) is None:
+        return f"{mod} not installed (pip install '.[bench]')"
+    return None
+
+
+class Peer:
+    """One peer's files (built once beside the store) and its batch fetch:
+    ``fetch(idx)`` returns a (B, K, C) float32 array, the way its users would."""
+
+    def __init__(self, name: str, d: Data, k: int, folder: Path, echo: Callable[[str], None] = print) -> None:
+        self.name, self.d, self.k = name, d, k
+        self.segs = test_segments(k)
+        self.all = k == d.t
+        stem = folder / f"peer_{d.column}_{d.n}"
+        t0 = time.perf_counter()
+        getattr(self, "_setup_" + "".join(ch for ch in name.split()[0].lower() if ch.isalnum()))(stem)
+        self.open_s = time.perf_counter() - t0
+
+    # Each setup builds its file once (outside any timing) and opens it.
+    def _table(self) -> Any:
+        import finegym_store as fgs
+
+        return fgs.open(self.d.store).to_arrow(["id", self.d.column])
+
+    def _values(self) -> np.ndarray:
+        import finegym_store as fgs
+
+        return np.asarray(fgs.open(self.d.store).column(self.d.column).values).reshape(self.d.n, self.d.t, self.d.c)
+
+    def _pick(self, x: np.ndarray) -> np.ndarray:
+        return x if self.all else x[:, self.segs]
+
+    def _setup_pickle(self, stem: Path) -> None:
+        import pickle
+
+        path = stem.with_suffix(".pkl")
+        if not path.exists():
+            v = self._values()
+            _atomic_write(path, lambda f: pickle.dump({f"{i:06d}": v[i].copy() for i in range(self.d.n)}, f,
+                                                      protocol=4))
+        with open(path, "rb") as f:
+            self.table = pickle.load(f)  # trusted: written just above by this tool
+        self.keys = sorted(self.table)
+
+    def _fetch_pickle(self, idx: np.ndarray) -> np.ndarray:
+        return self._pick(np.stack([self.table[self.keys[i]] for i in idx]))
+
+    def _setup_h5py(self, stem: Path) -> None:
+        import h5py
+
+        path = stem.with_suffix(".h5")
+        if not path.exists():
+            v = self._values()
+
+            def write(f: Any) -> None:
+                with h5py.File(f, "w") as h:
+                    h.create_dataset("x", data=v, chunks=(1, self.d.t, self.d.c))
+            _atomic_write(path, write)
+        self.h5 = h5py.File(path, "r")["x"]
+
+    def _fetch_h5py(self, idx: np.ndarray) -> np.ndarray:
+        order = np.argsort(idx)  # h5py needs increasing indices
+        out = np.empty((len(idx), len(self.segs), self.d.c), np.float32)
+        got = self.h5[np.sort(idx)] if self.all else self.h5[np.sort(idx), self.segs.tolist()]
+        out[order] = got
+        return out
+
+    def _setup_lmdb(self, stem: Path) -> None:
+        import lmdb
+
+        path = stem.with_suffix(".lmdb")
+        if not path.exists():
+            v = self._values()
+            tmp = path.with_name(path.name + ".tmp")
+            env = lmdb.open(os.fspath(tmp), map_size=v.nbytes * 2, subdir=False, lock=False)
+            with env.begin(write=True) as txn:
+                for i in range(self.d.n):
+                    txn.put(b"%08d" % i, v[i].tobytes())
+            env.close()
+            os.replace(tmp, path)
+        self.env = lmdb.open(os.fspath(path), readonly=True, subdir=False, lock=False)
+
+    def _fetch_lmdb(self, idx: np.ndarray) -> np.ndarray:
+        with self.env.begin(buffers=True) as txn:
+            x = np.stack([np.frombuffer(txn.get(b"%08d" % i), np.float32).reshape(self.d.t, self.d.c) for i in idx])
+        return self._pick(x)
+
+    def _setup_arrow(self, stem: Path) -> None:
+        import pyarrow as pa
+
+        path = stem.with_suffix(".arrow")
+        if not path.exists():
+            t = self._table()
+
+            def write(f: Any) -> None:
+                with pa.ipc.new_file(f, t.schema) as w:
+                    w.write_table(t, max_chunksize=1024)
+            _atomic_write(path, write)
+        self.arrow = pa.ipc.open_file(pa.memory_map(os.fspath(path))).read_all().combine_chunks()
+
+    def _fetch_arrow(self, idx: np.ndarray) -> np.ndarray:
+        col = self.arrow.column(self.d.column).take(idx).combine_chunks()
+        x = col.flatten().flatten().to_numpy().reshape(len(idx), self.d.t, self.d.c)
+        return self._pick(x)
+
+    def _setup_parquet(self, stem: Path) -> None:
+        import pyarrow.parquet as pq
+
+        path = stem.with_suffix(".parquet")
+        if not path.exists():
+            import finegym_store as fgs
+
+            tmp = path.with_name(path.name + ".tmp.parquet")
+            tmp.unlink(missing_ok=True)
+            fgs.open(self.d.store).to_parquet(tmp, columns=["id", self.d.column])
+            os.replace(tmp, path)
+        self.parquet = pq.read_table(path, columns=[self.d.column], memory_map=True)
+
+    def _fetch_parquet(self, idx: np.ndarray) -> np.ndarray:
+        col = self.parquet.column(self.d.column).take(idx).combine_chunks()
+        return self._pick(col.flatten().flatten().to_numpy().reshape(len(idx), self.d.t, self.d.c))
+
+    def _setup_lance(self, stem: Path) -> None:
+        import lance
+
+        path = stem.with_suffix(".lance")
+        if not path.exists():
+            tmp = path.with_name(path.name + ".tmp")
+            lance.write_dataset(self._table(), os.fspath(tmp), mode="overwrite")
+            os.replace(tmp, path)
+        self.lance = lance.dataset(os.fspath(path))
+
+    def _fetch_lance(self, idx: np.ndarray) -> np.ndarray:
+        col = self.lance.take(idx.tolist(), columns=[self.d.column]).column(0).combine_chunks()
+        return self._pick(col.flatten().flatten().to_numpy().reshape(len(idx), self.d.t, self.d.c))
+
+    def _setup_hf(self, stem: Path) -> None:
+        import datasets
+
+        datasets.disable_progress_bars()
+        path = stem.with_suffix(".hf")
+        if not path.exists():
+            tmp = path.with_name(path.name + ".tmp")
+            datasets.Dataset(self._table()).save_to_disk(os.fspath(tmp))
+            os.replace(tmp, path)
+        self.hf = datasets.load_from_disk(os.fspath(path)).with_format("numpy", columns=[self.d.column])
+
+    def _fetch_hf(self, idx: np.ndarray) -> np.ndarray:
+        x = np.asarray(self.hf[idx][self.d.column], np.float32).reshape(len(idx), self.d.t, self.d.c)
+        return self._pick(x)
+
+    def fetch(self, idx: np.ndarray) -> np.ndarray:
+        key = "".join(ch for ch in self.name.split()[0].lower() if ch.isalnum())
+        return getattr(self, "_fetch_" + key)(idx)
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def bench_peers(d: Data, folder: Path, k: int, b: int, threads: int, batches: int, rounds: int,
+                echo: Callable[[str], None]) -> list[Result]:
+    """Hot: each peer fetches the same batches as gather, its file read once
+    first; rounds interleaved with gather."""
+    r = Runner(d, k, threads)
+    results = [Result("peers", k, b, threads, "gather:auto")]
+    peers: list[tuple[Result, Peer | None]] = []
+    for name in PEERS:
+        why = peer_missing(name)
+        res = Result("peers", k, b, threads, name, skipped=why)
+        peer = None
+        if why is None:
+            try:
+                peer = Peer(name, d, k, folder, echo)
+                check = np.asarray(peer.fetch(np.arange(min(4, d.n))))
+                if not np.array_equal(check, r.gather(np.arange(min(4, d.n)))):
+                    raise ValueError("returned other values than gather")
+                for j in range(2):  # warm: read its file once through its own path
+                    peer.fetch(np.random.default_rng(j).permutation(d.n)[:b])
+            except Exception as e:  # noqa: BLE001 - a peer that breaks is reported, not fatal
+                res.skipped, peer = f"failed: {type(e).__name__}: {e}"[:120], None
+        peers.append((res, peer))
+        results.append(res)
+    r.features.sum(dtype=np.uint64)
+    order = np.random.default_rng(2).permutation(d.n)
+    for rnd in range(rounds):
+        o = np.roll(order, rnd * batches * b)
+        results[0].batch_s.append(statistics.median(r.stream("gather:auto", o, b, batches)))
+        for res, peer in peers:
+            if peer is None:
+                continue
+            times = []
+            for j in range(batches):
+                idx = o[(j * b) % d.n:][:b]
+                idx = idx if len(idx) == b else o[:b]
+                t0 = time.perf_counter()
+                peer.fetch(idx)
+                times.append(time.perf_counter() - t0)
+            res.batch_s.append(statistics.median(times))
+    r.close()
+    return results
+
+
 # -- entry point -----------------------------------------------------------------
 
 
@@ -424,14 +654,19 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--threads", type=int, default=0, help="gather threads (0: every core)")
     p.add_argument("--batches", type=int, default=24, help="consecutive batches per run")
     p.add_argument("--rounds", type=int, default=3, help="rounds (medians are reported)")
+    p.add_argument("--instances", type=int, help="instances in the generated store (overrides --small)")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--plot", help="draw the ratios to gather into this PNG (needs matplotlib)")
 
 
 def run(args: Any) -> int:
     from finegym_store import _core
 
     threads = args.threads or _core.max_threads()
-    d = ensure_store(Path(args.data), args.column, SMALL_INSTANCES if args.small else INSTANCES)
+    n = args.instances or (SMALL_INSTANCES if args.small else INSTANCES)
+    if n < 2:
+        raise ValueError(f"--instances must be at least 2, got {n}")
+    d = ensure_store(Path(args.data), args.column, n)
     results: list[Result] = []
     echo = print
     for k in [int(x) for x in args.k.split(",")]:
@@ -449,13 +684,63 @@ def run(args: Any) -> int:
                     methods = ["gather:auto", "loader", "DataLoader w0", "DataLoader w2", "pread QD32",
                                "pread QD64"]
                     results += bench_cold(d, "flow", methods, k, b, threads, args.batches, args.rounds, echo)
+                elif state == "peers":
+                    results += bench_peers(d, Path(args.data), k, b, threads, args.batches, args.rounds, echo)
                 else:
                     methods = ["gather:auto", "gather:on", "gather:off", "numpy memmap"]
                     results += bench_cold(d, state, methods, k, b, threads, args.batches, args.rounds, echo)
     print_table(results, d)
     if args.json:
-        Path(args.json).write_text(json.dumps([{**asdict(r), "median_s": r.median_s} for r in results], indent=1))
+        rows = [{**asdict(r), "median_s": None if r.skipped else r.median_s,
+                 "instances_per_s": None if r.skipped else r.per_s()} for r in results]
+        Path(args.json).write_text(json.dumps({"machine": machine(), "instances": d.n, "column": d.column,
+                                               "results": rows}, indent=1))
+    if args.plot:
+        plot(results, args.plot)
     return 0
+
+
+def machine() -> dict[str, Any]:
+    import platform
+
+    from finegym_store import _core
+
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return {"cpu": model, "cores": _core.max_threads(), "kernel": platform.release(),
+            "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1)}
+
+
+def plot(results: list[Result], path: str) -> None:
+    """One panel per (state, K, B): each method's instances/s as a ratio to gather (auto)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[tuple[str, int, int], list[Result]] = {}
+    for r in results:
+        groups.setdefault((r.state, r.k, r.b), []).append(r)
+    fig, axes = plt.subplots(len(groups), 1, figsize=(8, 1.0 + 0.32 * sum(len(g) for g in groups.values())),
+                             squeeze=False)
+    for ax, ((state, k, b), rs) in zip(axes[:, 0], groups.items()):
+        ref = next(r for r in rs if r.method == "gather:auto").per_s()
+        names = [r.method for r in rs]
+        vals = [0.0 if r.skipped else r.per_s() / ref for r in rs]
+        ax.barh(names, vals, color=["tab:blue" if n.startswith("gather") else "tab:gray" for n in names])
+        for y, (v, r) in enumerate(zip(vals, rs)):
+            ax.text(v, y, " skipped" if r.skipped else f" {v:.2f}", va="center", fontsize=7)
+        ax.axvline(1.0, color="k", lw=0.5)
+        ax.invert_yaxis()
+        ax.set_title(f"{state}, K={k}, B={b}: instances/s relative to gather (auto)", fontsize=9)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def print_table(results: list[Result], d: Data) -> None:
@@ -465,10 +750,13 @@ def print_table(results: list[Result], d: Data) -> None:
     for (state, k, b), rs in groups.items():
         ref = next(r for r in rs if r.method == "gather:auto")
         print(f"\n{state}, K={k}, B={b}, threads={rs[0].threads}")
-        print(f"  {'method':16s} {'inst/s':>10s} {'GB/s':>7s} {'vs gather':>9s}")
+        print(f"  {'method':24s} {'inst/s':>10s} {'GB/s':>7s} {'vs gather':>9s}")
         for r in rs:
+            if r.skipped:
+                print(f"  {r.method:24s} {'skipped: ' + r.skipped}")
+                continue
             gbs = r.b * k * d.c * 4 / r.median_s / 1e9
-            print(f"  {r.method:16s} {r.per_s():10.0f} {gbs:7.2f} {r.per_s() / ref.per_s():9.2f}")
+            print(f"  {r.method:24s} {r.per_s():10.0f} {gbs:7.2f} {r.per_s() / ref.per_s():9.2f}")
 
 
 if __name__ == "__main__":

@@ -104,6 +104,33 @@ def test_auto_on_a_cold_file_reads_only_the_rows_it_needs(files):
         assert pages <= new and len(new) <= 2 * k, (k, sorted(pages), sorted(new)[:20], len(new))
 
 
+def test_auto_sees_a_batch_with_every_other_instance_resident_as_partly_cold(files):
+    """Resident instances at the even positions of the batch, the long cold
+    instance at the odd ones: however auto samples the batch, it must notice
+    the missing rows and read exactly those (no fault read-around)."""
+    path, _, ragged, ids = files
+    store = fgs.open(path)
+    sec = next(s for s in store.sections() if s["name"] == "features/r")
+    start = sec["offset"] + int(store.column("r").offsets[LONG]) * C * 4
+    del store
+    if _evict(path) > 0.05:
+        pytest.skip("this file system keeps the file in the page cache (posix_fadvise DONTNEED has no effect)")
+    store = fgs.open(path)
+    small = np.array([i for i in range(len(ids)) if i != LONG][:8])
+    _gather(store, "r", small, 3, "on")  # their rows are now resident
+    idx = np.empty(16, np.int64)
+    idx[0::2], idx[1::2] = small, LONG
+    rows = _core.sample_segments(LONG_ROWS, 3, 1, "test")
+    pages = {(start + int(r) * C * 4) // 4096 - start // 4096 for r in rows}
+    before = resident_pages(path, start, LONG_ROWS * C * 4)
+    if before[sorted(pages)].any():
+        pytest.skip("the sampled rows were already read (kernel read-around from an earlier read reaches them)")
+    got = _gather(store, "r", idx, 3, "auto")
+    np.testing.assert_array_equal(got, _expected(ragged, ids, idx, 3))
+    new = set(np.flatnonzero(resident_pages(path, start, LONG_ROWS * C * 4) & ~before).tolist())
+    assert pages <= new and len(new) <= 6, (sorted(pages), sorted(new)[:20], len(new))
+
+
 def test_prefetch_must_be_a_known_mode(files):
     store = fgs.open(files[0])
     with pytest.raises(ValueError, match="prefetch must be 'auto', 'on' or 'off', got 'always'"):

@@ -262,7 +262,7 @@ void gather(const StoreReader& reader, const FeatureColumn& col, const std::int6
     //   Auto: decided for this batch from the rows it reads, with no state
     //         kept between batches (so no other thread's faults or earlier
     //         batch can switch it off). First a probe, on this thread, of
-    //         kProbe instances spread over the batch: all resident -> the
+    //         kProbe instances scattered over the batch: all resident -> the
     //         batch is taken as hot and pass 1 is skipped (a hot batch pays
     //         kProbe mincore calls, not one per instance). Otherwise every
     //         instance is checked in parallel and only the runs with a
@@ -273,7 +273,13 @@ void gather(const StoreReader& reader, const FeatureColumn& col, const std::int6
     bool check_all = false;
     if (spec.prefetch == Prefetch::Auto) {
         const std::size_t probes = std::min(batch, kProbe);
-        for (std::size_t j = 0; j < probes && !check_all; ++j) check_all = check(j * batch / probes, false);
+        // Positions scattered by a multiplicative hash, not evenly spaced: an
+        // even spacing aliases with patterns such as "every other instance
+        // resident" and would see only resident ones.
+        for (std::size_t j = 0; j < probes && !check_all; ++j) {
+            const std::uint64_t h = ((static_cast<std::uint64_t>(j) + 1) * 0x9E3779B97F4A7C15ull) >> 32;
+            check_all = check(static_cast<std::size_t>((h * batch) >> 32), false);  // high bits: < batch
+        }
     }
     if (advise_all || check_all) {
         pool.parallel_for(batch, [&](std::size_t b) {
