@@ -227,7 +227,11 @@ class Runner:
         chunks = [c if len(c) == b else order[:b] for c in chunks]
         k = None if self.k == self.d.t else self.k
         times = []
-        if method == "loader":
+        if method == "loader" or method.startswith("train step"):
+            # "train step X ms": a simulated training step (sleeping X ms, the
+            # GIL released, as a GPU step would leave it) after every batch;
+            # the times are then the waits for data alone.
+            step = float(method.split()[2]) / 1e3 if method.startswith("train") else 0.0
             loader = self.store.loader(self.d.column, batch_size=b, num_segments=k, mode="test", shuffle=True,
                                        seed=int(order[0]), drop_last=True)
             it = iter(loader)
@@ -239,6 +243,8 @@ class Runner:
                     it = iter(loader)
                     next(it)
                 times.append(time.perf_counter() - t0)
+                if step:
+                    time.sleep(step)
             return times
         if method.startswith("DataLoader"):
             import torch.utils.data as tud
@@ -374,7 +380,7 @@ def bench_cold(d: Data, state: str, methods: list[str], k: int, b: int, threads:
     for rnd in range(rounds):
         for m in methods:  # interleaved: drift in the VM's disk hits every method alike
             seed = 1000 * rnd + 7
-            frac = prepare(d, "cold" if state == "flow" else state, b, batches, seed)
+            frac = prepare(d, "cold" if state in ("flow", "train-cold") else state, b, batches, seed)
             times = in_child(d, m, k, b, threads, batches, seed, 2 if state == "epochs" else 0)
             results[m].batch_s.append(steady(times))
             echo(f"  [{state} K={k} B={b} round {rnd}] {m:14s} {b / steady(times):9.0f} inst/s "
@@ -684,6 +690,17 @@ def run(args: Any) -> int:
                     methods = ["gather:auto", "loader", "DataLoader w0", "DataLoader w2", "pread QD32",
                                "pread QD64"]
                     results += bench_cold(d, "flow", methods, k, b, threads, args.batches, args.rounds, echo)
+                elif state == "train":
+                    # The step takes as long as a 1-thread memcpy of the batch, then 4x that.
+                    memcpy = [x for x in results if x.state == "hot" and x.k == k and x.b == b
+                              and x.method == "memcpy 1T"]
+                    step_ms = (memcpy[0].median_s if memcpy else step_estimate(d, k, b)) * 1e3
+                    methods = [f"train step {step_ms:.2f} ms", f"train step {4 * step_ms:.2f} ms"]
+                    hot = bench_hot(d, methods, k, b, threads, args.batches, args.rounds)
+                    cold = bench_cold(d, "train-cold", methods, k, b, threads, args.batches, args.rounds, echo)
+                    for r in hot:
+                        r.state = "train-hot"
+                    results += hot + cold
                 elif state == "peers":
                     results += bench_peers(d, Path(args.data), k, b, threads, args.batches, args.rounds, echo)
                 else:
@@ -692,7 +709,9 @@ def run(args: Any) -> int:
     print_table(results, d)
     if args.json:
         rows = [{**asdict(r), "median_s": None if r.skipped else r.median_s,
-                 "instances_per_s": None if r.skipped else r.per_s()} for r in results]
+                 "instances_per_s": None if r.skipped or r.state.startswith("train") else r.per_s(),
+                 "data_wait_fraction": wait_fraction(r) if r.state.startswith("train") else None}
+                for r in results]
         Path(args.json).write_text(json.dumps({"machine": machine(), "instances": d.n, "column": d.column,
                                                "results": rows}, indent=1))
     if args.plot:
@@ -724,7 +743,8 @@ def plot(results: list[Result], path: str) -> None:
 
     groups: dict[tuple[str, int, int], list[Result]] = {}
     for r in results:
-        groups.setdefault((r.state, r.k, r.b), []).append(r)
+        if not r.state.startswith("train"):
+            groups.setdefault((r.state, r.k, r.b), []).append(r)
     fig, axes = plt.subplots(len(groups), 1, figsize=(8, 1.0 + 0.32 * sum(len(g) for g in groups.values())),
                              squeeze=False)
     for ax, ((state, k, b), rs) in zip(axes[:, 0], groups.items()):
@@ -743,11 +763,35 @@ def plot(results: list[Result], path: str) -> None:
     plt.close(fig)
 
 
+def step_estimate(d: Data, k: int, b: int) -> float:
+    """Median seconds of a 1-thread memcpy of a batch's bytes (hot)."""
+    r = Runner(d, k, 1)
+    try:
+        r.features.sum(dtype=np.uint64)
+        order = np.random.default_rng(3).permutation(d.n)
+        return statistics.median(r.stream("memcpy 1T", order, b, 8))
+    finally:
+        r.close()
+
+
+def wait_fraction(r: Result) -> float:
+    """Fraction of a simulated training loop's time spent waiting for data."""
+    step = float(r.method.split()[2]) / 1e3
+    wait = statistics.median(r.batch_s)
+    return wait / (wait + step)
+
+
 def print_table(results: list[Result], d: Data) -> None:
     groups: dict[tuple[str, int, int], list[Result]] = {}
     for r in results:
         groups.setdefault((r.state, r.k, r.b), []).append(r)
     for (state, k, b), rs in groups.items():
+        if state.startswith("train"):
+            print(f"\n{state}: the loader feeding a simulated training step, K={k}, B={b}")
+            for r in rs:
+                print(f"  {r.method:24s} data wait {statistics.median(r.batch_s) * 1e3:7.2f} ms/batch = "
+                      f"{100 * wait_fraction(r):5.1f}% of step time")
+            continue
         ref = next(r for r in rs if r.method == "gather:auto")
         print(f"\n{state}, K={k}, B={b}, threads={rs[0].threads}")
         print(f"  {'method':24s} {'inst/s':>10s} {'GB/s':>7s} {'vs gather':>9s}")
