@@ -487,8 +487,8 @@ class Peer:
     def _fetch_h5py(self, idx: np.ndarray) -> np.ndarray:
         order = np.argsort(idx)  # h5py needs increasing indices
         out = np.empty((len(idx), len(self.segs), self.d.c), np.float32)
-        got = self.h5[np.sort(idx)] if self.all else self.h5[np.sort(idx), self.segs.tolist()]
-        out[order] = got
+        got = self.h5[np.sort(idx)]  # h5py allows one fancy index per read: whole instances, then the segments
+        out[order] = self._pick(got)
         return out
 
     def _setup_lmdb(self, stem: Path) -> None:
