@@ -32,9 +32,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -357,6 +358,7 @@ class Result:
     method: str
     batch_s: list[float] = field(default_factory=list)  # per round: the steady-state median batch time
     skipped: str | None = None  # why it did not run
+    rss_bytes: float | None = None  # open: resident memory each open added
 
     @property
     def median_s(self) -> float:
@@ -653,8 +655,12 @@ def add_arguments(p: Any) -> None:
                    help="folder for the generated stores (kept between runs)")
     p.add_argument("--small", action="store_true", help=f"{SMALL_INSTANCES} instances instead of {INSTANCES}")
     p.add_argument("--column", choices=sorted(CHANNELS), default="i3d")
-    p.add_argument("--states", default="hot,cold,half", help="comma-separated: hot, cold, half, epochs (two whole epochs, evicted "
-                   "before each), flow (cold: the loader and a DataLoader over StoreDataset)")
+    p.add_argument("--states", default="hot,train,cold,half,epochs,flow,peers,open",
+                   help="comma-separated, run in this order for each K and B: hot, train (the loader feeding "
+                        "a simulated step), cold, half (half the instances resident), epochs (two whole "
+                        "epochs, evicted before each), flow (cold: the loader and a DataLoader over "
+                        "StoreDataset), peers (hot: pickle, h5py, LMDB, Arrow, Parquet, Lance, HF datasets), "
+                        "open (open time and RSS, conversion throughput; once per run)")
     p.add_argument("--k", default="12,3", help="segments per instance (comma-separated)")
     p.add_argument("--batch", default="256", help="batch sizes (comma-separated)")
     p.add_argument("--threads", type=int, default=0, help="gather threads (0: every core)")
@@ -701,6 +707,9 @@ def run(args: Any) -> int:
                     for r in hot:
                         r.state = "train-hot"
                     results += hot + cold
+                elif state == "open":
+                    if not any(r.state == "open" for r in results):
+                        results += bench_open_convert(d, Path(args.data), args.rounds)
                 elif state == "peers":
                     results += bench_peers(d, Path(args.data), k, b, threads, args.batches, args.rounds, echo)
                 else:
@@ -709,7 +718,8 @@ def run(args: Any) -> int:
     print_table(results, d)
     if args.json:
         rows = [{**asdict(r), "median_s": None if r.skipped else r.median_s,
-                 "instances_per_s": None if r.skipped or r.state.startswith("train") else r.per_s(),
+                 "instances_per_s": None if r.skipped or r.state.startswith("train") or r.state in ("open", "convert")
+                 else r.per_s(),
                  "data_wait_fraction": wait_fraction(r) if r.state.startswith("train") else None}
                 for r in results]
         Path(args.json).write_text(json.dumps({"machine": machine(), "instances": d.n, "column": d.column,
@@ -743,7 +753,7 @@ def plot(results: list[Result], path: str) -> None:
 
     groups: dict[tuple[str, int, int], list[Result]] = {}
     for r in results:
-        if not r.state.startswith("train"):
+        if not r.state.startswith("train") and r.state not in ("open", "convert"):
             groups.setdefault((r.state, r.k, r.b), []).append(r)
     fig, axes = plt.subplots(len(groups), 1, figsize=(8, 1.0 + 0.32 * sum(len(g) for g in groups.values())),
                              squeeze=False)
@@ -761,6 +771,68 @@ def plot(results: list[Result], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now (/proc/self/statm)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+def bench_open_convert(d: Data, folder: Path, rounds: int) -> list[Result]:
+    """Open: median of `rounds` x 10 opens of the store (and the RSS they add);
+    beside it, pickle.load of the same features (the pickle peer's file, if
+    built). Convert: the store written again from an in-memory dict of the
+    same arrays, fsync included; beside it, ndarray.tofile of the same bytes
+    plus fsync. Batch-time fields hold seconds per operation."""
+    import pickle
+
+    import finegym_store as fgs
+
+    res_open = Result("open", d.t, 1, 1, "open store")
+    res_pickle = Result("open", d.t, 1, 1, "pickle.load (the dict)")
+    rss0 = rss_bytes()
+    keep = []
+    for _ in range(rounds):
+        times = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            keep.append(fgs.open(d.store))
+            times.append(time.perf_counter() - t0)
+        res_open.batch_s.append(statistics.median(times))
+    res_open.rss_bytes = (rss_bytes() - rss0) / len(keep)
+    del keep
+    pkl = folder / f"peer_{d.column}_{d.n}.pkl"
+    if pkl.exists():
+        for _ in range(min(rounds, 2)):
+            t0 = time.perf_counter()
+            with open(pkl, "rb") as f:
+                obj = pickle.load(f)  # trusted: written by this tool
+            res_pickle.batch_s.append(time.perf_counter() - t0)
+            del obj
+    else:
+        res_pickle.skipped = "no pickle built yet (run the peers state first)"
+    values = np.asarray(fgs.open(d.store).column(d.column).values).reshape(d.n, d.t, d.c).copy()
+    table = {f"i{i:06d}": values[i] for i in range(d.n)}
+    res_conv = Result("convert", d.t, d.n, 1, "convert (dict -> store)")
+    res_tofile = Result("convert", d.t, d.n, 1, "ndarray.tofile + fsync")
+    out = folder / f".convert_{os.getpid()}.fgs"
+    try:
+        for _ in range(rounds):
+            out.unlink(missing_ok=True)
+            t0 = time.perf_counter()
+            fgs.convert(out, {d.column: table}, progress=False)
+            res_conv.batch_s.append(time.perf_counter() - t0)
+            out.unlink()
+            t0 = time.perf_counter()
+            with open(out, "wb") as f:
+                values.tofile(f)
+                f.flush()
+                os.fsync(f.fileno())
+            res_tofile.batch_s.append(time.perf_counter() - t0)
+    finally:
+        out.unlink(missing_ok=True)
+    return [res_open, res_pickle, res_conv, res_tofile]
 
 
 def step_estimate(d: Data, k: int, b: int) -> float:
@@ -786,6 +858,17 @@ def print_table(results: list[Result], d: Data) -> None:
     for r in results:
         groups.setdefault((r.state, r.k, r.b), []).append(r)
     for (state, k, b), rs in groups.items():
+        if state in ("open", "convert"):
+            print(f"\n{state} ({d.n} instances, {d.n * d.instance_bytes / 1e9:.2f} GB of features)")
+            for r in rs:
+                if r.skipped:
+                    print(f"  {r.method:24s} skipped: {r.skipped}")
+                    continue
+                extra = f", +{r.rss_bytes / 1e6:.2f} MB RSS" if r.rss_bytes is not None else ""
+                rate = f", {d.n * d.instance_bytes / r.median_s / 1e9:.2f} GB/s" if state == "convert" else ""
+                print(f"  {r.method:24s} {r.median_s * 1e3:10.3f} ms{rate}{extra}, "
+                      f"{r.median_s / rs[0].median_s:.3g}x the time of {rs[0].method}")
+            continue
         if state.startswith("train"):
             print(f"\n{state}: the loader feeding a simulated training step, K={k}, B={b}")
             for r in rs:

@@ -12,7 +12,7 @@ import pytest
 
 import finegym_store as fgs
 from finegym_store import _core
-from finegym_store.bench import resident_pages, residency
+from finegym_store.bench import residency, resident_pages
 
 C = 1024  # float32 rows of 4 KiB: one page each on x86-64
 LONG, LONG_ROWS = 7, 12000
