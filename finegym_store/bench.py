@@ -693,7 +693,7 @@ def run(args: Any) -> int:
                                "pread QD32", "pread QD64"]
                     results += bench_cold(d, state, methods, k, b, threads, args.batches, args.rounds, echo)
                 elif state == "flow":  # the loader and the DataLoader, cold, beside gather and pread
-                    methods = ["gather:auto", "loader", "DataLoader w0", "DataLoader w2", "pread QD32",
+                    methods = ["gather:auto", "loader", "DataLoader w0", "DataLoader w2", "DataLoader w4", "pread QD32",
                                "pread QD64"]
                     results += bench_cold(d, "flow", methods, k, b, threads, args.batches, args.rounds, echo)
                 elif state == "train":
