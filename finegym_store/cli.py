@@ -54,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
+    from . import bench as _bench_cli
+
+    bn = sub.add_parser("bench", help="benchmark gather, the loader and what users do instead, side by side",
+                        description=(_bench_cli.__doc__ or "").split("\n\n")[0])
+    _bench_cli.add_arguments(bn)
+
     pr = sub.add_parser(
         "probe", help="train and evaluate a classifier on stored features (FineGym's protocol)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -275,6 +281,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.instances < 1:
                 raise ValueError("--instances must be at least 1")
             run_demo(args.instances, workdir=args.workdir, seed=args.seed, progress=not args.quiet)
+        elif args.command == "bench":
+            from .bench import run as run_bench
+
+            return run_bench(args)
         elif args.command == "probe":
             _probe(args)
         elif args.command == "export":

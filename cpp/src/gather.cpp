@@ -3,7 +3,6 @@
 #include "finegym/fault_guard.hpp"
 
 #include <sys/mman.h>
-#include <sys/resource.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -123,18 +122,42 @@ void convert_rows(const unsigned char* src, DType from, unsigned char* dst, DTyp
     }
 }
 
-void advise_willneed(const unsigned char* begin, std::size_t bytes) {
+std::uintptr_t page_size() {
     static const auto page = static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE));
+    return page;
+}
+
+void advise_willneed(const unsigned char* begin, std::size_t bytes) {
+    const std::uintptr_t page = page_size();
     const auto first = reinterpret_cast<std::uintptr_t>(begin) & ~(page - 1);
     const auto last = reinterpret_cast<std::uintptr_t>(begin) + bytes;
     // Advice only: an error changes nothing about correctness, so it is ignored.
     ::madvise(reinterpret_cast<void*>(first), last - first, MADV_WILLNEED);
 }
 
-long major_faults() {
-    struct rusage ru {};
-    ::getrusage(RUSAGE_SELF, &ru);
-    return ru.ru_majflt;
+// Page residency of [begin, begin + bytes) into `vec` (one byte per page,
+// bit 0 set when resident; see mincore(2)); returns the first page's address.
+// On failure (which mincore only reports for a bad range) every page is
+// marked missing, so the caller errs towards prefetching.
+std::uintptr_t residency(const unsigned char* begin, std::size_t bytes, std::vector<unsigned char>& vec) {
+    const std::uintptr_t page = page_size();
+    const auto first = reinterpret_cast<std::uintptr_t>(begin) & ~(page - 1);
+    const auto last = reinterpret_cast<std::uintptr_t>(begin) + bytes;
+    const std::size_t pages = static_cast<std::size_t>((last - first + page - 1) / page);
+    vec.resize(pages);
+    if (::mincore(reinterpret_cast<void*>(first), last - first, vec.data()) != 0) std::fill(vec.begin(), vec.end(), 0);
+    return first;
+}
+
+// True when some page of [begin, begin + bytes) is not resident, according
+// to `vec` (from residency(), covering the range, first page at `first`).
+bool missing(const unsigned char* begin, std::size_t bytes, std::uintptr_t first, const std::vector<unsigned char>& vec) {
+    const std::uintptr_t page = page_size();
+    const auto lo = static_cast<std::size_t>((reinterpret_cast<std::uintptr_t>(begin) - first) / page);
+    const auto hi = static_cast<std::size_t>((reinterpret_cast<std::uintptr_t>(begin) + bytes - 1 - first) / page);
+    for (std::size_t p = lo; p <= hi; ++p)
+        if ((vec[p] & 1u) == 0) return true;
+    return false;
 }
 
 // Calls fn(first_row, run_length) for each run of consecutive segments.
@@ -174,8 +197,6 @@ void gather(const StoreReader& reader, const FeatureColumn& col, const std::int6
     const std::size_t out_row = col.channels * dtype_size(spec.out_dtype);
     auto* dst = static_cast<unsigned char*>(out);
     const unsigned threads = spec.threads;
-    const bool prefetch = spec.prefetch == Prefetch::On ||
-                          (spec.prefetch == Prefetch::Auto && reader.cold_hint.load(std::memory_order_relaxed));
 
     // The segments of instance b, into `s` (rows_out entries).
     auto choose = [&](std::size_t b, std::uint64_t* s) {
@@ -188,32 +209,99 @@ void gather(const StoreReader& reader, const FeatureColumn& col, const std::int6
         sample_segments(sources[b].rows, spec.num_segments, spec.clip_len, spec.mode,
                         SampleKey{spec.seed, spec.epoch, static_cast<std::uint64_t>(i)}, s, spec.sampling);
     };
-    thread_local std::vector<std::uint64_t> scratch;  // per-thread, reused across batches
+    // Every instance's segments, chosen once (by whichever pass reaches the
+    // instance first; a parallel_for's end orders its writes before the next
+    // pass): 8 bytes per output row (a float32 row of C channels takes 4 * C).
+    std::vector<std::uint64_t> segs(batch * static_cast<std::size_t>(rows_out));
+    std::vector<unsigned char> chosen(batch, 0);
+    auto segments_of = [&](std::size_t b) {
+        std::uint64_t* s = segs.data() + b * rows_out;
+        if (chosen[b] == 0) {
+            choose(b, s);
+            chosen[b] = 1;
+        }
+        return s;
+    };
+    thread_local std::vector<unsigned char> resident;  // per-thread mincore vector, reused across batches
 
-    if (prefetch) {
-        // Queue the reads of exactly the rows the batch needs, all at once,
-        // so a cold file is read at a deep queue depth instead of one page
-        // fault at a time. (Only then: on hot data the calls cost more than
-        // they save, hence a separate pass.)
+    // Whether instance b has a page of the rows it reads missing from the page
+    // cache (mincore); with `advise`, also madvise(WILLNEED)s exactly the runs
+    // of rows with a missing page. One mincore over the span of rows the
+    // instance reads (lowest to highest segment), or one per run for a few
+    // rows of a long instance (not mapping residency over rows it skips).
+    auto check = [&](std::size_t b, bool advise) {
+        const std::uint64_t* s = segments_of(b);
+        const unsigned char* src = sources[b].data;
+        std::uint64_t lo = s[0], hi = s[0];
+        for (std::uint64_t r = 1; r < rows_out; ++r) {
+            lo = std::min(lo, s[r]);
+            hi = std::max(hi, s[r]);
+        }
+        const std::size_t span_bytes = static_cast<std::size_t>(hi - lo + 1) * in_row;
+        const bool per_run = span_bytes / 4 > static_cast<std::size_t>(rows_out) * in_row + 16 * page_size();
+        std::uintptr_t first = per_run ? 0 : residency(src + lo * in_row, span_bytes, resident);
+        bool any = false;
+        for_each_run(s, rows_out, [&](std::uint64_t r, std::uint64_t run) {
+            if (any && !advise) return;
+            const unsigned char* at = src + s[r] * in_row;
+            const std::size_t bytes = static_cast<std::size_t>(run) * in_row;
+            if (per_run) first = residency(at, bytes, resident);
+            if (missing(at, bytes, first, resident)) {
+                any = true;
+                if (advise) advise_willneed(at, bytes);
+            }
+        });
+        return any;
+    };
+
+    // Pass 1: queue the disk reads of the rows the batch needs, all at once
+    // (madvise WILLNEED starts the reads and returns), so a cold file is read
+    // at a deep queue depth instead of one page fault at a time in pass 2.
+    //   On:   every run of rows is advised.
+    //   Off:  nothing is (no pass 1).
+    //   Auto: decided for this batch from the rows it reads, with no state
+    //         kept between batches (so no other thread's faults or earlier
+    //         batch can switch it off). First a probe, on this thread, of
+    //         kProbe instances scattered over the batch: all resident -> the
+    //         batch is taken as hot and pass 1 is skipped (a hot batch pays
+    //         kProbe mincore calls, not one per instance). Otherwise every
+    //         instance is checked in parallel and only the runs with a
+    //         missing page are advised: a cold batch queues all its rows, a
+    //         partly resident one exactly its missing runs.
+    constexpr std::size_t kProbe = 8;
+    bool advise_all = spec.prefetch == Prefetch::On;
+    bool check_all = false;
+    if (spec.prefetch == Prefetch::Auto) {
+        const std::size_t probes = std::min(batch, kProbe);
+        // Positions scattered by a multiplicative hash, not evenly spaced: an
+        // even spacing aliases with patterns such as "every other instance
+        // resident" and would see only resident ones.
+        for (std::size_t j = 0; j < probes && !check_all; ++j) {
+            const std::uint64_t h = ((static_cast<std::uint64_t>(j) + 1) * 0x9E3779B97F4A7C15ull) >> 32;
+            check_all = check(static_cast<std::size_t>((h * batch) >> 32), false);  // high bits: < batch
+        }
+    }
+    if (advise_all || check_all) {
         pool.parallel_for(batch, [&](std::size_t b) {
-            scratch.resize(rows_out);
-            choose(b, scratch.data());
-            for_each_run(scratch.data(), rows_out, [&](std::uint64_t r, std::uint64_t run) {
-                advise_willneed(sources[b].data + scratch[r] * in_row, static_cast<std::size_t>(run) * in_row);
+            if (check_all) {
+                check(b, true);
+                return;
+            }
+            const std::uint64_t* s = segments_of(b);
+            for_each_run(s, rows_out, [&](std::uint64_t r, std::uint64_t run) {
+                advise_willneed(sources[b].data + s[r] * in_row, static_cast<std::size_t>(run) * in_row);
             });
         }, threads);
     }
 
-    // Copy (and convert) runs of consecutive segments, one call each.
+    // Pass 2: copy (and convert) runs of consecutive segments, one call each.
     // A file truncated under the mapping raises SIGBUS in the copy: the guard
     // (fault_guard.hpp) abandons that instance and the batch raises IoError.
     ensure_sigbus_handler();
     std::atomic<bool> faulted{false};
-    const long faults_before = major_faults();
     pool.parallel_for(batch, [&](std::size_t b) {
         if (faulted.load(std::memory_order_relaxed)) return;
-        scratch.resize(rows_out);
-        choose(b, scratch.data());
+        const std::uint64_t* s = segments_of(b);
         const unsigned char* src = sources[b].data;
         unsigned char* row_out = dst + b * rows_out * out_row;
         if (!guard_sigbus([&] {
@@ -222,20 +310,15 @@ void gather(const StoreReader& reader, const FeatureColumn& col, const std::int6
             // first cache misses of all rows then overlap instead of queueing
             // behind each copy.
             for (std::uint64_t r = 0; r < rows_out; ++r)
-                for (std::size_t off = 0; off < in_row; off += 4096) __builtin_prefetch(src + scratch[r] * in_row + off);
-            for_each_run(scratch.data(), rows_out, [&](std::uint64_t r, std::uint64_t run) {
-                convert_rows(src + scratch[r] * in_row, col.dtype, row_out + r * out_row, spec.out_dtype,
+                for (std::size_t off = 0; off < in_row; off += 4096) __builtin_prefetch(src + s[r] * in_row + off);
+            for_each_run(s, rows_out, [&](std::uint64_t r, std::uint64_t run) {
+                convert_rows(src + s[r] * in_row, col.dtype, row_out + r * out_row, spec.out_dtype,
                              static_cast<std::size_t>(run) * col.channels);
             });
         }))
             faulted.store(true, std::memory_order_relaxed);
     }, threads);
     if (faulted.load()) throw_mapping_fault(reader.path(), "gather");
-    // Auto prefetch: pages had to come from disk (major faults, counted for
-    // the whole process: other threads' faults only err towards prefetching)
-    // -> prefetch the next batch; a batch served from memory -> skip the
-    // madvise calls, which cost more than the copy saves on hot data.
-    reader.cold_hint.store(major_faults() != faults_before, std::memory_order_relaxed);
 }
 
 }  // namespace finegym

@@ -13,7 +13,7 @@ namespace finegym {
 
 // When to madvise(WILLNEED) the rows of a batch before copying them.
 enum class Prefetch : std::uint8_t {
-    Auto = 0,  // when the previous batch from this reader needed disk reads (and on the first batch)
+    Auto = 0,  // per batch: the runs of rows with a page missing from the page cache (mincore; see gather.cpp)
     On = 1,
     Off = 2,
 };

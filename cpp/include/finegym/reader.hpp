@@ -71,10 +71,6 @@ public:
     // IoError if the file was truncated or its header/table rewritten since open.
     std::vector<std::string> verify() const;
 
-    // Access-pattern state, not file content: whether the last gather needed
-    // disk reads, so the next one should queue its reads up front (gather.cpp).
-    mutable std::atomic<bool> cold_hint{true};
-
 private:
     void load_offsets(const Section& s, std::uint64_t limit, bool strictly_increasing);
     void check_layout();
