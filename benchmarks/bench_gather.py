@@ -44,6 +44,7 @@ import common  # noqa: E402
 
 import finegym_store as fgs  # noqa: E402
 from finegym_store import _core  # noqa: E402
+from finegym_store import bench as fgs_bench  # noqa: E402  (eviction shared with `finegym-store bench`)
 
 T, C = 12, 2048
 ROW = C * 4
@@ -121,24 +122,8 @@ def run_method(method: str, path: str, idx: np.ndarray, k: int) -> float:
 
 def evict(path: str) -> None:
     """Drop the file from the page cache (no process may have it mapped)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-    if _resident_pages(path) > 0.01 * os.path.getsize(path) / 4096:
+    if fgs_bench.evict(path) > 0.01:
         raise RuntimeError(f"could not evict {path} from the page cache (is it mapped by a live process?)")
-
-
-def _resident_pages(path: str) -> int:
-    """Pages of `path` in the page cache, by util-linux fincore (0 if unavailable)."""
-    try:
-        res = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "PAGES", path],
-                             capture_output=True, text=True, check=True)
-        return int(res.stdout.split()[0])
-    except (OSError, subprocess.CalledProcessError, ValueError, IndexError):
-        return 0
 
 
 def cold_run(method: str, path: str, idx: np.ndarray, k: int) -> float:
