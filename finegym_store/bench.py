@@ -510,7 +510,9 @@ class Peer:
 
     def _fetch_lmdb(self, idx: np.ndarray) -> np.ndarray:
         with self.env.begin(buffers=True) as txn:
-            x = np.stack([np.frombuffer(txn.get(b"%08d" % i), np.float32).reshape(self.d.t, self.d.c) for i in idx])
+            # every key was written in _setup_lmdb: get() never returns None here
+            x = np.stack([np.frombuffer(txn.get(b"%08d" % i), np.float32)  # type: ignore[arg-type]
+                          .reshape(self.d.t, self.d.c) for i in idx])
         return self._pick(x)
 
     def _setup_arrow(self, stem: Path) -> None:

@@ -207,12 +207,9 @@ def convert(
     if split_path is not None:
         ids, labels = read_split(split_path)
     cats: Categories | None = read_categories(categories) if categories is not None else None
-    if cats is not None and labels is not None:
-        unknown = set(np.unique(labels).tolist()) - set(cats.label.tolist()) - {-1}
-        if unknown:
-            raise ConversionError(
-                f"{split_path}: labels {sorted(unknown)[:10]} have no class in {os.fspath(categories)}"  # type: ignore[arg-type]
-            )
+    unknown = _labels_without_class(labels, cats)
+    if unknown:
+        raise ConversionError(f"{split_path}: labels {unknown} have no class in {os.fspath(categories)}")  # type: ignore[arg-type]
 
     writer = None
     columns_attrs: dict[str, Any] = {}
@@ -230,21 +227,34 @@ def convert(
             del table
 
         assert ids is not None and writer is not None
-        _write_instances(writer, ids, labels)
-        if cats is not None:
-            _write_classes(writer, cats)
-        attrs = {
-            "created_by": f"finegym-store {__version__}",
+        _finish(writer, ids, labels, cats, {
             "split": split_path,
             "categories": os.fspath(categories) if categories is not None else None,
             "columns": columns_attrs,
-        }
-        writer.add_array("attrs", np.frombuffer(json.dumps(attrs).encode("utf-8"), dtype=np.uint8))
-        writer.commit()
+        })
     finally:
         if writer is not None:
             writer.discard()  # no-op after commit; removes the temporary file otherwise
     return Store(out)
+
+
+def _labels_without_class(labels: np.ndarray | None, cats: Categories | None) -> list[int]:
+    """Up to 10 labels (other than -1) that the hierarchy has no class for."""
+    if labels is None or cats is None:
+        return []
+    return sorted(set(np.unique(labels).tolist()) - set(cats.label.tolist()) - {-1})[:10]
+
+
+def _finish(writer: Any, ids: list[str], labels: np.ndarray | None, cats: Categories | None,
+            attrs: dict[str, Any]) -> None:
+    """Everything after the feature columns: ids, labels, parsed fields, the
+    hierarchy, the provenance JSON (``attrs``, with ``created_by``); then commit."""
+    _write_instances(writer, ids, labels)
+    if cats is not None:
+        _write_classes(writer, cats)
+    doc = {"created_by": f"finegym-store {__version__}", **attrs}
+    writer.add_array(_core.SECTIONS["attrs"], np.frombuffer(json.dumps(doc).encode("utf-8"), dtype=np.uint8))
+    writer.commit()
 
 
 def _write_instances(writer: Any, ids: list[str], labels: np.ndarray | None) -> None:

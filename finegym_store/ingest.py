@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import __version__, _core
+from . import _core
 from .arrow import FIELD_KEY, INSTANCE_FIELDS, METADATA_KEY, _pa
-from .convert import _write_classes, _write_instances
+from .convert import _finish, _labels_without_class
 from .errors import ConversionError
 from .finegym import Categories, read_categories
 from .store import Store
@@ -525,23 +525,16 @@ def _ingest(source: _Source, out: str, id_column: str, label_column: str | None,
         if len(ids) == 0:
             raise ConversionError(f"{where}: the source has no rows")
         labels = instances.label_array()
-        if cats is not None and labels is not None:
-            unknown = set(np.unique(labels).tolist()) - set(cats.label.tolist()) - {-1}
-            if unknown:
-                raise ConversionError(f"{where}: column {label_column!r}: labels {sorted(unknown)[:10]} have no "
-                                      "class in the label hierarchy")
-        _write_instances(writer, ids, labels)
-        if cats is not None:
-            _write_classes(writer, cats)
-        attrs = {
-            "created_by": f"finegym-store {__version__}",
+        unknown = _labels_without_class(labels, cats)
+        if unknown:
+            raise ConversionError(f"{where}: column {label_column!r}: labels {unknown} have no "
+                                  "class in the label hierarchy")
+        _finish(writer, ids, labels, cats, {
             "source": where,
             "imported_from": {k: doc.get(k) for k in ("format_version", "exported_by", "source", "attrs")}
             if doc else None,
             "columns": columns_attrs,
-        }
-        writer.add_array("attrs", np.frombuffer(json.dumps(attrs).encode("utf-8"), dtype=np.uint8))
-        writer.commit()
+        })
     finally:
         if writer is not None:
             writer.discard()

@@ -70,6 +70,18 @@ def test_every_mode_returns_the_rows_in_every_cache_state(files, state):
                 del store
 
 
+def _evicted_long_instance(path) -> int:
+    """Evicts the store file; returns the byte offset of the long ragged
+    instance's first row (skips where eviction has no effect)."""
+    store = fgs.open(path)
+    sec = next(s for s in store.sections() if s["name"] == "features/r")
+    start = sec["offset"] + int(store.column("r").offsets[LONG]) * C * 4
+    del store
+    if _evict(path) > 0.05:
+        pytest.skip("this file system keeps the file in the page cache (posix_fadvise DONTNEED has no effect)")
+    return start
+
+
 def test_auto_on_a_cold_file_reads_only_the_rows_it_needs(files):
     """K = 3, then K = 4, of a 12000-row instance, in consecutive batches:
     auto queues exactly those rows each time (the decision is per batch, not
@@ -77,12 +89,7 @@ def test_auto_on_a_cold_file_reads_only_the_rows_it_needs(files):
     the kernel's fault read-around (which reads neighbouring pages too, up to
     read_ahead_kb) never runs; the rest of the instance stays on disk."""
     path, _, ragged, ids = files
-    store = fgs.open(path)
-    sec = next(s for s in store.sections() if s["name"] == "features/r")
-    start = sec["offset"] + int(store.column("r").offsets[LONG]) * C * 4
-    del store
-    if _evict(path) > 0.05:
-        pytest.skip("this file system keeps the file in the page cache (posix_fadvise DONTNEED has no effect)")
+    start = _evicted_long_instance(path)
     store = fgs.open(path)  # reads the header and offsets (and whatever the kernel reads around them)
     first_page = start // 4096
     for k in (3, 4):
@@ -103,12 +110,7 @@ def test_auto_sees_a_batch_with_every_other_instance_resident_as_partly_cold(fil
     instance at the odd ones: however auto samples the batch, it must notice
     the missing rows and read exactly those (no fault read-around)."""
     path, _, ragged, ids = files
-    store = fgs.open(path)
-    sec = next(s for s in store.sections() if s["name"] == "features/r")
-    start = sec["offset"] + int(store.column("r").offsets[LONG]) * C * 4
-    del store
-    if _evict(path) > 0.05:
-        pytest.skip("this file system keeps the file in the page cache (posix_fadvise DONTNEED has no effect)")
+    start = _evicted_long_instance(path)
     store = fgs.open(path)
     small = np.array([i for i in range(len(ids)) if i != LONG][:8])
     _gather(store, "r", small, 3, "on")  # their rows are now resident
