@@ -106,11 +106,11 @@ class Method:
         if self.name == "memcpy 1T":
             src = np.frombuffer(self.features, dtype=np.uint8)
             t0 = time.perf_counter()
-            common.baselines.memcpy_records(src, offs - self.base, size, np.empty(len(offs) * size, np.uint8))
+            common.baselines.memcpy_records(src, offs - self.base, size, fgs_bench.aligned_empty(len(offs) * size))
             return time.perf_counter() - t0
         if self.name == "pread QD32":
             t0 = time.perf_counter()
-            common.baselines.pread_records(self.path, offs, size, np.empty(len(offs) * size, np.uint8), 32)
+            common.baselines.pread_records(self.path, offs, size, fgs_bench.aligned_empty(len(offs) * size), 32)
             return time.perf_counter() - t0
         raise ValueError(self.name)
 

@@ -66,6 +66,6 @@ def test_hot_gather(benchmark, store, k, method):
 
         def run():
             offs, size = bg.record_offsets(0, next(it), segs)
-            common.baselines.memcpy_records(src, offs, size, np.empty(len(offs) * size, np.uint8))
+            common.baselines.memcpy_records(src, offs, size, bg.fgs_bench.aligned_empty(len(offs) * size))
 
         benchmark(run)

@@ -351,3 +351,82 @@ def test_fork_while_another_thread_gathers(store):
     finally:
         stop.set()
         worker.join()
+
+
+# ---- output placement: page-aligned outputs, and rows at every offset within a page --
+def test_gather_output_is_page_aligned_and_keeps_its_memory(store):
+    # Outputs start on a page boundary (as features sections do), whatever
+    # malloc would have given, and outlive the call, the store and the
+    # buffer's other views.
+    import mmap
+
+    for idx, K in (([0], 1), ([3, 1, 4], None), (np.arange(300), 5), ([], 3)):
+        got = store.gather("x", idx, num_segments=K)
+        assert got.ctypes.data % mmap.PAGESIZE == 0, (len(idx), K, hex(got.ctypes.data))
+        assert got.flags.c_contiguous and got.flags.writeable and got.dtype == np.float32
+        if len(idx):
+            np.testing.assert_array_equal(got, reference_gather(store, "x", np.asarray(idx, np.int64), K, "test", 0, 0))
+    job = _core.GatherJob(store._reader, "x", np.arange(7), 3, "test", 0, 0, 1, None, np.dtype("float32"), 2)
+    assert job.wait().ctypes.data % mmap.PAGESIZE == 0
+
+
+def test_gather_output_survives_the_store(tmp_path):
+    table = {f"k{i}": np.full((12, 16), i, np.float32) for i in range(10)}
+    s = fgs.convert(tmp_path / "a.fgs", {"x": table}, progress=False)
+    got = s.gather("x", [9, 2], num_segments=2)
+    del s
+    import gc
+
+    gc.collect()
+    got[...] += 1  # writeable memory of its own
+    np.testing.assert_array_equal(got[:, :, 0], [[10, 10], [3, 3]])
+
+
+@pytest.mark.parametrize("channels", [300, 2048])
+def test_gather_into_out_at_every_offset_within_a_page(tmp_path, channels):
+    # Rows of >= 1 KiB whose destination lies 1 to 31 bytes past the source
+    # modulo 4096 take a different copy (copy_row, gather.cpp). Every 4-byte
+    # offset of `out` within a page is tried; 300 channels (1200-byte rows,
+    # not a multiple of 64) also vary the distance from row to row.
+    rng = np.random.default_rng(3)
+    table = {f"k{i}": rng.standard_normal((12, channels)).astype(np.float32) for i in range(24)}
+    s = fgs.convert(tmp_path / "rows.fgs", {"x": table}, progress=False)
+    section = np.frombuffer(s._reader.section("features/x"), np.uint8)
+    idx = np.array([5, 0, 23, 5, 11])
+    row = channels * 4
+    expected = {K: reference_gather(s, "x", idx, K, "train", 7, 1) for K in (None, 4)}
+    raw = np.zeros(expected[None].nbytes + 8192, np.uint8)
+    base = -raw.ctypes.data % 4096
+    slow_rows = 0
+    for offset in range(0, 4096, 4 if channels == 300 else 8):
+        for K, want in expected.items():
+            out = raw[base + offset: base + offset + want.nbytes].view(np.float32).reshape(want.shape)
+            out[...] = np.nan
+            assert store_gather(s, idx, K, out) is not None
+            np.testing.assert_array_equal(out, want, err_msg=f"offset {offset}, K={K}")
+            if K is None:  # which rows met the short distance (source rows are whole instances here)
+                for b, i in enumerate(idx):
+                    for r in range(12):
+                        src = section.ctypes.data + (i * 12 + r) * row
+                        dst = out.ctypes.data + (b * 12 + r) * row
+                        slow_rows += 0 < (dst - src) % 4096 < 32
+    assert slow_rows > 0  # the other copy was exercised
+
+
+def store_gather(s, idx, K, out):
+    return s.gather("x", idx, num_segments=K, mode="train", seed=7, epoch=1, out=out)
+
+
+def test_gather_dtype_spellings(store):
+    # Native-order float32 and float16 in any spelling; other byte orders refused.
+    idx = [1, 2]
+    ref = store.gather("x", idx, num_segments=3)
+    for dt in (np.float32, "float32", "f4", np.dtype("=f4"), np.dtype(np.float32).newbyteorder("=")):
+        np.testing.assert_array_equal(store.gather("x", idx, num_segments=3, dtype=dt), ref)
+    for dt in (np.float16, "f2", np.dtype("=f2")):
+        assert store.gather("x", idx, num_segments=3, dtype=dt).dtype == np.float16
+    swapped = np.dtype("f4").newbyteorder("S")
+    with pytest.raises(ValueError, match="float32 or float16"):
+        store.gather("x", idx, num_segments=3, dtype=swapped)
+    with pytest.raises(ValueError, match="gather output has dtype"):
+        _core.gather(store._reader, "x", np.array(idx), 3, "test", 0, 0, 1, None, swapped, 1)

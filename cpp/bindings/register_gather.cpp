@@ -8,6 +8,8 @@
 // indices, and writes only `out`; the Reader and both arrays are held as
 // Python references for the whole call or job, so no Python object is
 // touched while the GIL is released.
+#include <unistd.h>
+
 #include <limits>
 #include <memory>
 
@@ -98,7 +100,20 @@ py::array prepare_out(py::object out, std::size_t batch, std::uint64_t rows, std
     finegym::output_bytes(batch, rows, channels, static_cast<std::size_t>(dtype.itemsize()));
     const std::vector<py::ssize_t> shape = {static_cast<py::ssize_t>(batch), static_cast<py::ssize_t>(rows),
                                             static_cast<py::ssize_t>(channels)};
-    if (out.is_none()) return py::array(dtype, shape);
+    if (out.is_none()) {
+        // numpy's own allocation (so malloc recycles it batch after batch
+        // and numpy's huge-page advice applies), one page larger, and the
+        // array starts at its first page boundary: page-aligned like the
+        // features sections, so no row lands at the offset where memcpy is
+        // slow (finegym::copy_row). The view's base keeps the memory alive.
+        const auto page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
+        const std::size_t bytes = static_cast<std::size_t>(shape[0]) * static_cast<std::size_t>(shape[1]) *
+                                  static_cast<std::size_t>(shape[2]) * static_cast<std::size_t>(dtype.itemsize());
+        py::array_t<std::uint8_t> raw(static_cast<py::ssize_t>(bytes + page));
+        auto* data = static_cast<unsigned char*>(raw.mutable_data());
+        data += (page - reinterpret_cast<std::uintptr_t>(data) % page) % page;
+        return py::array(dtype, shape, data, raw);
+    }
     auto arr = out.cast<py::array>();
     const bool shape_ok = arr.ndim() == 3 && arr.shape(0) == shape[0] && arr.shape(1) == shape[1] &&
                           arr.shape(2) == shape[2];

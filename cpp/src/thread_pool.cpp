@@ -23,8 +23,13 @@ ThreadPool::~ThreadPool() {
 }
 
 unsigned ThreadPool::default_threads() noexcept {
-    const unsigned n = std::thread::hardware_concurrency();
-    return n == 0 ? 1 : n;
+    // Read once: glibc answers hardware_concurrency() by reading a sysfs file,
+    // which cost more than a small gather when it was asked on every call.
+    static const unsigned n = [] {
+        const unsigned c = std::thread::hardware_concurrency();
+        return c == 0 ? 1u : c;
+    }();
+    return n;
 }
 
 void ThreadPool::submit(std::function<void()> task) { post(std::move(task)); }
