@@ -49,6 +49,9 @@ class StoreDataset(Dataset):
     are drawn from (seed, epoch, instance), so without it every epoch sees
     the same segments.
 
+    In a DataLoader worker, batches are gathered into shared memory, which
+    the main process receives without a copy.
+
     ``threads`` (default None): the C++ threads of each gather. In the main
     process that is every available core; inside a DataLoader worker it is
     max(1, cores // num_workers), so the workers together use the cores once
@@ -87,10 +90,24 @@ class StoreDataset(Dataset):
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         return max(1, cores // max(1, info.num_workers))
 
-    def _gather(self, indices: np.ndarray) -> np.ndarray:
+    def _gather(self, indices: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         return self.store.gather(self.column, indices, num_segments=self.num_segments, mode=self.mode,
                                  seed=self.seed, epoch=self.epoch, clip_len=self.clip_len, dtype=self.dtype,
-                                 threads=self.gather_threads(), sampling=self.sampling)
+                                 threads=self.gather_threads(), sampling=self.sampling, out=out)
+
+    def _shared_output(self, batch: int) -> torch.Tensor | None:
+        """Inside a DataLoader worker: an uninitialised tensor in shared
+        memory for a batch, so the gather writes straight into what the
+        worker hands to the main process (torch would otherwise copy the
+        batch into shared memory to send it; its own default_collate does
+        the same). None in the main process."""
+        if get_worker_info() is None or batch == 0:
+            return None
+        shape = self._gather(np.zeros(0, np.int64)).shape[1:]  # (rows, channels), checked as any gather is
+        dtype = torch.float16 if self.store._gather_dtype(self.column, self.dtype) == np.float16 else torch.float32
+        proto = torch.empty(0, dtype=dtype)
+        storage = proto._typed_storage()._new_shared(batch * shape[0] * shape[1], device=proto.device)
+        return proto.new(storage).resize_(batch, *shape)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         idx = as_indices([index], len(self.store))
@@ -99,9 +116,14 @@ class StoreDataset(Dataset):
 
     def __getitems__(self, indices: Sequence[int]) -> TensorBatch:
         idx = as_indices(indices, len(self.store))
-        features = self._gather(idx)
+        shared = self._shared_output(len(idx))
+        if shared is None:
+            features = torch.from_numpy(self._gather(idx))
+        else:
+            self._gather(idx, out=shared.numpy())
+            features = shared
         labels = self.store.labels[idx].astype(np.int64)
-        return TensorBatch(torch.from_numpy(features), torch.from_numpy(labels), torch.from_numpy(idx))
+        return TensorBatch(features, torch.from_numpy(labels), torch.from_numpy(idx))
 
 
 def collate(batch: TensorBatch | list[tuple[torch.Tensor, int]]) -> TensorBatch:

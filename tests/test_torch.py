@@ -212,3 +212,30 @@ def test_dataset_index_and_argument_errors(store):
     exact = StoreDataset(store, "x", num_segments=5, clip_len=2, sampling="exact")
     np.testing.assert_array_equal(exact.__getitems__([0, 1]).features.numpy(),
                                   store.gather("x", [0, 1], num_segments=5, clip_len=2, sampling="exact"))
+
+
+def _shared_report(batch):
+    """collate_fn run inside the worker: whether the gathered batch already lives in shared memory."""
+    return batch.features.is_shared(), batch.features.dtype, tuple(batch.features.shape), batch.features.clone()
+
+
+@fork_ok
+@pytest.mark.parametrize("num_segments, dtype", [(3, None), (None, "float16")])
+def test_workers_gather_straight_into_shared_memory(store, num_segments, dtype):
+    # In a worker the batch is gathered into a shared-memory tensor, so torch
+    # sends it to the main process without copying it first; the values are
+    # those of a gather in the main process, where nothing is shared.
+    ds = StoreDataset(store, "x", num_segments=num_segments, mode="train", seed=3, dtype=dtype)
+    main = ds.__getitems__([4, 0, 300])
+    assert not main.features.is_shared()
+    dl = torch.utils.data.DataLoader(ds, batch_size=7, num_workers=2, collate_fn=_shared_report,
+                                     multiprocessing_context="fork")
+    seen = list(dl)
+    assert len(seen) == 43
+    want_dtype = torch.float16 if dtype else torch.float32
+    rows = 3 if num_segments else 12
+    for b, (shared, dt, shape, values) in enumerate(seen):
+        assert shared and dt == want_dtype and shape == (min(7, len(store) - 7 * b), rows, 16)
+        idx = np.arange(7 * b, min(7 * b + 7, len(store)))
+        np.testing.assert_array_equal(values.numpy(), store.gather("x", idx, num_segments=num_segments,
+                                                                   mode="train", seed=3, dtype=dtype))
