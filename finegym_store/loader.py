@@ -215,6 +215,18 @@ class Loader:
         free: list[np.ndarray] | None = [] if self.reuse_buffers else None
         held: np.ndarray | None = None  # the recycled buffer the caller holds now
         pending: deque[tuple[np.ndarray, Any]] = deque()
+
+        def top_up(b: int, jobs: int) -> None:
+            # Submit jobs for the batches after b until `jobs` are pending.
+            while len(pending) < jobs and b + len(pending) < len(batches):
+                chunk = batches[b + len(pending)]
+                out = None
+                if free and free[-1].shape[0] == len(chunk):
+                    out = free.pop()
+                pending.append((chunk, _core.GatherJob(reader, self.column, chunk, self.num_segments, self.mode,
+                                                       self.seed, epoch, self.clip_len, out, self.dtype, threads,
+                                                       self.sampling)))
+
         try:
             for b in range(len(batches)):
                 # Resuming means the caller asked for the next batch: with
@@ -222,20 +234,21 @@ class Loader:
                 if free is not None and held is not None:
                     free.append(held)
                     held = None
-                # Keep `prefetch` jobs running beyond the one waited for next.
-                while len(pending) <= self.prefetch and b + len(pending) < len(batches):
-                    chunk = batches[b + len(pending)]
-                    out = None
-                    if free and free[-1].shape[0] == len(chunk):
-                        out = free.pop()
-                    job = _core.GatherJob(reader, self.column, chunk, self.num_segments, self.mode, self.seed,
-                                          epoch, self.clip_len, out, self.dtype, threads, self.sampling)
-                    pending.append((chunk, job))
+                # Batch b's job plus `prefetch` beyond it. When b is ready the
+                # new job is submitted only after taking b, just before the
+                # yield, so its threads start while the caller runs its step
+                # rather than competing with this call; when b is not ready
+                # yet it is submitted first, to overlap with the wait.
+                top_up(b, 1)
+                if not pending[0][1].done:
+                    top_up(b, self.prefetch + 1)
                 chunk, job = pending.popleft()
                 features = job.wait()
                 if free is not None:
                     held = features
-                yield Batch(features, labels[chunk], chunk)
+                batch = Batch(features, labels[chunk], chunk)
+                top_up(b + 1, self.prefetch)
+                yield batch
         finally:
             # Abandoned mid-epoch (or done): wait for in-flight jobs so no
             # thread outlives the iterator; their buffers are dropped. Jobs

@@ -130,6 +130,48 @@ def test_reuse_buffers_recycles_only_after_the_next_request(store):
     assert len(addresses) <= 4  # a small ring, not one buffer per batch
 
 
+@pytest.mark.parametrize("prefetch", [0, 1, 2, 5])
+def test_prefetch_keeps_exactly_its_lookahead(store, monkeypatch, prefetch):
+    # While the caller holds batch b, the jobs for b+1 .. b+prefetch (no more,
+    # and no fewer while batches remain) have been submitted.
+    from finegym_store import loader as loader_module
+
+    made = []
+    real = loader_module._core.GatherJob
+
+    def counting(*args):
+        made.append(args[2])
+        return real(*args)
+
+    monkeypatch.setattr(loader_module._core, "GatherJob", counting)
+    loader = store.loader("x", batch_size=64, num_segments=3, prefetch=prefetch)
+    n = len(loader)
+    for b, batch in enumerate(loader):
+        assert len(made) == min(n, b + 1 + prefetch), (b, len(made))
+        np.testing.assert_array_equal(made[b], batch.indices)
+    assert len(made) == n
+
+
+def test_background_jobs_finish_without_a_waiter(store):
+    # Idle background workers poll for a while, then park; a job submitted in
+    # either state runs to the end with nobody waiting on it (`done` turns
+    # true by itself), and its output is right.
+    import time
+
+    from finegym_store import _core
+
+    idx = np.arange(0, len(store), 5)
+    expected = store.gather("x", idx, num_segments=3, mode="test")
+    for gap in (0.0, 0.0003, 0.05):  # back to back; within the polling phase; after it (5 ms)
+        time.sleep(gap)
+        job = _core.GatherJob(store._reader, "x", idx, 3, "test", 0, 0, 1, None, np.dtype("float32"), 2)
+        deadline = time.monotonic() + 30
+        while not job.done and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        assert job.done, f"a job submitted after {gap} s idle never ran"
+        np.testing.assert_array_equal(job.wait(), expected)
+
+
 def os_threads() -> int:
     return len(os.listdir("/proc/self/task"))
 

@@ -156,6 +156,7 @@ public:
         return out_;
     }
     bool owned() const noexcept { return job_->owned(); }
+    bool done() const { return job_->done(); }
 
 private:
     py::object reader_;
@@ -214,7 +215,10 @@ void register_gather(py::module_& m) {
         .def("wait", &PyGatherJob::wait,
              "Block until done (GIL released); the output array, or the job's error. ForkedJobError (a "
              "RuntimeError) in a process forked after the job started.")
-        .def_property_readonly("owned", &PyGatherJob::owned, "True in the process that started the job.");
+        .def_property_readonly("owned", &PyGatherJob::owned, "True in the process that started the job.")
+        .def_property_readonly("done", &PyGatherJob::done,
+                               "True once the gather has finished (wait() then returns at once); ForkedJobError "
+                               "in a process forked after the job started.");
 
     m.def(
         "sample_segments",

@@ -46,13 +46,28 @@ GatherJob::GatherJob(const StoreReader& reader, const FeatureColumn& col, const 
 
 bool GatherJob::owned() const noexcept { return owner_pid_ == ::getpid(); }
 
+bool GatherJob::done() const {
+    if (!owned()) throw_forked();
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    return state_->done;
+}
+
+void GatherJob::throw_forked() const {
+    throw ForkedJobError("this background gather (GatherJob) was started in process " + std::to_string(owner_pid_) +
+                         " and cannot be waited for in forked process " + std::to_string(::getpid()) +
+                         ": its thread does not exist here; start a new iteration (or job) in this process");
+}
+
 void GatherJob::wait() const {
-    if (!owned())
-        throw ForkedJobError("this background gather (GatherJob) was started in process " +
-                             std::to_string(owner_pid_) + " and cannot be waited for in forked process " +
-                             std::to_string(::getpid()) +
-                             ": its thread does not exist here; start a new iteration (or job) in this process");
+    if (!owned()) throw_forked();
     std::unique_lock<std::mutex> lock(state_->mutex);
+    if (!state_->done) {
+        // About to block: start the job now if it is still queued behind a
+        // polling worker's interval (ThreadPool: submit() may not wake one).
+        lock.unlock();
+        ThreadPool::background()->wake();
+        lock.lock();
+    }
     state_->cv.wait(lock, [this] { return state_->done; });
     if (state_->error) std::rethrow_exception(state_->error);
 }

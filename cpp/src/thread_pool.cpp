@@ -8,7 +8,8 @@
 
 namespace finegym {
 
-ThreadPool::ThreadPool(unsigned threads) : owner_pid_(::getpid()) {
+ThreadPool::ThreadPool(unsigned threads, bool poll_when_idle)
+    : poll_when_idle_(poll_when_idle), owner_pid_(::getpid()) {
     workers_.reserve(threads);
     for (unsigned i = 0; i < threads; ++i) workers_.emplace_back([this] { worker_loop(); });
 }
@@ -35,24 +36,39 @@ unsigned ThreadPool::default_threads() noexcept {
 void ThreadPool::submit(std::function<void()> task) { post(std::move(task)); }
 
 void ThreadPool::post(std::function<void()> task) {
+    bool someone_polls;
     {
         std::lock_guard<std::mutex> lock(mutex_);
         tasks_.push(std::move(task));
+        someone_polls = polling_ > 0;
     }
-    cv_.notify_one();
+    // A polling worker finds the task within kPollInterval without a wake-up.
+    if (!someone_polls) cv_.notify_one();
 }
 
+void ThreadPool::wake() { cv_.notify_one(); }
+
 void ThreadPool::worker_loop() {
+    bool ran = false;  // whether this worker has just finished a task (then it polls before parking)
     for (;;) {
         std::function<void()> task;
         {
             std::unique_lock<std::mutex> lock(mutex_);
-            cv_.wait(lock, [this] { return stop_ || !tasks_.empty(); });
+            auto ready = [this] { return stop_ || !tasks_.empty(); };
+            if (poll_when_idle_ && ran && !ready()) {
+                // Polling phase: counted in polling_, so post() skips its notify.
+                ++polling_;
+                const auto until = std::chrono::steady_clock::now() + kPollFor;
+                while (!ready() && std::chrono::steady_clock::now() < until) cv_.wait_for(lock, kPollInterval, ready);
+                --polling_;  // under the mutex: a post() after this sees no poller and notifies
+            }
+            cv_.wait(lock, ready);
             if (stop_ && tasks_.empty()) return;
             task = std::move(tasks_.front());
             tasks_.pop();
         }
         task();
+        ran = true;
     }
 }
 
@@ -163,7 +179,7 @@ std::shared_ptr<ThreadPool> ThreadPool::background() {
     Registry& r = registry();
     std::lock_guard<std::mutex> lock(r.mutex);
     if (r.background && r.background->owner_pid_ != ::getpid()) leak(r.background);
-    if (!r.background) r.background = std::make_shared<ThreadPool>(kBackgroundThreads);
+    if (!r.background) r.background = std::make_shared<ThreadPool>(kBackgroundThreads, /*poll_when_idle=*/true);
     return r.background;
 }
 

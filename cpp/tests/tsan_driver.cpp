@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -124,6 +125,26 @@ int main(int argc, char** argv) {
                 if (i > 200) break;
             }
         });
+    }
+
+    // Jobs submitted while the background workers poll, and after they have
+    // parked (a gap longer than kPollFor): each finishes with nobody waiting
+    // on it (done() turns true by itself), and wait() on a queued one returns.
+    for (const auto gap : {std::chrono::microseconds(0), std::chrono::microseconds(300),
+                           std::chrono::microseconds(ThreadPool::kPollFor) + std::chrono::milliseconds(3)}) {
+        std::this_thread::sleep_for(gap);
+        std::vector<float> out(ref_test.size());
+        GatherJob job(reader, col, idx.data(), idx.size(), spec_for(2, SampleMode::Test), out.data());
+        const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+        while (!job.done() && std::chrono::steady_clock::now() < deadline)
+            std::this_thread::sleep_for(std::chrono::microseconds(50));
+        require(job.done(), "a job runs without wait() (no lost wake-up)");
+        job.wait();
+        require(out == ref_test, "a job submitted to polling or parked workers");
+        std::this_thread::sleep_for(gap);
+        GatherJob waited(reader, col, idx.data(), idx.size(), spec_for(2, SampleMode::Test), out.data());
+        waited.wait();
+        require(waited.done() && out == ref_test, "wait() on a job queued behind a polling worker");
     }
 
     // fork() while all that runs, a few times; each child runs its checks and exits normally.

@@ -39,10 +39,16 @@ public:
     // Throws ForkedJobError in a process other than the one that started it.
     void wait() const;
 
+    // True once the gather has finished (successfully or not); never blocks
+    // for long. Throws ForkedJobError in a process other than the one that
+    // started it, as wait() does.
+    bool done() const;
+
     // True in the process that started the job.
     bool owned() const noexcept;
 
 private:
+    [[noreturn]] void throw_forked() const;
     struct State;
     std::shared_ptr<State> state_;
     pid_t owner_pid_;

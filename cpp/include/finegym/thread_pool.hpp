@@ -13,12 +13,22 @@
 // The pools are never destroyed (their workers end with the process), so a
 // thread still gathering while the process exits finds them intact.
 //
+// Idle workers of the background pool poll before they park: a worker that
+// runs out of tasks re-checks the queue every kPollInterval for kPollFor,
+// and while one does, submit() queues without waking anyone (no futex wake,
+// which is a cross-CPU interrupt: 40 to 70 us of the submitting thread's
+// time on our VM, paid by the loader's consumer on every batch). A job
+// submitted that way starts within about one interval; wake() starts it at
+// once (GatherJob::wait calls it for a job it is about to block on). After
+// kPollFor without work the worker parks, and submit() wakes it as usual.
+//
 // Fork: worker threads do not survive fork(). A pthread_atfork child handler
 // leaks the parent's pools in the child (joining or destroying their
 // std::thread objects, mutexes or condition variables there would abort or
 // hang); the next shared()/background() call builds fresh pools.
 #pragma once
 
+#include <chrono>
 #include <condition_variable>
 #include <cstddef>
 #include <functional>
@@ -34,7 +44,8 @@ namespace finegym {
 
 class ThreadPool {
 public:
-    explicit ThreadPool(unsigned threads);
+    // poll_when_idle: idle workers poll before they park (see above).
+    explicit ThreadPool(unsigned threads, bool poll_when_idle = false);
     ~ThreadPool();
     ThreadPool(const ThreadPool&) = delete;
     ThreadPool& operator=(const ThreadPool&) = delete;
@@ -47,6 +58,13 @@ public:
 
     // Runs `task` on a worker, later; the task must not throw. Needs size() >= 1.
     void submit(std::function<void()> task);
+
+    // Wakes a worker now if one is waiting (idle or polling): for a caller
+    // about to block on a submitted task.
+    void wake();
+
+    static constexpr std::chrono::microseconds kPollInterval{100};
+    static constexpr std::chrono::milliseconds kPollFor{5};
 
     // The process-wide pool for `threads` threads (0: default_threads()),
     // `threads` capped at max_threads(). It grows when more are asked for (up
@@ -72,6 +90,8 @@ private:
     std::mutex mutex_;
     std::condition_variable cv_;
     bool stop_ = false;
+    const bool poll_when_idle_;
+    unsigned polling_ = 0;  // workers in their polling phase (guarded by mutex_)
     pid_t owner_pid_;
 };
 
