@@ -369,6 +369,9 @@ class Result:
     batch_s: list[float] = field(default_factory=list)  # per round: the steady-state median batch time
     skipped: str | None = None  # why it did not run
     rss_bytes: float | None = None  # open: resident memory each open added
+    # cold states, per round: mean batch time after the first batch (which
+    # holds a DataLoader's worker start-up and the fault path's big first read)
+    later_s: list[float] = field(default_factory=list)
 
     @property
     def median_s(self) -> float:
@@ -395,6 +398,7 @@ def bench_cold(d: Data, state: str, methods: list[str], k: int, b: int, threads:
             frac = prepare(d, "cold" if state in ("flow", "train-cold") else state, b, batches, seed)
             times = in_child(d, m, k, b, threads, batches, seed, 2 if state == "epochs" else 0)
             results[m].batch_s.append(steady(times))
+            results[m].later_s.append(steady(times[1:]) if len(times) > 1 else times[0])
             echo(f"  [{state} K={k} B={b} round {rnd}] {m:14s} {b / steady(times):9.0f} inst/s "
                  f"(resident before: {frac:.2f}; batches ms: {' '.join(f'{t * 1e3:.0f}' for t in times[:8])} ...)")
     return list(results.values())
@@ -889,13 +893,16 @@ def print_table(results: list[Result], d: Data) -> None:
             continue
         ref = next(r for r in rs if r.method == "gather:auto")
         print(f"\n{state}, K={k}, B={b}, threads={rs[0].threads}")
-        print(f"  {'method':24s} {'inst/s':>10s} {'GB/s':>7s} {'vs gather':>9s}")
+        later = all(r.later_s for r in rs if not r.skipped)
+        print(f"  {'method':24s} {'inst/s':>10s} {'GB/s':>7s} {'vs gather':>9s}"
+              + (f" {'after 1st batch':>16s}" if later else ""))
         for r in rs:
             if r.skipped:
                 print(f"  {r.method:24s} {'skipped: ' + r.skipped}")
                 continue
             gbs = r.b * k * d.c * 4 / r.median_s / 1e9
-            print(f"  {r.method:24s} {r.per_s():10.0f} {gbs:7.2f} {r.per_s() / ref.per_s():9.2f}")
+            after = f" {r.b / statistics.median(r.later_s):16.0f}" if later else ""
+            print(f"  {r.method:24s} {r.per_s():10.0f} {gbs:7.2f} {r.per_s() / ref.per_s():9.2f}{after}")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,10 @@ def test_bench_runs_every_state_and_reports_every_method(tmp_path):
         assert (row["skipped"] is None) == (row["instances_per_s"] is not None), row
         assert name in text
     assert all(r["instances_per_s"] > 0 for r in rows if r["skipped"] is None)
+    # Cold states also report each round's rate after the first batch; hot ones do not.
+    for r in rows:
+        assert len(r["later_s"]) == (len(r["batch_s"]) if r["state"] in ("cold", "half") else 0), r
+    assert "after 1st batch" in text
 
 
 def test_bench_rejects_a_store_too_small(tmp_path, capsys):
