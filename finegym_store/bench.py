@@ -332,6 +332,10 @@ def run_batches(d: Data, method: str, k: int, b: int, threads: int, batches: int
 
 def child_main(spec: dict[str, Any]) -> None:
     d = Data(**spec["data"])
+    if "peer" in spec:
+        print(json.dumps(peer_child(d, spec["peer"], Path(spec["folder"]), spec["k"], spec["b"], spec["batches"],
+                                    spec["seed"])))
+        return
     times = run_batches(d, spec["method"], spec["k"], spec["b"], spec["threads"], spec["batches"], spec["seed"],
                         spec.get("epochs", 0))
     print(json.dumps(times))
@@ -372,6 +376,7 @@ class Result:
     # cold states, per round: mean batch time after the first batch (which
     # holds a DataLoader's worker start-up and the fault path's big first read)
     later_s: list[float] = field(default_factory=list)
+    open_s: list[float] = field(default_factory=list)  # peers-cold, per round: the peer's open, from cold
 
     @property
     def median_s(self) -> float:
@@ -540,7 +545,8 @@ class Peer:
                 with pa.ipc.new_file(f, t.schema) as w:
                     w.write_table(t, max_chunksize=1024)
             _atomic_write(path, write)
-        self.arrow = pa.ipc.open_file(pa.memory_map(os.fspath(path))).read_all().combine_chunks()
+        # Zero-copy over the mapping (combine_chunks would copy the whole file into memory).
+        self.arrow = pa.ipc.open_file(pa.memory_map(os.fspath(path))).read_all()
 
     def _fetch_arrow(self, idx: np.ndarray) -> np.ndarray:
         col = self.arrow.column(self.d.column).take(idx).combine_chunks()
@@ -598,6 +604,36 @@ class Peer:
         return getattr(self, "_fetch_" + key)(idx)
 
 
+PEER_SUFFIX = {"pickle": ".pkl", "h5py": ".h5", "lmdb": ".lmdb", "arrow": ".arrow", "parquet": ".parquet",
+               "lance": ".lance", "hf": ".hf"}
+
+
+def peer_files(name: str, d: Data, folder: Path) -> list[Path]:
+    """Every file of a built peer (a folder's files for Lance and HF datasets)."""
+    key = "".join(ch for ch in name.split()[0].lower() if ch.isalnum())
+    path = (folder / f"peer_{d.column}_{d.n}").with_suffix(PEER_SUFFIX[key])
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file())
+    return [path] if path.exists() else []
+
+
+def peer_child(d: Data, name: str, folder: Path, k: int, b: int, batches: int, seed: int) -> dict[str, Any]:
+    """In a fresh process: open the peer (timed alone), then `batches`
+    consecutive batches of an epoch order, each timed."""
+    order = np.random.default_rng(seed).permutation(d.n)
+    t0 = time.perf_counter()
+    peer = Peer(name, d, k, folder)
+    open_s = time.perf_counter() - t0
+    times = []
+    for j in range(batches):
+        idx = order[(j * b) % d.n:][:b]
+        idx = idx if len(idx) == b else order[:b]
+        t0 = time.perf_counter()
+        peer.fetch(idx)
+        times.append(time.perf_counter() - t0)
+    return {"open_s": open_s, "times": times}
+
+
 def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -651,6 +687,51 @@ def bench_peers(d: Data, folder: Path, k: int, b: int, threads: int, batches: in
     return results
 
 
+def bench_peers_cold(d: Data, folder: Path, k: int, b: int, threads: int, batches: int, rounds: int,
+                     echo: Callable[[str], None]) -> list[Result]:
+    """Cold: before each run the store and the peer's files are evicted; then,
+    in a fresh process, the peer is opened (its own figure: a pickle or
+    Parquet is read whole here) and `batches` consecutive batches follow, as
+    in the cold state. Gather runs the same batches, interleaved."""
+    results = [Result("peers-cold", k, b, threads, "gather:auto")]
+    runnable: list[Result] = []
+    for name in PEERS:
+        res = Result("peers-cold", k, b, threads, name, skipped=peer_missing(name))
+        if res.skipped is None:
+            try:
+                Peer(name, d, k, folder, echo)  # built once (outside any timing), then dropped
+            except Exception as e:  # noqa: BLE001 - a peer that breaks is reported, not fatal
+                res.skipped = f"failed: {type(e).__name__}: {e}"[:120]
+        results.append(res)
+        if res.skipped is None:
+            runnable.append(res)
+    for rnd in range(rounds):
+        seed = 1000 * rnd + 11
+        evict(d.store)
+        times = in_child(d, "gather:auto", k, b, threads, batches, seed)
+        results[0].batch_s.append(steady(times))
+        results[0].later_s.append(steady(times[1:]) if len(times) > 1 else times[0])
+        for res in runnable:
+            evict(d.store)
+            for f in peer_files(res.method, d, folder):
+                evict(f)
+            spec = {"data": asdict(d), "peer": res.method, "folder": os.fspath(folder), "k": k, "b": b,
+                    "batches": batches, "seed": seed}
+            try:
+                out = subprocess.run([sys.executable, "-m", "finegym_store.bench", "--child", json.dumps(spec)],
+                                     check=True, capture_output=True, text=True)
+            except subprocess.CalledProcessError as e:
+                res.skipped = f"failed: {e.stderr.strip().splitlines()[-1] if e.stderr.strip() else e}"[:120]
+                continue
+            got = json.loads(out.stdout.strip().splitlines()[-1])
+            res.batch_s.append(steady(got["times"]))
+            res.later_s.append(steady(got["times"][1:]) if len(got["times"]) > 1 else got["times"][0])
+            res.open_s.append(got["open_s"])
+            echo(f"  [peers-cold K={k} B={b} round {rnd}] {res.method:22s} {b / steady(got['times']):9.0f} inst/s "
+                 f"(open {got['open_s']:.2f} s)")
+    return [r for r in results if r.skipped or r.batch_s]
+
+
 # -- entry point -----------------------------------------------------------------
 
 
@@ -671,11 +752,12 @@ def add_arguments(p: Any) -> None:
                    help="folder for the generated stores (kept between runs)")
     p.add_argument("--small", action="store_true", help=f"{SMALL_INSTANCES} instances instead of {INSTANCES}")
     p.add_argument("--column", choices=sorted(CHANNELS), default="i3d")
-    p.add_argument("--states", default="hot,train,cold,half,epochs,flow,peers,open",
+    p.add_argument("--states", default="hot,train,cold,half,epochs,flow,peers,peers-cold,open",
                    help="comma-separated, run in this order for each K and B: hot, train (the loader feeding "
                         "a simulated step), cold, half (half the instances resident), epochs (two whole "
                         "epochs, evicted before each), flow (cold: the loader and a DataLoader over "
                         "StoreDataset), peers (hot: pickle, h5py, LMDB, Arrow, Parquet, Lance, HF datasets), "
+                        "peers-cold (the same, each file evicted, opened and read in a fresh process), "
                         "open (open time and RSS, conversion throughput; once per run)")
     p.add_argument("--k", default="12,3", help="segments per instance (comma-separated)")
     p.add_argument("--batch", default="256", help="batch sizes (comma-separated)")
@@ -728,6 +810,8 @@ def run(args: Any) -> int:
                         results += bench_open_convert(d, Path(args.data), args.rounds)
                 elif state == "peers":
                     results += bench_peers(d, Path(args.data), k, b, threads, args.batches, args.rounds, echo)
+                elif state == "peers-cold":
+                    results += bench_peers_cold(d, Path(args.data), k, b, threads, args.batches, args.rounds, echo)
                 else:
                     methods = ["gather:auto", "gather:on", "gather:off", "numpy memmap"]
                     results += bench_cold(d, state, methods, k, b, threads, args.batches, args.rounds, echo)
@@ -894,14 +978,17 @@ def print_table(results: list[Result], d: Data) -> None:
         ref = next(r for r in rs if r.method == "gather:auto")
         print(f"\n{state}, K={k}, B={b}, threads={rs[0].threads}")
         later = all(r.later_s for r in rs if not r.skipped)
+        opens = any(r.open_s for r in rs)
         print(f"  {'method':24s} {'inst/s':>10s} {'GB/s':>7s} {'vs gather':>9s}"
-              + (f" {'after 1st batch':>16s}" if later else ""))
+              + (f" {'after 1st batch':>16s}" if later else "") + (f" {'open s':>8s}" if opens else ""))
         for r in rs:
             if r.skipped:
                 print(f"  {r.method:24s} {'skipped: ' + r.skipped}")
                 continue
             gbs = r.b * k * d.c * 4 / r.median_s / 1e9
             after = f" {r.b / statistics.median(r.later_s):16.0f}" if later else ""
+            if opens:
+                after += f" {statistics.median(r.open_s):8.2f}" if r.open_s else f" {'':>8s}"
             print(f"  {r.method:24s} {r.per_s():10.0f} {gbs:7.2f} {r.per_s() / ref.per_s():9.2f}{after}")
 
 

@@ -20,7 +20,7 @@ def test_bench_runs_every_state_and_reports_every_method(tmp_path):
     out = tmp_path / "r.json"
     proc = subprocess.run(
         [sys.executable, "-m", "finegym_store", "bench", "--data", str(tmp_path), "--instances", "24",
-         "--states", "hot,cold,half,peers", "--k", "3", "--batch", "8", "--batches", "2", "--rounds", "1",
+         "--states", "hot,cold,half,peers,peers-cold", "--k", "3", "--batch", "8", "--batches", "2", "--rounds", "1",
          "--json", str(out)], cwd=CHILD_CWD, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = proc.stdout
@@ -31,14 +31,18 @@ def test_bench_runs_every_state_and_reports_every_method(tmp_path):
     for m in ("gather:auto", "gather:on", "gather:off", "numpy memmap", "pread QD32"):
         assert ("cold", m) in states, m
     assert ("hot", "memcpy 1T") in states and ("half", "gather:auto") in states
-    for name in bench.PEERS:  # run or skipped with a reason, never missing
-        row = next(r for r in rows if r["state"] == "peers" and r["method"] == name)
-        assert (row["skipped"] is None) == (row["instances_per_s"] is not None), row
+    for name in bench.PEERS:  # run or skipped with a reason, never missing, hot and cold
+        for state in ("peers", "peers-cold"):
+            row = next(r for r in rows if r["state"] == state and r["method"] == name)
+            assert (row["skipped"] is None) == (row["instances_per_s"] is not None), row
+            if state == "peers-cold" and row["skipped"] is None:
+                assert len(row["open_s"]) == 1 and row["open_s"][0] > 0, row
         assert name in text
+    assert ("peers-cold", "gather:auto") in states
     assert all(r["instances_per_s"] > 0 for r in rows if r["skipped"] is None)
     # Cold states also report each round's rate after the first batch; hot ones do not.
     for r in rows:
-        assert len(r["later_s"]) == (len(r["batch_s"]) if r["state"] in ("cold", "half") else 0), r
+        assert len(r["later_s"]) == (len(r["batch_s"]) if r["state"] in ("cold", "half", "peers-cold") else 0), r
     assert "after 1st batch" in text
 
 
