@@ -211,6 +211,23 @@ def memcpy_threads(src: np.ndarray, offs: np.ndarray, size: int, out: np.ndarray
         j.join()
 
 
+def epoch_batches(order: np.ndarray, b: int, batches: int) -> list[np.ndarray]:
+    """`batches` consecutive batches of B instances from an epoch order,
+    wrapping round to its start (a short tail is replaced by its first B)."""
+    chunks = [order[(j * b) % len(order):][:b] for j in range(batches)]
+    return [c if len(c) == b else order[:b] for c in chunks]
+
+
+def time_each(fetch: Callable[[np.ndarray], Any], chunks: list[np.ndarray]) -> list[float]:
+    """Seconds of each fetch(idx), one batch after another."""
+    times = []
+    for idx in chunks:
+        t0 = time.perf_counter()
+        fetch(idx)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 class Runner:
     """Opens the store (and a memmap of its feature section) once; then each
     call fetches one batch with the named method, as a training loop would."""
@@ -234,8 +251,7 @@ class Runner:
     def stream(self, method: str, order: np.ndarray, b: int, batches: int) -> list[float]:
         """Seconds per batch for `batches` consecutive batches of `order`, as
         the caller of the named method waits for them."""
-        chunks = [order[(j * b) % len(order):][:b] for j in range(batches)]
-        chunks = [c if len(c) == b else order[:b] for c in chunks]
+        chunks = epoch_batches(order, b, batches)
         k = None if self.k == self.d.t else self.k
         times = []
         if method == "loader" or method.startswith("train step"):
@@ -272,11 +288,7 @@ class Runner:
                 next(it)
                 times.append(time.perf_counter() - t0)
             return times
-        for idx in chunks:
-            t0 = time.perf_counter()
-            self.batch(method, idx)
-            times.append(time.perf_counter() - t0)
-        return times
+        return time_each(lambda idx: self.batch(method, idx), chunks)
 
     def evict_mapped(self) -> None:
         """Unmap this process's pages of the file (MADV_DONTNEED on both of its
@@ -345,6 +357,11 @@ def in_child(d: Data, method: str, k: int, b: int, threads: int, batches: int, s
              epochs: int = 0) -> list[float]:
     spec = {"data": asdict(d), "method": method, "k": k, "b": b, "threads": threads, "batches": batches,
             "seed": seed, "epochs": epochs}
+    return run_child(spec)
+
+
+def run_child(spec: dict[str, Any]) -> Any:
+    """Runs child_main(spec) in a fresh Python; its last line of output, as JSON."""
     out = subprocess.run([sys.executable, "-m", "finegym_store.bench", "--child", json.dumps(spec)],
                          check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -385,6 +402,15 @@ class Result:
     def per_s(self) -> float:
         return self.b / self.median_s
 
+    def add_cold_run(self, times: list[float], open_s: float | None = None) -> None:
+        """One cold run's batch times: the steady figure (first batch, and an
+        open when given, included), the figure after the first batch, and
+        the open."""
+        self.batch_s.append(((open_s or 0.0) + sum(times)) / len(times))
+        self.later_s.append(steady(times[1:]) if len(times) > 1 else times[0])
+        if open_s is not None:
+            self.open_s.append(open_s)
+
 
 def steady(times: list[float]) -> float:
     """Mean batch time over the run (total time / batches): what a training
@@ -402,8 +428,7 @@ def bench_cold(d: Data, state: str, methods: list[str], k: int, b: int, threads:
             seed = 1000 * rnd + 7
             frac = prepare(d, "cold" if state in ("flow", "train-cold") else state, b, batches, seed)
             times = in_child(d, m, k, b, threads, batches, seed, 2 if state == "epochs" else 0)
-            results[m].batch_s.append(steady(times))
-            results[m].later_s.append(steady(times[1:]) if len(times) > 1 else times[0])
+            results[m].add_cold_run(times)
             echo(f"  [{state} K={k} B={b} round {rnd}] {m:14s} {b / steady(times):9.0f} inst/s "
                  f"(resident before: {frac:.2f}; batches ms: {' '.join(f'{t * 1e3:.0f}' for t in times[:8])} ...)")
     return list(results.values())
@@ -629,14 +654,7 @@ def peer_child(d: Data, name: str, folder: Path, k: int, b: int, batches: int, s
     t0 = time.perf_counter()
     peer = Peer(name, d, k, folder)
     open_s = time.perf_counter() - t0
-    times = []
-    for j in range(batches):
-        idx = order[(j * b) % d.n:][:b]
-        idx = idx if len(idx) == b else order[:b]
-        t0 = time.perf_counter()
-        peer.fetch(idx)
-        times.append(time.perf_counter() - t0)
-    return {"open_s": open_s, "times": times}
+    return {"open_s": open_s, "times": time_each(peer.fetch, epoch_batches(order, b, batches))}
 
 
 def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
@@ -680,14 +698,7 @@ def bench_peers(d: Data, folder: Path, k: int, b: int, threads: int, batches: in
         for res, peer in peers:
             if peer is None:
                 continue
-            times = []
-            for j in range(batches):
-                idx = o[(j * b) % d.n:][:b]
-                idx = idx if len(idx) == b else o[:b]
-                t0 = time.perf_counter()
-                peer.fetch(idx)
-                times.append(time.perf_counter() - t0)
-            res.batch_s.append(statistics.median(times))
+            res.batch_s.append(statistics.median(time_each(peer.fetch, epoch_batches(o, b, batches))))
     r.close()
     return results
 
@@ -716,25 +727,20 @@ def bench_peers_cold(d: Data, folder: Path, k: int, b: int, threads: int, batche
         seed = 1000 * rnd + 11
         left = evict(d.store)
         times = in_child(d, "gather:auto", k, b, threads, batches, seed)
-        results[0].batch_s.append(steady(times))
+        results[0].add_cold_run(times)
         echo(f"  [peers-cold K={k} B={b} round {rnd}] {'gather:auto':22s} {b / steady(times):9.0f} inst/s "
              f"(resident before: {left:.2f})")
-        results[0].later_s.append(steady(times[1:]) if len(times) > 1 else times[0])
         for res in runnable:
             evict(d.store)
             left = max([evict(f) for f in peer_files(res.method, d, folder)], default=0.0)
             spec = {"data": asdict(d), "peer": res.method, "folder": os.fspath(folder), "k": k, "b": b,
                     "batches": batches, "seed": seed}
             try:
-                out = subprocess.run([sys.executable, "-m", "finegym_store.bench", "--child", json.dumps(spec)],
-                                     check=True, capture_output=True, text=True)
+                got = run_child(spec)
             except subprocess.CalledProcessError as e:
                 res.skipped = f"failed: {e.stderr.strip().splitlines()[-1] if e.stderr.strip() else e}"[:120]
                 continue
-            got = json.loads(out.stdout.strip().splitlines()[-1])
-            res.batch_s.append((got["open_s"] + sum(got["times"])) / len(got["times"]))
-            res.later_s.append(steady(got["times"][1:]) if len(got["times"]) > 1 else got["times"][0])
-            res.open_s.append(got["open_s"])
+            res.add_cold_run(got["times"], got["open_s"])
             echo(f"  [peers-cold K={k} B={b} round {rnd}] {res.method:22s} {b / res.batch_s[-1]:9.0f} inst/s "
                  f"(open {got['open_s']:.2f} s included; resident before: {left:.2f})")
     return [r for r in results if r.skipped or r.batch_s]

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -24,15 +25,19 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
 
 
-def require_torch():
-    """torch, or a skip where it is not installed (never in CI, which installs it)."""
+def require(module: str, name: str, install: str):
+    """`module` imported, or a skip where it is not installed. Never a skip in
+    CI, which installs the [test] extra: there the ImportError fails the run."""
     try:
-        import torch
+        return importlib.import_module(module)
     except ImportError:
         if os.environ.get("CI"):
             raise
-        pytest.skip("torch is not installed (pip install torch; CI installs torch==2.13.0)", allow_module_level=True)
-    return torch
+        pytest.skip(f"{name} is not installed ({install})", allow_module_level=True)
+
+
+def require_torch():
+    return require("torch", "torch", "pip install torch; CI installs torch==2.13.0")
 
 
 def synthetic_store(folder: Path, n: int, num_classes: int, shape: tuple[int, ...] = (12, 16, 1, 1), seed: int = 0):

@@ -4,12 +4,13 @@ scikit-learn (a test dependency) on random cases."""
 
 from __future__ import annotations
 
-import os
 import warnings
 from fractions import Fraction
 
 import numpy as np
 import pytest
+
+from conftest import require
 
 from finegym_store import metrics
 from finegym_store.metrics import (
@@ -19,17 +20,6 @@ from finegym_store.metrics import (
     top1_accuracy,
     topk_accuracy,
 )
-
-
-def require_sklearn():
-    """sklearn.metrics, or a skip outside CI (CI installs the [test] extra, which pins it)."""
-    try:
-        import sklearn.metrics
-    except ImportError:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip("scikit-learn is not installed (pip install '.[test]')")
-    return sklearn.metrics
 
 
 # -- hand-computed ----------------------------------------------------------
@@ -172,7 +162,7 @@ def test_bad_shapes_and_types_are_refused():
 
 @pytest.mark.parametrize("seed", range(20))
 def test_against_sklearn_random(seed):
-    skm = require_sklearn()
+    skm = require("sklearn.metrics", "scikit-learn", "pip install '.[test]'")
     rng = np.random.default_rng(seed)
     n = int(rng.integers(1, 300))
     classes = int(rng.integers(1, 30))

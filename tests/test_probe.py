@@ -5,7 +5,6 @@ levels against the real gym99 / gym288 categories files, and the command."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from finegym_store.probe import (
     run_probes,
 )
 
-from conftest import CHILD_CWD, require_torch, shared_file
+from conftest import CHILD_CWD, require, require_torch, shared_file
 
 #: Small and quick: a strong class signal, few epochs, one thread (the test
 #: machine may be busy; spinning thread pools would dominate tiny products).
@@ -198,19 +197,8 @@ def test_run_probes_names_repeated_datasets_and_checks_columns_first(tmp_path, p
         run_probes([pair], ["a", "a"])
 
 
-def require_matplotlib():
-    """matplotlib (the [plot] extra, also in [test]), or a skip outside CI."""
-    try:
-        import matplotlib
-    except ImportError:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip("matplotlib is not installed (pip install '.[plot]')")
-    return matplotlib
-
-
 def test_plot_writes_a_png(tmp_path, pair):
-    require_matplotlib()
+    require("matplotlib", "matplotlib", "pip install '.[plot]'")
     table = run_probes([pair], ["a"], backend="numpy", **FAST)
     table.plot(tmp_path / "per_class.png")
     assert (tmp_path / "per_class.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -326,7 +314,7 @@ def test_cli_probe_table_json_and_plot(tmp_path, pair):
     args = [tr.path, va.path, "--column", "a", "--column", "b", "--num-segments", "3", "--level", "element",
             "--level", "set", "--backend", "numpy", "--epochs", "4", "--batch-size", "64", "--lr", "3e-3",
             "--threads", "1", "--compute-threads", "1", "--json", out_json, "--plot", out_png]
-    require_matplotlib()
+    require("matplotlib", "matplotlib", "pip install '.[plot]'")
     p = cli("probe", *args)
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()

@@ -112,7 +112,7 @@ void copy_row(unsigned char* dst, const unsigned char* src, std::size_t bytes) n
         return;
     }
     // Backwards, a block at a time: each load is below the stores just made,
-    // so none of them waits on one. (Measured: 1.3 to 2x the time of memcpy
+    // so none of them waits on one. (Measured: 1.2 to 3x the time of memcpy
     // at a good offset, against 6 to 12x for memcpy at this one.)
     std::size_t at = bytes;
     while (at >= 64) {

@@ -36,14 +36,16 @@ unsigned ThreadPool::default_threads() noexcept {
 void ThreadPool::submit(std::function<void()> task) { post(std::move(task)); }
 
 void ThreadPool::post(std::function<void()> task) {
-    bool someone_polls;
+    bool covered;
     {
         std::lock_guard<std::mutex> lock(mutex_);
         tasks_.push(std::move(task));
-        someone_polls = polling_ > 0;
+        // Each polling worker takes one queued task within kPollInterval
+        // without a wake-up; a task beyond their number wakes a parked worker,
+        // so jobs submitted together still run side by side.
+        covered = polling_ >= tasks_.size();
     }
-    // A polling worker finds the task within kPollInterval without a wake-up.
-    if (!someone_polls) cv_.notify_one();
+    if (!covered) cv_.notify_one();
 }
 
 void ThreadPool::wake() { cv_.notify_one(); }

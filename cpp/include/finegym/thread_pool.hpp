@@ -15,9 +15,10 @@
 //
 // Idle workers of the background pool poll before they park: a worker that
 // runs out of tasks re-checks the queue every kPollInterval for kPollFor,
-// and while one does, submit() queues without waking anyone (no futex wake,
-// which is a cross-CPU interrupt: 40 to 70 us of the submitting thread's
-// time on our VM, paid by the loader's consumer on every batch). A job
+// and while there are at least as many pollers as queued tasks, submit()
+// queues without waking anyone (no futex wake, which is a cross-CPU
+// interrupt: 40 to 70 us of the submitting thread's time on our VM, paid by
+// the loader's consumer on every batch). A job
 // submitted that way starts within about one interval; wake() starts it at
 // once (GatherJob::wait calls it for a job it is about to block on). After
 // kPollFor without work the worker parks, and submit() wakes it as usual.
