@@ -98,6 +98,16 @@ class _Malformed(pickle.UnpicklingError):
     """The pickle is not a well-formed pickle (ConversionError)."""
 
 
+def _parse(convert: Callable[..., Any], *args: Any) -> Any:
+    """``convert(*args)`` (int(), float(), str(), a codec) on bytes or text
+    taken from the file: the ValueError (UnicodeError included) that
+    malformed input raises there becomes _Malformed, chained."""
+    try:
+        return convert(*args)
+    except ValueError as e:
+        raise _Malformed(f"{e}") from e
+
+
 def _describe(x: Any) -> str:
     """A short description of an unpickled value for messages (never a full
     repr: values may be huge or deeply nested)."""
@@ -162,7 +172,7 @@ def _array(vm: _Machine, raw: Any, dtype: Any, shape: Any, fortran: bool, where:
                          f"got {_describe(shape)}")
     if type(raw) is str:  # Python 2 str or protocol 0-2 text, decoded as latin1
         vm.charge(sys.getsizeof(raw), "array data")
-        raw = raw.encode("latin1")
+        raw = _parse(str.encode, raw, "latin1")
     if type(raw) not in (bytes, bytearray):
         vm.refuse(f"{where}: array data must be bytes, got {_describe(raw)}")
     size = math.prod(shape)
@@ -262,7 +272,7 @@ def _g_scalar(vm: _Machine, args: tuple) -> Any:
     dtype = _check_dtype(vm, args[0], "numpy scalar")
     data = args[1]
     if type(data) is str:
-        data = data.encode("latin1")
+        data = _parse(str.encode, data, "latin1")
     if type(data) is not bytes or len(data) != dtype.itemsize:
         raise _Malformed(f"numpy scalar of {dtype}: expected {dtype.itemsize} data bytes, got {_describe(data)}")
     return np.frombuffer(data, dtype=dtype)[0]
@@ -274,7 +284,7 @@ def _g_encode(vm: _Machine, args: tuple) -> bytes:
     if not texts or args[1] not in ("latin1", "latin-1") or args[2:] not in ((), ("strict",)):
         vm.refuse("_codecs.encode is only allowed as encode(str, 'latin1')")
     vm.charge(len(args[0]) + 33, "bytes")
-    return args[0].encode("latin1")
+    return _parse(str.encode, args[0], "latin1")
 
 
 def _g_bytes(vm: _Machine, args: tuple) -> bytes:
@@ -291,7 +301,7 @@ def _g_bytearray(vm: _Machine, args: tuple) -> bytearray:
     if len(args) == 1 and type(args[0]) in (bytes, bytearray):
         data: Any = args[0]
     elif len(args) == 2 and type(args[0]) is str and type(args[1]) is str and args[1] in ("latin-1", "latin1"):
-        data = args[0].encode("latin1")
+        data = _parse(str.encode, args[0], "latin1")
     else:
         vm.refuse("bytearray is only allowed as bytearray(bytes): bytearray(n) allocates data the file does not hold")
     vm.charge(len(data) + 57, "bytearray")
@@ -585,6 +595,8 @@ class _Machine:
 
     def _target(self, kinds: tuple[type, ...], op: str) -> tuple[Any, int]:
         """The container on the stack that op adds to, and its depth."""
+        if not self._stack:
+            raise _Malformed(f"{op} on an empty stack")
         c = self._stack[-1]
         if type(c) not in kinds:
             raise _Malformed(f"{op} on {_describe(c)}")
@@ -719,13 +731,13 @@ class _Machine:
             return self._push(False)
         if line == b"01":
             return self._push(True)
-        return self._push(int(line, 0))
+        return self._push(_parse(int, line, 0))
 
     def op_long(self) -> bool:
         line = self._number_line("LONG")
         if line.endswith(b"L"):
             line = line[:-1]
-        return self._push(int(line, 0))
+        return self._push(_parse(int, line, 0))
 
     def op_binint(self) -> bool:
         return self._push(struct.unpack("<i", self._in.read(4))[0])
@@ -746,7 +758,7 @@ class _Machine:
         return self._push(int.from_bytes(self._in.read(n), "little", signed=True))
 
     def op_float(self) -> bool:
-        return self._push(float(self._number_line("FLOAT")))
+        return self._push(_parse(float, self._number_line("FLOAT")))
 
     def op_binfloat(self) -> bool:
         return self._push(struct.unpack(">d", self._in.read(8))[0])
@@ -765,13 +777,13 @@ class _Machine:
     def _text(self, data: bytes, encoding: str, errors: str = "strict") -> bool:
         # At most 4 bytes per character, from data the file holds; _push
         # charges the str's actual size.
-        return self._push(str(data, encoding, errors))
+        return self._push(_parse(str, data, encoding, errors))
 
     def op_string(self) -> bool:
         data = self._in.readline()[:-1]
         if len(data) < 2 or data[0] != data[-1] or data[0] not in b"\"'":
             raise _Malformed("the STRING opcode argument must be quoted")
-        return self._text(codecs.escape_decode(data[1:-1])[0], "latin1")
+        return self._text(_parse(codecs.escape_decode, data[1:-1])[0], "latin1")
 
     def op_binstring(self) -> bool:
         return self._text(self._in.read(self._length("<i", "BINSTRING")), "latin1")
@@ -832,7 +844,7 @@ class _Machine:
         return False
 
     def op_get(self) -> bool:
-        return self._get(int(self._number_line("GET")))
+        return self._get(_parse(int, self._number_line("GET")))
 
     def op_binget(self) -> bool:
         return self._get(self._in.read(1)[0])
@@ -841,7 +853,7 @@ class _Machine:
         return self._get(struct.unpack("<I", self._in.read(4))[0])
 
     def op_put(self) -> bool:
-        return self._put(int(self._number_line("PUT")))
+        return self._put(_parse(int, self._number_line("PUT")))
 
     def op_binput(self) -> bool:
         return self._put(self._in.read(1)[0])
@@ -953,8 +965,8 @@ class _Machine:
         return False
 
     def op_global(self) -> bool:
-        module = self._in.readline()[:-1].decode("utf-8")
-        name = self._in.readline()[:-1].decode("utf-8")
+        module = _parse(bytes.decode, self._in.readline()[:-1], "utf-8")
+        name = _parse(bytes.decode, self._in.readline()[:-1], "utf-8")
         return self._global(module, name)
 
     def op_stack_global(self) -> bool:
@@ -1066,15 +1078,15 @@ def _load_stream(f: BinaryIO, size: int, source: str, on_read: Callable[[int], N
     except UnsafePickleError:
         raise
     except _Refused as e:
-        raise UnsafePickleError(f"{source}: refusing to unpickle: {e}; {_TRUST_HINT}") from None
-    except EOFError:
-        raise ConversionError(f"{source}: the pickle ends early (truncated file?)") from None
-    except MemoryError:
-        raise ConversionError(f"{source}: ran out of memory while unpickling") from None
-    except Exception as e:
-        # Malformed input surfaces as many types: UnpicklingError, ValueError
-        # (a bad number), UnicodeDecodeError, struct.error, IndexError, ...
-        raise ConversionError(f"{source}: not a readable pickle: {type(e).__name__}: {e}") from None
+        raise UnsafePickleError(f"{source}: refusing to unpickle: {e}; {_TRUST_HINT}") from e
+    except EOFError as e:
+        raise ConversionError(f"{source}: the pickle ends early (truncated file?)") from e
+    except MemoryError as e:
+        raise ConversionError(f"{source}: ran out of memory while unpickling") from e
+    except _Malformed as e:
+        raise ConversionError(f"{source}: not a readable pickle: {e}") from e
+    # Any other exception is a bug of this module, not a property of the
+    # input: it propagates as it is.
 
 
 def load(

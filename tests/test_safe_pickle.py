@@ -807,3 +807,41 @@ def test_python2_protocol0_pickle_loads_like_pickle(tmp_path):
     assert list(got) == list(want) == ["k"]
     assert got["k"].dtype == want["k"].dtype == np.float32
     assert got["k"].tobytes() == want["k"].tobytes() == x.tobytes()
+
+
+# -- what becomes ConversionError, and what does not ------------------------------------------
+
+
+@pytest.mark.parametrize("data, cause", [
+    (b"I12x\n.", ValueError),             # INT with a non-number
+    (b"F1.2.3\n.", ValueError),           # FLOAT with a non-number
+    (b"X\x02\x00\x00\x00\xff\xfe.", UnicodeDecodeError),  # BINUNICODE that is not UTF-8
+    (b"cnumpy\xff\ndtype\n.", UnicodeDecodeError),         # GLOBAL with a non-UTF-8 module
+    (b"S'\\x4'\n.", ValueError),          # STRING with a bad escape
+])
+def test_malformed_input_is_conversion_error_chained(data, cause):
+    with pytest.raises(fgs.ConversionError, match=r"^<in>: not a readable pickle") as info:
+        safe_pickle._load_stream(__import__("io").BytesIO(data), len(data), "<in>")
+    malformed = info.value.__cause__
+    assert isinstance(malformed, safe_pickle._Malformed)
+    assert isinstance(malformed.__cause__, cause)
+
+
+@pytest.mark.parametrize("data", [b"K\x01K\x02s.", b"K\x01a.", b"(e.", b"(\x90."])
+def test_container_ops_on_an_empty_stack_are_malformed(data):
+    # SETITEM / APPEND / APPENDS / ADDITEMS whose target is missing.
+    with pytest.raises(fgs.ConversionError) as info:
+        safe_pickle._load_stream(__import__("io").BytesIO(data), len(data), "<in>")
+    assert isinstance(info.value.__cause__, (safe_pickle._Malformed, EOFError))
+
+
+def test_a_bug_in_the_loader_is_not_reported_as_a_bad_pickle(monkeypatch):
+    # An exception that is not about the input (here a KeyError planted in
+    # an opcode handler) must propagate, not turn into "not a readable pickle".
+    def broken(self):
+        raise KeyError("planted")
+
+    monkeypatch.setattr(safe_pickle._Machine, "op_empty_dict", broken)
+    data = pickle.dumps({}, protocol=4)
+    with pytest.raises(KeyError, match="planted"):
+        safe_pickle._load_stream(__import__("io").BytesIO(data), len(data), "<in>")

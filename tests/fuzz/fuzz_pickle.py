@@ -224,6 +224,12 @@ class Checker:
             raise Finding(f"{stage} ran out of memory (a memory bomb?): {e}") from e
         if not str(e).startswith(self.source):
             raise Finding(f"{stage}: the message does not name the file: {e}")
+        # The loader turns only what malformed input raises into
+        # ConversionError (its cause): anything else wrapped would hide a bug.
+        cause = e.__cause__
+        if stage == "load" and cause is not None and \
+                not isinstance(cause, (self.safe_pickle._Malformed, self.safe_pickle._Refused, EOFError, MemoryError)):
+            raise Finding(f"{stage}: ConversionError caused by {type(cause).__name__}: {cause}") from e
 
     def check(self, data: bytes, path: Path | None = None) -> str:
         """'ok', 'refused' or 'error' (ConversionError); Finding otherwise."""
