@@ -7,31 +7,23 @@ writer commits atomically, so an interrupted conversion leaves no store.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Mapping
 from typing import Any, Union
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import __version__, _core, safe_pickle
+from . import _core, safe_pickle
+from ._write import ColumnWriter, StoreWriter, labels_without_class, store_dtype
 from .errors import ConversionError
-from .finegym import Categories, parse_element_id, read_categories, read_split
+from .finegym import Categories, read_categories, read_split
 from .store import Store
 
 __all__ = ["convert"]
 
 FeatureSource = Union[str, os.PathLike, Mapping[str, Any]]
-
-#: Bytes staged before each write to the C++ writer. Small enough to stay in
-#: the CPU caches between the copy in, the writer's XXH64 pass and write();
-#: 4 MiB streamed 2 GB faster than 64 MiB did (benchmarks/README.md, "Staging
-#: buffer size"). The bytes written do not depend on it.
-STAGING_BYTES = 4 << 20
-_STORE_DTYPES = ("float32", "float16")
-
 
 def _short(key: Any, limit: int = 80) -> str:
     """repr of a key for a message, cut to about ``limit`` characters (a
@@ -90,7 +82,8 @@ def _instance_shape(where: str, key: str, value: Any) -> tuple[int, int]:
 
 
 def _write_column(
-    writer: Any, name: str, where: str, table: Mapping[str, Any], ids: list[str], dtype: np.dtype, progress: bool
+    writer: StoreWriter, name: str, where: str, table: Mapping[str, Any], ids: list[str], dtype: np.dtype,
+    progress: bool,
 ) -> dict[str, Any]:
     shapes = [_instance_shape(where, k, table[k]) for k in ids]
     c = shapes[0][1]
@@ -102,35 +95,12 @@ def _write_column(
             )
     lengths = np.fromiter((t for t, _ in shapes), dtype=np.int64, count=len(shapes))
     fixed = bool((lengths == lengths[0]).all())
-    writer.begin_features(name, dtype, int(lengths[0]) if fixed else 0, c)
-
-    # Two staging buffers: while the C++ writer hashes and writes one (GIL
-    # released), this thread fills the other.
-    cap = max(STAGING_BYTES // (c * dtype.itemsize), int(lengths.max()))
-    buffers = [np.empty((cap, c), dtype=dtype), np.empty((cap, c), dtype=dtype)]
-    pending: list[Future[None] | None] = [None, None]
-    current, used = 0, 0
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="finegym-write") as io, \
-            tqdm(total=len(ids), unit="inst", desc=f"write {name}", disable=not progress, leave=False) as bar, \
-            np.errstate(over="ignore", invalid="ignore"):  # NaN/Inf are stored as they are
-        try:
-            for k, (t, _) in zip(ids, shapes):
-                if used + t > cap:
-                    pending[current] = io.submit(writer.append_features, buffers[current][:used])
-                    current, used = 1 - current, 0
-                    previous = pending[current]
-                    if previous is not None:
-                        previous.result()  # that buffer's write is done: refill it
-                np.copyto(buffers[current][used : used + t], table[k].reshape(t, c), casting="same_kind")
-                used += t
-                bar.update(1)
-            if used:
-                pending[current] = io.submit(writer.append_features, buffers[current][:used])
-        finally:
-            for f in pending:  # in order; re-raises a write error (disk full, ...)
-                if f is not None:
-                    f.result()
-    writer.end_features(np.asarray([], np.int64) if fixed else lengths)
+    column: ColumnWriter = writer.column(name, dtype, int(lengths[0]) if fixed else None, c)
+    with tqdm(total=len(ids), unit="inst", desc=f"write {name}", disable=not progress, leave=False) as bar:
+        for k, (t, _) in zip(ids, shapes):
+            column.append(table[k].reshape(t, c))
+            bar.update(1)
+    column.close(None if fixed else lengths)
     source_dtypes = sorted({str(table[k].dtype) for k in ids[:1000]})
     return {"source": where, "source_dtypes": source_dtypes, "segments": int(lengths[0]) if fixed else None,
             "channels": c}
@@ -190,9 +160,7 @@ def convert(
     ``trust_pickle``. The file appears only once complete.
     """
     out = os.fspath(out)
-    if dtype not in _STORE_DTYPES:
-        raise ConversionError(f"dtype={dtype!r} is not supported; use 'float32' or 'float16'")
-    store_dtype = np.dtype(dtype)
+    stored_as = store_dtype(dtype, "convert")
     if not isinstance(features, Mapping) or not features:
         raise ValueError("features must be a non-empty mapping of column name -> pickle path or dict")
     for name in features:
@@ -207,13 +175,13 @@ def convert(
     if split_path is not None:
         ids, labels = read_split(split_path)
     cats: Categories | None = read_categories(categories) if categories is not None else None
-    unknown = _labels_without_class(labels, cats)
+    unknown = labels_without_class(labels, cats)
     if unknown:
         raise ConversionError(f"{split_path}: labels {unknown} have no class in {os.fspath(categories)}")  # type: ignore[arg-type]
 
-    writer = None
     columns_attrs: dict[str, Any] = {}
-    try:
+    with contextlib.ExitStack() as stack:
+        writer: StoreWriter | None = None  # created once the first column says how many instances there are
         for name, source in features.items():
             where, table = _load(name, source, trust_pickle, progress)
             if ids is None:
@@ -222,59 +190,23 @@ def convert(
             else:
                 _check_keys(where, table, set(ids), split_path or "the first column")
             if writer is None:
-                writer = _core.Writer(out, len(ids), overwrite)
-            columns_attrs[name] = _write_column(writer, name, where, table, ids, store_dtype, progress)
+                writer = stack.enter_context(StoreWriter.create(out, len(ids), overwrite=overwrite))
+            columns_attrs[name] = _write_column(writer, name, where, table, ids, stored_as, progress)
             del table
 
         assert ids is not None and writer is not None
-        _finish(writer, ids, labels, cats, {
+        writer.finish(ids, labels, cats, {
             "split": split_path,
             "categories": os.fspath(categories) if categories is not None else None,
             "columns": columns_attrs,
         })
-    finally:
-        if writer is not None:
-            writer.discard()  # no-op after commit; removes the temporary file otherwise
     return Store(out)
 
 
 def _labels_without_class(labels: np.ndarray | None, cats: Categories | None) -> list[int]:
-    """Up to 10 labels (other than -1) that the hierarchy has no class for."""
-    if labels is None or cats is None:
-        return []
-    return sorted(set(np.unique(labels).tolist()) - set(cats.label.tolist()) - {-1})[:10]
+    return labels_without_class(labels, cats)
 
 
 def _finish(writer: Any, ids: list[str], labels: np.ndarray | None, cats: Categories | None,
             attrs: dict[str, Any]) -> None:
-    """Everything after the feature columns: ids, labels, parsed fields, the
-    hierarchy, the provenance JSON (``attrs``, with ``created_by``); then commit."""
-    _write_instances(writer, ids, labels)
-    if cats is not None:
-        _write_classes(writer, cats)
-    doc = {"created_by": f"finegym-store {__version__}", **attrs}
-    writer.add_array(_core.SECTIONS["attrs"], np.frombuffer(json.dumps(doc).encode("utf-8"), dtype=np.uint8))
-    writer.commit()
-
-
-def _write_instances(writer: Any, ids: list[str], labels: np.ndarray | None) -> None:
-    names = _core.SECTIONS  # spelled once, in format.hpp
-    n = len(ids)
-    writer.add_strings(names["ids"], ids)
-    writer.add_array(names["labels"], labels if labels is not None else np.full(n, -1, dtype=np.int32))
-    parsed = [parse_element_id(k) for k in ids]
-    writer.add_strings(names["meta_video"], [p.video if p else "" for p in parsed])
-    for section in names["meta_ints"]:  # meta/event_start, ...: named after the ParsedId fields they hold
-        field = section.rsplit("/", 1)[1]
-        values = np.fromiter((getattr(p, field) if p else -1 for p in parsed), dtype=np.int32, count=n)
-        writer.add_array(section, values)
-
-
-def _write_classes(writer: Any, cats: Categories) -> None:
-    label, glabel, set_ = _core.SECTIONS["class_ints"]
-    name, event = _core.SECTIONS["class_strings"]
-    writer.add_array(label, cats.label)
-    writer.add_array(glabel, cats.glabel)
-    writer.add_array(set_, cats.set)
-    writer.add_strings(name, cats.name)
-    writer.add_strings(event, cats.event)
+    StoreWriter(writer).finish(ids, labels, cats, attrs)

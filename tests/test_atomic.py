@@ -19,7 +19,7 @@ import finegym_store as fgs
 
 from conftest import CHILD_CWD
 
-CONVERT_MODULE = sys.modules["finegym_store.convert"]
+WRITE_MODULE = sys.modules["finegym_store._write"]
 
 
 def _table(n=5, t=3, c=4, value=None, seed=0):
@@ -55,7 +55,7 @@ class _WriterProxy:
 @pytest.fixture
 def inject(monkeypatch):
     """inject(**hooks): route convert's writer through _WriterProxy."""
-    real_core = CONVERT_MODULE._core
+    real_core = WRITE_MODULE._core
 
     def install(**hooks):
         class Core:
@@ -66,7 +66,7 @@ def inject(monkeypatch):
             def Writer(*args):  # noqa: N802 - mirrors _core.Writer
                 return _WriterProxy(real_core.Writer(*args), hooks)
 
-        monkeypatch.setattr(CONVERT_MODULE, "_core", Core())
+        monkeypatch.setattr(WRITE_MODULE, "_core", Core())
 
     return install
 
@@ -90,14 +90,14 @@ def test_error_after_all_features_leaves_nothing(tmp_path, monkeypatch):
     def boom(*args):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(CONVERT_MODULE, "_write_instances", boom)
+    monkeypatch.setattr(WRITE_MODULE, "parse_element_id", boom)  # inside finish(), after every column
     with pytest.raises(RuntimeError, match="disk on fire"):
         fgs.convert(tmp_path / "out.fgs", {"a": _table(), "b": _table(seed=1)}, progress=False)
     assert sorted(os.listdir(tmp_path)) == before
 
 
 def test_keyboard_interrupt_mid_column_leaves_nothing(tmp_path, inject, monkeypatch):
-    monkeypatch.setattr(CONVERT_MODULE, "STAGING_BYTES", 4 * 4 * 3)  # 3 rows per append
+    monkeypatch.setattr(WRITE_MODULE, "STAGING_BYTES", 4 * 4 * 3)  # 3 rows per append
 
     def interrupt(n):
         if n == 2:
@@ -135,7 +135,7 @@ CHILD = textwrap.dedent(
     import finegym_store as fgs
 
     out, pause_at, overwrite = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
-    conv = sys.modules["finegym_store.convert"]
+    conv = sys.modules["finegym_store._write"]
     real = conv._core
 
     class Writer:
@@ -308,7 +308,7 @@ def test_overwrite_interrupted_mid_write_keeps_old_store(tmp_path, inject, monke
     out = tmp_path / "s.fgs"
     fgs.convert(out, {"a": _table(value=1.0)}, progress=False)
     old_bytes = out.read_bytes()
-    monkeypatch.setattr(CONVERT_MODULE, "STAGING_BYTES", 4 * 4 * 3)
+    monkeypatch.setattr(WRITE_MODULE, "STAGING_BYTES", 4 * 4 * 3)
 
     def fail(n):
         if n == 3:
