@@ -370,12 +370,31 @@ def _create_temporary(path: str) -> tuple[int, str]:
     """A new, hidden, uniquely named file beside ``path``, created with
     O_CREAT | O_EXCL and mode 0o666, so the kernel applies the umask."""
     folder, base = os.path.split(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"cannot write {path}: its folder {folder} does not exist")
     while True:
         tmp = os.path.join(folder, f".{base}.{secrets.token_hex(6)}.tmp")
         try:
             return os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0), 0o666), tmp
         except FileExistsError:
             continue
+
+
+def _publish(tmp: str, path: str, overwrite: bool) -> None:
+    """Give the finished temporary file its name. Without ``overwrite`` a
+    hard link, which fails rather than replace a file that appeared since
+    the target was checked (a rename where the file system has no links)."""
+    if not overwrite:
+        try:
+            os.link(tmp, path, follow_symlinks=False)
+        except FileExistsError:
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it") from None
+        except OSError:
+            pass  # no hard links here (EPERM, ENOTSUP, ...): the rename below
+        else:
+            os.unlink(tmp)
+            return
+    os.replace(tmp, path)
 
 
 def _write_streaming(store: Store, path: str | os.PathLike[str], columns: Any, rows: int, tensor_type: str,
@@ -395,7 +414,7 @@ def _write_streaming(store: Store, path: str | os.PathLike[str], columns: Any, r
                     write(w, batch)
                     bar.update(batch.num_rows)
         check_target(store, path, overwrite)  # again: the target may have appeared or changed meanwhile
-        os.replace(tmp, path)
+        _publish(tmp, path, overwrite)
     except BaseException:
         try:
             os.unlink(tmp)

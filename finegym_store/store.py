@@ -10,7 +10,7 @@ import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, overload
+from typing import Any, NoReturn, overload
 
 import numpy as np
 
@@ -516,12 +516,11 @@ class _UnopenedStore(Store):
             return object.__getattribute__(self, name)
         object.__getattribute__(self, "_raise")()
 
-    def _raise(self) -> None:
+    def _raise(self) -> NoReturn:
         raise _reopen_error(object.__getattribute__(self, "_abspath"), object.__getattribute__(self, "_error"))
 
     def __len__(self) -> int:
         self._raise()
-        raise AssertionError  # unreachable
 
     def __repr__(self) -> str:
         return f"<Store {self._abspath!r}: could not reopen in this process ({self._error})>"

@@ -17,16 +17,15 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import finegym_store as fgs
 from finegym_store import arrow
 from finegym_store.cli import main
 
-from conftest import CHILD_CWD, require, synthetic_store
+from conftest import CHILD_CWD, require, require_torch, synthetic_store
 
-pa = require("pyarrow", "pyarrow", 'pip install "finegym-store[arrow]"')
+require("pyarrow", "pyarrow", 'pip install "finegym-store[arrow]"')
 
 N = 64
 
@@ -166,7 +165,7 @@ def test_loader_epoch_with_features_truncated_raises_oserror(store_path: str) ->
 
 @pytest.mark.parametrize("where", ["labels", "half"])
 def test_store_dataset_truncated_while_serving(store_path: str, where: str) -> None:
-    require("torch", "torch", "pip install torch")
+    require_torch()
     out = run_child(store_path, "dataset", _cut(store_path, where))
     if where == "labels":
         assert out["result"] == "ok", out
@@ -311,6 +310,8 @@ def test_the_store_itself_is_never_replaced(store_path: str, tmp_path: Path, how
 
 def test_failed_export_leaves_no_temporary(store_path: str, tmp_path: Path) -> None:
     store = fgs.open(store_path)
+    with pytest.raises(FileNotFoundError, match="no-such-folder"):
+        arrow.to_parquet(store, str(tmp_path / "no-such-folder" / "o.parquet"))
     with pytest.raises(KeyError):
         arrow.to_parquet(store, str(tmp_path / "o.parquet"), columns=["nope"])
     with pytest.raises(ValueError, match="compression"):
@@ -381,3 +382,23 @@ def test_unopened_store_raises_at_first_use(store_path: str, tmp_path: Path) -> 
     Path(store_path).write_bytes(data)
     again = pickle.loads(pickle.dumps(other))
     assert type(again) is fgs.Store and len(again) == N
+
+
+@pytest.mark.parametrize("kind, name", WRITERS)
+def test_target_appearing_during_export_is_kept(store_path: str, tmp_path: Path, monkeypatch, kind: str,
+                                                name: str) -> None:
+    target = tmp_path / name
+    real = arrow._guarded_batches
+
+    def batches(*args):
+        it = real(*args)
+        yield next(it)
+        target.write_bytes(b"someone else's")  # created while the export runs
+        yield from it
+
+    monkeypatch.setattr(arrow, "_guarded_batches", batches)
+    kw = {"row_group_size": 8} if kind == "parquet" else {"batch_size": 8}
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        _write(kind, fgs.open(store_path), str(target), **kw)
+    assert target.read_bytes() == b"someone else's"
+    assert _leftovers(tmp_path) == [name]
