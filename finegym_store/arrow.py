@@ -349,11 +349,13 @@ def check_target(store: Store, path: str, overwrite: bool, flag: str = "overwrit
             if not overwrite:
                 raise FileExistsError(f"{path} exists (a symlink); pass {flag} to replace it") from None
         return
+    own = {store._identity}
     try:
-        own = os.stat(store._abspath)
+        now = os.stat(store._abspath)
+        own.add((now.st_dev, now.st_ino))
     except OSError:
-        own = None
-    if own is not None and (target.st_dev, target.st_ino) == (own.st_dev, own.st_ino):
+        pass
+    if (target.st_dev, target.st_ino) in own:
         raise ValueError(f"{path} is the store being exported ({store.path}); choose another target")
     if not stat.S_ISREG(target.st_mode):
         kind = ("a directory" if stat.S_ISDIR(target.st_mode) else "a FIFO" if stat.S_ISFIFO(target.st_mode)

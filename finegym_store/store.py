@@ -177,6 +177,10 @@ class Store:
         # Resolved now: a later chdir must not change which file a pickled
         # Store (a spawn worker, say) reopens.
         self._abspath = os.path.abspath(self._reader.path)
+        # (st_dev, st_ino) of the file just mapped: an export never writes over it,
+        # even after the path was given to another file.
+        st = os.stat(self._abspath)
+        self._identity = (st.st_dev, st.st_ino)
         self._columns = {
             name: Column(self._reader, name, dtype, t, c) for name, dtype, t, c in self._reader.columns()
         }

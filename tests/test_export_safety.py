@@ -402,3 +402,27 @@ def test_target_appearing_during_export_is_kept(store_path: str, tmp_path: Path,
         _write(kind, fgs.open(store_path), str(target), **kw)
     assert target.read_bytes() == b"someone else's"
     assert _leftovers(tmp_path) == [name]
+
+
+def test_store_replaced_by_rename_is_still_not_overwritten(store_path: str, tmp_path: Path) -> None:
+    # The path now names another file; a hard link still names the mapped one.
+    store = fgs.open(store_path)
+    link = tmp_path / "old.parquet"
+    os.link(store_path, link)
+    shutil.copyfile(store_path, tmp_path / "new.fgs")
+    os.replace(tmp_path / "new.fgs", store_path)
+    with pytest.raises(ValueError, match="is the store being exported"):
+        arrow.to_parquet(store, str(link), overwrite=True)
+    with pytest.raises(ValueError, match="is the store being exported"):
+        arrow.to_parquet(store, store_path, overwrite=True)
+
+
+def test_symlink_to_a_regular_file_replaces_the_link(store_path: str, tmp_path: Path) -> None:
+    kept = tmp_path / "kept.parquet"
+    kept.write_bytes(b"kept")
+    link = tmp_path / "link.parquet"
+    link.symlink_to(kept)
+    with pytest.raises(FileExistsError):
+        arrow.to_parquet(fgs.open(store_path), str(link))
+    arrow.to_parquet(fgs.open(store_path), str(link), overwrite=True)
+    assert not link.is_symlink() and kept.read_bytes() == b"kept"
