@@ -350,6 +350,7 @@ def _is_store(store: fgs.Store) -> bool:
     return isinstance(store, fgs.Store)
 
 
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")  # fork, Python >= 3.12
 @pytest.mark.parametrize("method", ["spawn", "fork"])
 def test_store_that_cannot_reopen_in_a_pool_worker_raises(store_path: str, method: str) -> None:
     if method not in multiprocessing.get_all_start_methods():
