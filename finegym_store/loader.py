@@ -190,7 +190,7 @@ class Loader:
     def indices(self, epoch: int | None = None) -> np.ndarray:
         """This rank's instance indices for an epoch, in batch order."""
         e = self.epoch if epoch is None else epoch
-        order = epoch_order(self.store.labels, self.seed, e, self.shuffle, self.sampler)
+        order = epoch_order(self.store._guarded_labels(), self.seed, e, self.shuffle, self.sampler)
         return shard(order, self.rank, self.world_size, self.drop_last)
 
     def __len__(self) -> int:
@@ -209,7 +209,9 @@ class Loader:
         batches = [idx[s : s + self.batch_size] for s in bounds]
         if self.drop_last and batches and len(batches[-1]) < self.batch_size:
             batches.pop()
-        labels = self.store.labels
+        # A copy, not a view of the mapping: a file truncated mid-epoch then
+        # raises OSError from the next gather instead of SIGBUS here.
+        labels = self.store._guarded_labels()
         reader = self.store._reader
         threads = self.store._threads(self.threads)
         free: list[np.ndarray] | None = [] if self.reuse_buffers else None

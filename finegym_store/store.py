@@ -10,7 +10,7 @@ import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, overload
+from typing import Any, NoReturn, overload
 
 import numpy as np
 
@@ -177,10 +177,15 @@ class Store:
         # Resolved now: a later chdir must not change which file a pickled
         # Store (a spawn worker, say) reopens.
         self._abspath = os.path.abspath(self._reader.path)
+        # (st_dev, st_ino) of the file just mapped: an export never writes over it,
+        # even after the path was given to another file.
+        st = os.stat(self._abspath)
+        self._identity = (st.st_dev, st.st_ino)
         self._columns = {
             name: Column(self._reader, name, dtype, t, c) for name, dtype, t, c in self._reader.columns()
         }
         self._index: dict[str, int] | None = None
+        self._labels_copy: np.ndarray | None = None
 
     # -- identity -------------------------------------------------------------
     @property
@@ -204,8 +209,10 @@ class Store:
 
     def __reduce__(self) -> tuple[Any, tuple[str]]:
         # Crosses process boundaries by absolute path: the receiver maps the
-        # file itself, whatever its working directory.
-        return (Store, (self._abspath,))
+        # file itself, whatever its working directory. Unpickling never
+        # raises (_reopen): a multiprocessing worker that fails to unpickle
+        # its task dies, and the caller waits for a result that never comes.
+        return (_reopen, (self._abspath,))
 
     # -- instances -------------------------------------------------------------
     @property
@@ -218,8 +225,24 @@ class Store:
 
     @property
     def labels(self) -> np.ndarray:
-        """int32 labels (N,), -1 where unlabelled."""
+        """int32 labels (N,), -1 where unlabelled: a view of the mapping (not
+        guarded once handed out: see README, "Threat model")."""
         return self._reader.section(_S["labels"])
+
+    def _copy_section(self, name: str) -> np.ndarray:
+        """A read-only copy of a whole section, made by the C++ core under the
+        SIGBUS guard: OSError naming the file if it was truncated."""
+        view = self._reader.section(name)  # dtype and shape; no byte is read
+        raw = self._reader.read_bytes(name, 0, view.nbytes)
+        return np.frombuffer(raw, dtype=view.dtype).reshape(view.shape)
+
+    def _guarded_labels(self) -> np.ndarray:
+        """The labels as a guarded copy (N * 4 bytes), made once per Store and
+        kept (labels never change): what the Loader and StoreDataset index, so
+        a file truncated while they run raises OSError instead of SIGBUS."""
+        if self._labels_copy is None:
+            self._labels_copy = self._copy_section(_S["labels"])
+        return self._labels_copy
 
     def index_of(self, ids: str | Iterable[str]) -> int | np.ndarray:
         """Position of one id (int) or of many (int64 array). KeyError names an
@@ -432,8 +455,11 @@ class Store:
 
     def to_batches(self, batch_size: int | None = None, columns: Sequence[str] | str | None = None,
                    tensor_type: str = "nested") -> Any:
-        """A pyarrow.RecordBatchReader of zero-copy slices of ``to_arrow()``,
-        ``batch_size`` rows each (default: about 128 MiB of features)."""
+        """A pyarrow.RecordBatchReader of ``batch_size``-row batches (default:
+        about 128 MiB of features), each copied out of the mapping under the
+        SIGBUS guard as it is read (a store truncated meanwhile raises
+        OSError naming it). ``to_arrow().to_reader()`` gives zero-copy,
+        unguarded slices instead."""
         from . import arrow
 
         return arrow.to_batches(self, batch_size, columns, tensor_type)
@@ -441,15 +467,21 @@ class Store:
     def to_parquet(self, path: str | os.PathLike[str], columns: Sequence[str] | str | None = None,
                    row_group_size: int | None = None, compression: str = "none", byte_stream_split: bool = False,
                    compression_level: int | None = None, tensor_type: str = "nested",
-                   progress: bool = False) -> str:
+                   progress: bool = False, overwrite: bool = False) -> str:
         """Write a Parquet file one row group at a time (memory: one row
         group; default about 128 MiB of features), atomically. No dictionary
         pages for floats; ``byte_stream_split=True`` with
-        ``compression="zstd"`` shrinks float data. Returns the path."""
+        ``compression="zstd"`` shrinks float data. Each row group is copied
+        out of the mapping under the SIGBUS guard: a store truncated
+        meanwhile raises OSError naming it and leaves nothing at ``path``.
+        FileExistsError if ``path`` exists unless ``overwrite``; ValueError,
+        even with it, if ``path`` is not a regular file (a directory, FIFO,
+        device, or a symlink to one) or is this store's own file. Returns
+        the path."""
         from . import arrow
 
         return arrow.to_parquet(self, path, columns, row_group_size, compression, byte_stream_split,
-                                compression_level, tensor_type, progress)
+                                compression_level, tensor_type, progress, overwrite)
 
     def classes_table(self) -> Any:
         """The label hierarchy as a pyarrow.Table (label, glabel, set, event,
@@ -460,13 +492,64 @@ class Store:
 
     def __arrow_c_stream__(self, requested_schema: Any = None) -> Any:
         """Arrow PyCapsule stream of the whole store (polars.DataFrame(store),
-        duckdb, pyarrow.RecordBatchReader.from_stream(store))."""
+        duckdb, pyarrow.RecordBatchReader.from_stream(store)): the batches of
+        :meth:`to_batches`, copied out of the mapping under the SIGBUS guard,
+        so a store truncated while a consumer reads fails the read with the
+        OSError's message (naming the file) instead of killing the process."""
         return self.to_batches().__arrow_c_stream__(requested_schema)
 
     def __arrow_c_schema__(self) -> Any:
         from . import arrow
 
         return arrow.arrow_schema(self).__arrow_c_schema__()
+
+
+class _UnopenedStore(Store):
+    """What unpickling a Store gives when its file cannot be reopened in the
+    receiving process: any use raises the error, naming the path."""
+
+    _ALLOWED = frozenset({"__class__", "__dict__", "__reduce__", "__reduce_ex__", "__repr__", "_abspath", "_error",
+                          "_raise", "__getstate__", "__setstate__"})
+
+    def __init__(self, path: str, error: BaseException) -> None:
+        object.__setattr__(self, "_abspath", path)
+        object.__setattr__(self, "_error", error)
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in _UnopenedStore._ALLOWED:
+            return object.__getattribute__(self, name)
+        object.__getattribute__(self, "_raise")()
+
+    def _raise(self) -> NoReturn:
+        raise _reopen_error(object.__getattribute__(self, "_abspath"), object.__getattribute__(self, "_error"))
+
+    def __len__(self) -> int:
+        self._raise()
+
+    def __repr__(self) -> str:
+        return f"<Store {self._abspath!r}: could not reopen in this process ({self._error})>"
+
+
+def _reopen_error(path: str, error: BaseException) -> BaseException:
+    what = f"could not reopen the store '{path}' in this process"
+    if isinstance(error, OSError) and error.errno is not None:
+        out: BaseException = type(error)(error.errno, f"{what}: {error.strerror}", path)
+    else:
+        try:
+            out = type(error)(f"{what}: {error}")
+        except Exception:  # an exception type that takes other arguments
+            out = RuntimeError(f"{what}: {type(error).__name__}: {error}")
+    out.__cause__ = error
+    return out
+
+
+def _reopen(path: str) -> Store:
+    """Unpickles a Store: the store reopened, or, when that fails, a Store
+    that raises the error at first use (never raises itself)."""
+    try:
+        return Store(path)
+    except Exception as e:
+        return _UnopenedStore(path, e)
 
 
 def open(path: str | os.PathLike[str]) -> Store:  # noqa: A001 - the natural name

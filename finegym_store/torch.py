@@ -112,7 +112,7 @@ class StoreDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         idx = as_indices([index], len(self.store))
         features = self._gather(idx)[0]
-        return torch.from_numpy(features), int(self.store.labels[idx[0]])
+        return torch.from_numpy(features), int(self.store._guarded_labels()[idx[0]])
 
     def __getitems__(self, indices: Sequence[int]) -> TensorBatch:
         idx = as_indices(indices, len(self.store))
@@ -122,7 +122,7 @@ class StoreDataset(Dataset):
         else:
             self._gather(idx, out=shared.numpy())
             features = shared
-        labels = self.store.labels[idx].astype(np.int64)
+        labels = self.store._guarded_labels()[idx].astype(np.int64)
         return TensorBatch(features, torch.from_numpy(labels), torch.from_numpy(idx))
 
 
