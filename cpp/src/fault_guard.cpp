@@ -51,12 +51,15 @@ bool ours(const struct sigaction& sa) {
     return (sa.sa_flags & SA_SIGINFO) != 0 && sa.sa_sigaction == &on_sigbus;
 }
 
+// Linux's signals are 1..64 (glibc's sigset_t has room for 1024).
+constexpr int kLastSignal = 64;
+
 // sigaction() fills only the kernel's part of sa_mask: copy the members into
 // a clean set, so that masks compare and are used as the kernel sees them.
 sigset_t clean_mask(const sigset_t& mask) {
     sigset_t out;
     sigemptyset(&out);
-    for (int s = 1; s < 65; ++s)
+    for (int s = 1; s <= kLastSignal; ++s)
         if (sigismember(&mask, s) == 1) sigaddset(&out, s);
     return out;
 }
@@ -65,7 +68,7 @@ bool same_action(const struct sigaction& a, const struct sigaction& b) {
     if (a.sa_flags != b.sa_flags) return false;
     if ((a.sa_flags & SA_SIGINFO) != 0 ? a.sa_sigaction != b.sa_sigaction : a.sa_handler != b.sa_handler)
         return false;
-    for (int s = 1; s < 65; ++s)
+    for (int s = 1; s <= kLastSignal; ++s)
         if (sigismember(&a.sa_mask, s) != sigismember(&b.sa_mask, s)) return false;
     return true;
 }
