@@ -328,6 +328,8 @@ void gather(const StoreReader& reader, const FeatureColumn& col, const std::int6
         const std::uint64_t* s = segments_of(b);
         const unsigned char* src = sources[b].data;
         unsigned char* row_out = dst + b * rows_out * out_row;
+        // Guarded: pointer arithmetic, prefetches and convert_rows() into the
+        // caller's buffer; no allocation, lock or destructor (fault_guard.hpp).
         if (!guard_sigbus([&] {
             // Touch the first line of every page of every row up front: the
             // address translations (TLB misses, costly under virtualisation) and
