@@ -168,6 +168,11 @@ class _ParquetSource(_Source):
                 rows += rg.num_rows
                 for c in range(rg.num_columns):
                     cc = rg.column(c)
+                    if md.schema.column(c).max_repetition_level == 0 and cc.num_values != rg.num_rows:
+                        # A flat column holds one value (or null) per row: a count that
+                        # differs is a lie the reader would follow (it stops at num_rows).
+                        raise ConversionError(f"{f}: row group {g}: column {cc.path_in_schema!r}: the footer "
+                                              f"claims {cc.num_values} values in {rg.num_rows} rows")
                     lo = min(x for x in (cc.data_page_offset, cc.dictionary_page_offset) if x is not None)
                     if not (0 <= lo < size and 0 <= cc.total_compressed_size <= size - lo):
                         raise ConversionError(f"{f}: row group {g}: column {cc.path_in_schema!r}: the footer "
