@@ -136,7 +136,7 @@ class _ParquetSource(_Source):
                     raise ConversionError(f"{f}: not a readable Parquet file ({_one_line(e)})") from None
                 self._open.append(pf)
                 self._ids.append(ident)
-                self._check_footer(f, pf, ident[2])
+                self._check_footer(f, pf)
             self.check()
         except BaseException:
             self.close()
@@ -154,8 +154,11 @@ class _ParquetSource(_Source):
                                   f"most {MAX_DIM}")
 
     @staticmethod
-    def _check_footer(f: str, pf: Any, size: int) -> None:
-        """Row counts and chunk extents of the footer, before any page is read."""
+    def _check_footer(f: str, pf: Any) -> None:
+        """The footer's row counts, before any page is read. (Column chunk
+        metadata is left to the reader, which checks each chunk's extent
+        against the file: pyarrow's ``RowGroupMetaData.column`` aborts the
+        process on some malformed chunks instead of raising.)"""
         try:
             md = pf.metadata
             pf.schema_arrow  # noqa: B018 - the embedded Arrow schema is parsed here
@@ -166,18 +169,6 @@ class _ParquetSource(_Source):
                 if not 0 <= rg.num_rows <= MAX_DIM:
                     raise ConversionError(f"{f}: row group {g}: the footer claims {rg.num_rows} rows")
                 rows += rg.num_rows
-                for c in range(rg.num_columns):
-                    cc = rg.column(c)
-                    if md.schema.column(c).max_repetition_level == 0 and cc.num_values != rg.num_rows:
-                        # A flat column holds one value (or null) per row: a count that
-                        # differs is a lie the reader would follow (it stops at num_rows).
-                        raise ConversionError(f"{f}: row group {g}: column {cc.path_in_schema!r}: the footer "
-                                              f"claims {cc.num_values} values in {rg.num_rows} rows")
-                    lo = min(x for x in (cc.data_page_offset, cc.dictionary_page_offset) if x is not None)
-                    if not (0 <= lo < size and 0 <= cc.total_compressed_size <= size - lo):
-                        raise ConversionError(f"{f}: row group {g}: column {cc.path_in_schema!r}: the footer "
-                                              f"places {cc.total_compressed_size} bytes at offset {lo}, outside "
-                                              f"the {size}-byte file")
         except ConversionError:
             raise
         except Exception as e:
@@ -244,21 +235,37 @@ def _valid(where: str, batch: Any, row0: int) -> Any:
 
 def _bad_utf8(where: str, batch: Any, row0: int) -> None:
     """ConversionError naming the column and row of a string that is not
-    UTF-8, when that is what failed full validation (the layout is sound)."""
+    UTF-8, when that is why a string column failed full validation: its
+    buffers passed basic validation and its offsets are checked here
+    (ascending, inside the data buffer) before any value is sliced."""
     pa = _pa()
-    try:
-        batch.validate()
-    except Exception:
-        return
     for name, col in zip(batch.schema.names, batch.columns):
-        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-            raw = col.cast(pa.large_binary() if pa.types.is_large_string(col.type) else pa.binary())
-            for j, v in enumerate(raw.to_pylist()):
+        large = pa.types.is_large_string(col.type)
+        if not (large or pa.types.is_string(col.type)) or len(col) == 0:
+            continue
+        try:
+            col.validate()
+        except Exception:
+            continue
+        try:
+            col.validate(full=True)
+            continue
+        except Exception:
+            pass
+        _, obuf, dbuf = col.buffers()
+        offs = np.frombuffer(obuf, np.int64 if large else np.int32)[col.offset:col.offset + len(col) + 1]
+        data = memoryview(dbuf) if dbuf is not None else memoryview(b"")
+        if len(offs) != len(col) + 1 or offs[0] < 0 or np.any(np.diff(offs) < 0) or offs[-1] > len(data):
+            continue
+        valid = col.is_valid().to_numpy(zero_copy_only=False)
+        for j in range(len(col)):
+            if valid[j]:
                 try:
-                    v is None or v.decode("utf-8")
+                    str(data[offs[j]:offs[j + 1]], "utf-8")
                 except UnicodeDecodeError:
+                    v = bytes(data[offs[j]:min(offs[j + 1], offs[j] + 40)])
                     raise ConversionError(f"{where}: column {name!r}: row {row0 + j}: not valid UTF-8 "
-                                          f"({v[:40]!r})") from None
+                                          f"({v!r})") from None
 
 
 class _StreamSource(_Source):
@@ -291,11 +298,18 @@ def _checked_stream(source: _StreamSource) -> Iterator[Any]:
         except Exception as e:  # a reader over a damaged IPC stream raises ArrowInvalid, OSError
             raise ConversionError(f"{source.where}: batch {k}: unreadable ({_one_line(e)})") from None
         if not b.schema.equals(source.schema, check_metadata=False):
-            raise ConversionError(f"{source.where}: batch {k}: its schema ({b.schema.to_string(show_schema_metadata=False)!r}) "
-                                  f"differs from the stream's ({source.schema.to_string(show_schema_metadata=False)!r})")
+            raise ConversionError(f"{source.where}: batch {k}: its schema ({_schema_str(b.schema)}) differs "
+                                  f"from the one the stream declared ({_schema_str(source.schema)})")
         yield _valid(f"{source.where}: batch {k}", b, row0)
         k += 1
         row0 += b.num_rows
+
+
+def _schema_str(schema: Any) -> str:
+    try:
+        return ", ".join(f"{f.name}: {f.type}" for f in schema)
+    except UnicodeDecodeError:
+        return "a field name that is not UTF-8"
 
 
 def _anonymous_file(out: str, suffix: str) -> Any:
@@ -714,7 +728,12 @@ def _ingest(source: _Source, out: str, id_column: str, label_column: str | None,
     _check_batch_size(batch_size)
     where = source.where
     schema = source.schema
-    names = list(schema.names)
+    try:
+        names = list(schema.names)
+        for f in schema:
+            str(f.type)  # nested field names are decoded here
+    except UnicodeDecodeError as e:
+        raise ConversionError(f"{where}: a column or nested field name is not valid UTF-8 ({e})") from None
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ConversionError(f"{where}: column {dup[0]!r} appears more than once in the schema; "
