@@ -12,6 +12,13 @@ created, so even a killed import leaves nothing behind) and then read column
 by column through a memory map. Everything is checked while
 it streams; a ConversionError (naming the column and the row) discards the
 temporary file, so nothing ever appears under the target name.
+
+The input is untrusted: every record batch passes Arrow's full validation
+before anything is copied from it, stream batches must have the declared
+schema, Parquet footers' row counts are checked before any page is read and
+against the rows each row group yields, each Parquet file must be unchanged
+(device, inode, size, mtime) from open to the end, and the ``finegym_store``
+metadata is type- and range-checked (ConversionError naming the key).
 """
 
 from __future__ import annotations
@@ -725,7 +732,6 @@ def _check_batch_size(batch_size: Any) -> None:
 def _ingest(source: _Source, out: str, id_column: str, label_column: str | None,
             feature_columns: Sequence[str] | None, segments: Any, channels: Any, dtype: Any,
             categories: Any, classes: Any, overwrite: bool, progress: bool, batch_size: int | None) -> Store:
-    _check_batch_size(batch_size)
     where = source.where
     schema = source.schema
     try:
@@ -975,7 +981,9 @@ def from_parquet(
     batch_size: int | None = None,
 ) -> Store:
     """Build a store from a Parquet file or a folder of Parquet files (read
-    in sorted path order; files starting with '.' or '_' are skipped), one
+    in sorted path order; names starting with '.' or '_' are skipped at every
+    depth; links to folders are not followed; FIFOs, sockets and devices are
+    refused unopened), one
     feature column per pass, reading only that column: memory is one row
     group. Arguments as :func:`from_arrow`."""
     _pa()

@@ -504,7 +504,7 @@ def test_seeded_mutants_import_without_crash(tmp_path):
     # process: a crash shows as a signal exit status; any outcome other than a
     # store or a ConversionError naming the source is a finding (exit 1).
     proc = subprocess.run(
-        [sys.executable, FUZZ, "--seeded", "--seed", "20261204", "--cases", "240",
+        [sys.executable, FUZZ, "--seeded", "--seed", "20261204", "--cases", "400",
          "--workdir", str(tmp_path / "work"), "--findings", str(tmp_path / "findings")],
         capture_output=True, text=True, timeout=600, cwd=CHILD_CWD, env=dict(os.environ, OPENBLAS_NUM_THREADS="1"),
     )
@@ -512,7 +512,7 @@ def test_seeded_mutants_import_without_crash(tmp_path):
     assert proc.returncode == 0, (f"exit status {proc.returncode} (negative = killed by that signal) at "
                                   f"{lines[-1:]}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     summary = json.loads(lines[-1])
-    assert summary["executions"] == 240 and summary["findings"] == 0
+    assert summary["executions"] == 400 and summary["findings"] == 0
     outcomes = summary["outcomes"]
     assert outcomes.get("store", 0) > 0 and outcomes.get("conversion_error", 0) > 0
-    assert sum(outcomes.values()) == 240
+    assert sum(outcomes.values()) == 400

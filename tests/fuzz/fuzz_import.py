@@ -178,7 +178,7 @@ def _bytes_mutation(b: bytearray, rnd: random.Random, donors: list[bytes], lo: i
             n += 1
         b[i:i + n] = _varint(rnd.choice(_EXTREMES) << 1)
     else:  # splice from another seed
-        donor = rnd.choice(donors)
+        donor = rnd.choice(donors) or b"\0"
         s = rnd.randrange(len(donor))
         e = min(len(donor), s + rnd.randint(1, 64))
         b[i:i + rnd.randint(0, 64)] = donor[s:e]
