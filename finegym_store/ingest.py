@@ -602,14 +602,20 @@ class _Instances:
             lhere = f"{self.where}: column {self.label_column!r}"
             if not pa.types.is_integer(lab.type):
                 raise ConversionError(f"{lhere}: labels must be integers, got {lab.type}")
-            arr = lab.to_numpy(zero_copy_only=False) if not lab.null_count else \
-                np.asarray(lab.fill_null(-1).to_numpy(zero_copy_only=False))  # null label: unlabelled
-            arr = arr.astype(np.int64, copy=False)
-            bad = np.flatnonzero((arr < -1) | (arr >= 2**31))
+            # Nulls filled with 0 (any integer type holds it), then set to -1: unlabelled.
+            raw = np.asarray((lab.fill_null(0) if lab.null_count else lab).to_numpy(zero_copy_only=False))
+            out_of_range = raw >= 2**31 if raw.dtype.kind == "u" else (raw < -1) | (raw >= 2**31)
+            if lab.null_count:
+                valid = lab.is_valid().to_numpy(zero_copy_only=False)
+                out_of_range &= valid
+            bad = np.flatnonzero(out_of_range)
             if len(bad):
                 i = int(bad[0])
-                raise ConversionError(f"{lhere}: row {row0 + i}: label {int(arr[i])} is outside -1..2**31-1")
-            self.labels.append(arr.astype(np.int32))
+                raise ConversionError(f"{lhere}: row {row0 + i}: label {int(raw[i])} is outside -1..2**31-1")
+            arr = raw.astype(np.int32)
+            if lab.null_count:
+                arr[~valid] = -1
+            self.labels.append(arr)
 
     def label_array(self) -> np.ndarray | None:
         if self.label_column is None:

@@ -131,6 +131,18 @@ def test_invalid_utf8_id_names_the_row(tmp_path):
              "the Arrow table", "column 'id'", "row 1", "not valid UTF-8")
 
 
+@pytest.mark.parametrize("type_", [pa.uint8(), pa.uint64(), pa.int64()])
+def test_labels_of_any_integer_type_with_nulls(tmp_path, type_):
+    t = _table(3).set_column(1, "label", pa.array([2, None, 1], type_))
+    assert list(fgs.from_arrow(t, tmp_path / "ok.fgs", progress=False).labels) == [2, -1, 1]
+    if type_.bit_width < 32:
+        return
+    big = _table(3).set_column(1, "label", pa.array([2, None, 2**31], type_))
+    out = tmp_path / "out.fgs"
+    _refused(lambda: fgs.from_arrow(big, out, progress=False), out, fgs.ConversionError,
+             "the Arrow table: column 'label'", "row 2", str(2**31))
+
+
 def test_binary_ids_are_taken_when_utf8_and_refused_naming_the_row_otherwise(tmp_path):
     t = _table(3).set_column(0, "id", pa.array([b"a", b"b", b"c"], pa.binary()))
     assert fgs.from_arrow(t, tmp_path / "ok.fgs", progress=False).ids[:] == ["a", "b", "c"]

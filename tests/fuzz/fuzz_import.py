@@ -388,6 +388,8 @@ def run_replay(args, checker: Checker) -> int:
     exts = {".arrow": "ipc_file", ".arrows": "ipc_stream", ".parquet": "parquet", ".json": "meta"}
     findings = 0
     for name in args.replay:
+        if name.endswith(".txt"):  # a finding's report, beside its input
+            continue
         data = Path(name).read_bytes()
         if name.endswith(".bin"):
             kind, data = KINDS[data[0] % len(KINDS)], data[1:]
@@ -395,7 +397,7 @@ def run_replay(args, checker: Checker) -> int:
             kind = exts[Path(name).suffix]
         print(json.dumps({"replay": name, "kind": kind}), flush=True)
         findings += _one(args, checker, kind, data, {"replay": name})
-    print(json.dumps({"executions": len(args.replay), "findings": findings, "outcomes": checker.outcomes}),
+    print(json.dumps({"executions": sum(not n.endswith(".txt") for n in args.replay), "findings": findings, "outcomes": checker.outcomes}),
           flush=True)
     return 1 if findings else 0
 
