@@ -131,6 +131,35 @@ def test_invalid_utf8_id_names_the_row(tmp_path):
              "the Arrow table", "column 'id'", "row 1", "not valid UTF-8")
 
 
+DESCENDING = r"""
+import json, sys
+import numpy as np
+import pyarrow as pa
+import finegym_store as fgs
+# offsets 0, 6, 2**30, 8: first and last inside the data (basic validation
+# passes), the middle ones not; the row lookup of bad UTF-8 must not slice them.
+offsets = pa.py_buffer(np.array([0, 6, 2**30, 8], np.int32).tobytes())
+ids = pa.Array.from_buffers(pa.string(), 3, [None, offsets, pa.py_buffer(b"abc\xffdefgh")])
+x = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(6, np.float32)), 2)
+try:
+    fgs.from_arrow(pa.table({"id": ids, "x": x}), sys.argv[1], progress=False)
+    print(json.dumps({"outcome": "store"}))
+except Exception as e:
+    print(json.dumps({"outcome": type(e).__name__, "message": str(e)}))
+"""
+
+
+def test_string_offsets_out_of_order_are_refused_without_reading_them(tmp_path):
+    out = tmp_path / "out.fgs"
+    proc = subprocess.run([sys.executable, "-c", DESCENDING, str(out)], capture_output=True, text=True,
+                          timeout=120, cwd=CHILD_CWD)
+    assert proc.returncode == 0, f"child died with {proc.returncode}: {proc.stderr[-2000:]}"
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert result["outcome"] == "ConversionError", result
+    assert result["message"].startswith("the Arrow table: rows 0..2: invalid Arrow data"), result
+    _nothing_at(out)
+
+
 @pytest.mark.parametrize("type_", [pa.uint8(), pa.uint64(), pa.int64()])
 def test_labels_of_any_integer_type_with_nulls(tmp_path, type_):
     t = _table(3).set_column(1, "label", pa.array([2, None, 1], type_))
