@@ -292,12 +292,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "import":
             _import(args)
     except FormatError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 1
     except (ConversionError, ValueError, KeyError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except TypeError as e:  # an argument of the wrong type reaching the import
+        if args.command != "import":
+            raise
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    """The message on one line (pyarrow's span several)."""
+    return " ".join(str(e).split())
 
 
 if __name__ == "__main__":
