@@ -27,6 +27,7 @@ import ctypes.util
 import json
 import mmap
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -749,6 +750,13 @@ def bench_peers_cold(d: Data, folder: Path, k: int, b: int, threads: int, batche
 # -- entry point -----------------------------------------------------------------
 
 
+STATES = ("hot", "train", "cold", "half", "epochs", "flow", "peers", "peers-cold", "open")
+#: Upper bounds of the numeric options: far beyond any useful run, low
+#: enough that a typo is refused instead of filling the disk or memory.
+MAX_INSTANCES = 2**24
+MAX_BATCH = 2**20
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -756,46 +764,74 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--child"]:
         child_main(json.loads(argv[1]))
         return 0
-    p = argparse.ArgumentParser(prog="finegym-store bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="finegym-store bench", usage="%(prog)s [options]",
+                                description=__doc__.split("\n\n")[0])
     add_arguments(p)
-    return run(p.parse_args(argv))
+    try:
+        return run(p.parse_args(argv))
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def add_arguments(p: Any) -> None:
+    from finegym_store._argtypes import choices, count, counts
+
     p.add_argument("--data", default=os.environ.get("FINEGYM_BENCH_DIR") or "/tmp/finegym-bench",
                    help="folder for the generated stores (kept between runs)")
     p.add_argument("--small", action="store_true", help=f"{SMALL_INSTANCES} instances instead of {INSTANCES}")
     p.add_argument("--column", choices=sorted(CHANNELS), default="i3d")
-    p.add_argument("--states", default="hot,train,cold,half,epochs,flow,peers,peers-cold,open",
+    p.add_argument("--states", type=choices(STATES), default="hot,train,cold,half,epochs,flow,peers,peers-cold,open",
                    help="comma-separated, run in this order for each K and B: hot, train (the loader feeding "
                         "a simulated step), cold, half (half the instances resident), epochs (two whole "
                         "epochs, evicted before each), flow (cold: the loader and a DataLoader over "
                         "StoreDataset), peers (hot: pickle, h5py, LMDB, Arrow, Parquet, Lance, HF datasets), "
                         "peers-cold (the same, each file evicted, opened and read in a fresh process), "
                         "open (open time and RSS, conversion throughput; once per run)")
-    p.add_argument("--k", default="12,3", help="segments per instance (comma-separated)")
-    p.add_argument("--batch", default="256", help="batch sizes (comma-separated)")
-    p.add_argument("--threads", type=int, default=0, help="gather threads (0: every core)")
-    p.add_argument("--batches", type=int, default=24, help="consecutive batches per run")
-    p.add_argument("--rounds", type=int, default=3, help="rounds (medians are reported)")
-    p.add_argument("--instances", type=int, help="instances in the generated store (overrides --small)")
+    p.add_argument("--k", type=counts(1, 1024), default="12,3",
+                   help="segments per instance (comma-separated, each 1 to 1024)")
+    p.add_argument("--batch", type=counts(1, MAX_BATCH), default="256",
+                   help=f"batch sizes (comma-separated, each 1 to {MAX_BATCH}, at most --instances)")
+    p.add_argument("--threads", type=count(0, 1024), default=0, help="gather threads (0: every core; at most 1024)")
+    p.add_argument("--batches", type=count(1, 10**6), default=24, help="consecutive batches per run (at least 1)")
+    p.add_argument("--rounds", type=count(1, 1000), default=3, help="rounds (medians are reported; at least 1)")
+    p.add_argument("--instances", type=count(2, MAX_INSTANCES),
+                   help="instances in the generated store (overrides --small); at least 2 and at least the "
+                        f"largest --batch, at most {MAX_INSTANCES}")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="draw the ratios to gather into this PNG (needs matplotlib)")
+
+
+def check_args(args: Any, n: int) -> None:
+    """The checks that involve two options (each option alone is checked by
+    its argparse type): every batch fits in the store, and the store fits
+    on the disk. ValueError naming the option."""
+    if max(args.batch) > n:
+        raise ValueError(f"--batch {max(args.batch)} is larger than the store's {n} instances "
+                         f"(--instances must be at least the largest --batch)")
+    folder = Path(args.data)
+    path = folder / f"bench_{args.column}_{n}.fgs"
+    if not path.exists():
+        need = n * T * CHANNELS[args.column] * 4
+        probe = folder if folder.exists() else next((q for q in folder.parents if q.exists()), Path("/"))
+        free = shutil.disk_usage(probe).free
+        if need > free:
+            raise ValueError(f"--instances {n}: the store needs {need / 1e9:.1f} GB, but {probe} has "
+                             f"{free / 1e9:.1f} GB free (use --data elsewhere or fewer --instances)")
 
 
 def run(args: Any) -> int:
     from finegym_store import _core
 
     threads = args.threads or _core.max_threads()
-    n = args.instances or (SMALL_INSTANCES if args.small else INSTANCES)
-    if n < 2:
-        raise ValueError(f"--instances must be at least 2, got {n}")
+    n = args.instances if args.instances is not None else (SMALL_INSTANCES if args.small else INSTANCES)
+    check_args(args, n)
     d = ensure_store(Path(args.data), args.column, n)
     results: list[Result] = []
     echo = print
-    for k in [int(x) for x in args.k.split(",")]:
-        for b in [int(x) for x in args.batch.split(",")]:
-            for state in args.states.split(","):
+    for k in args.k:
+        for b in args.batch:
+            for state in args.states:
                 if state == "hot":
                     methods = ["gather:auto", "gather:on", "gather:off", "numpy memmap", "memcpy 1T",
                                f"memcpy {threads}T"]

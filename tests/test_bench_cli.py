@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import CHILD_CWD
 
 from finegym_store import bench
@@ -46,6 +47,50 @@ def test_bench_runs_every_state_and_reports_every_method(tmp_path):
     assert "after 1st batch" in text
 
 
-def test_bench_rejects_a_store_too_small(tmp_path, capsys):
-    assert main(["bench", "--data", str(tmp_path), "--instances", "1"]) == 2
-    assert "--instances must be at least 2, got 1" in capsys.readouterr().err
+BAD_BENCH_ARGS = [
+    (["--instances", "0"], "argument --instances: must be between 2 and"),
+    (["--instances", "1"], "argument --instances: must be between 2 and"),
+    (["--instances", "x"], "argument --instances: expected an integer, got 'x'"),
+    (["--k", "-3"], "argument --k: must be between 1 and 1024, got -3"),
+    (["--k", "3,0"], "argument --k: must be between 1 and 1024, got 0"),
+    (["--k", ""], "argument --k: expected comma-separated integers"),
+    (["--threads", "-1"], "argument --threads: must be between 0 and 1024, got -1"),
+    (["--batch", "0"], "argument --batch: must be between 1 and"),
+    (["--batch", "-1"], "argument --batch: must be between 1 and"),
+    (["--batch", "8,,16"], "argument --batch: expected comma-separated integers, got '8,,16'"),
+    (["--rounds", "0"], "argument --rounds: must be between 1 and 1000, got 0"),
+    (["--batches", "0"], "argument --batches: must be between 1 and"),
+    (["--batches", "1.5"], "argument --batches: expected an integer, got '1.5'"),
+    (["--states", "hot,lukewarm"], "argument --states: unknown 'lukewarm'"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_BENCH_ARGS)
+def test_bench_refuses_each_bad_number_with_one_line(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--data", str(tmp_path / "data"), *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["usage: finegym-store bench [options]", err[1]] and err[1].startswith(
+        "finegym-store bench: error: "), err
+    assert message in err[1]
+    assert not (tmp_path / "data").exists()  # refused before anything is built
+
+
+def test_bench_refuses_a_batch_larger_than_the_store(tmp_path, capsys):
+    assert main(["bench", "--data", str(tmp_path / "data"), "--instances", "4", "--batch", "2,8"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["error: --batch 8 is larger than the store's 4 instances "
+                   "(--instances must be at least the largest --batch)"]
+    assert not (tmp_path / "data").exists()
+
+
+def test_bench_module_refuses_without_a_traceback(tmp_path):
+    # python -m finegym_store.bench: the same checks, the same exit status.
+    for args in (["--batch", "-1"], ["--instances", "3", "--batch", "4"]):
+        proc = subprocess.run([sys.executable, "-m", "finegym_store.bench", "--data", str(tmp_path / "d"), *args],
+                              cwd=CHILD_CWD, capture_output=True, text=True, timeout=60, check=False)
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr and proc.stderr.strip().splitlines()[-1].startswith(
+            ("finegym-store bench: error: argument --batch", "error: --batch 4 is larger")), proc.stderr
+        assert proc.stdout == ""
