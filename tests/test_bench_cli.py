@@ -11,7 +11,7 @@ import sys
 import pytest
 from conftest import CHILD_CWD
 
-from finegym_store import bench
+from finegym_store.bench.peers import PEERS
 from finegym_store.cli import main
 
 
@@ -32,7 +32,7 @@ def test_bench_runs_every_state_and_reports_every_method(tmp_path):
     for m in ("gather:auto", "gather:on", "gather:off", "numpy memmap", "pread QD32"):
         assert ("cold", m) in states, m
     assert ("hot", "memcpy 1T") in states and ("half", "gather:auto") in states
-    for name in bench.PEERS:  # run or skipped with a reason, never missing, hot and cold
+    for name in PEERS:  # run or skipped with a reason, never missing, hot and cold
         for state in ("peers", "peers-cold"):
             row = next(r for r in rows if r["state"] == state and r["method"] == name)
             assert (row["skipped"] is None) == (row["instances_per_s"] is not None), row
