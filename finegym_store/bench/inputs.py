@@ -11,8 +11,8 @@ For a column (i3d or tsn) and N instances it holds:
 - ``gym99_N_element.txt``: the split file (ids in order, long-tailed labels);
 - ``COLUMN_N.pkl``: the same features as a dict pickled the way the release
   did (``synth.write_pickle``), built only when a measurement asks for it;
-- ``manifest_COLUMN_N.json``: how they were made; a file made otherwise (an
-  older version of this layout) is rebuilt;
+- ``manifest_COLUMN_N.json``: how they were made; files made otherwise are
+  rebuilt;
 - ``peer_COLUMN_N.*``: the other formats (``finegym_store.bench.peers``).
 
 Files are written under a temporary name and renamed when complete, so an
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,6 +56,11 @@ DISTINCT_BLOCKS = 256
 CACHE_VERSION = 2
 
 CATEGORIES = resources.files("finegym_store") / "sample" / "gym99_categories.txt"
+
+
+def to_stderr(line: str) -> None:
+    """Progress lines go to stderr (a run's table goes to stdout)."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def default_folder() -> Path:
@@ -155,7 +161,7 @@ def _manifest(n: int, column: str, seed: int) -> dict[str, Any]:
 
 
 def ensure_inputs(n: int = INSTANCES, folder: str | os.PathLike[str] | None = None, seed: int = 0,
-                  rebuild: bool = False, echo: Callable[[str], None] = print, column: str = COLUMN,
+                  rebuild: bool = False, echo: Callable[[str], None] = to_stderr, column: str = COLUMN,
                   pickle: bool = True) -> Inputs:
     """The split file and store of (column, n), and the pickle unless
     ``pickle=False``, built unless the cache already holds them (same
@@ -247,6 +253,6 @@ def layout(path: str | os.PathLike[str], column: str | None = None) -> Data:
 
 
 def ensure_store(folder: str | os.PathLike[str] | None, column: str, n: int,
-                 echo: Callable[[str], None] = print, pickle: bool = False) -> Data:
+                 echo: Callable[[str], None] = to_stderr, pickle: bool = False) -> Data:
     """The generated store of (column, n), built once; its layout."""
     return layout(ensure_inputs(n, folder, echo=echo, column=column, pickle=pickle).store, column)
