@@ -91,7 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--hidden", type=count(1, 2**24), default=512,
                     help="hidden units of --head mlp (default 512; refused when the weights would not fit "
                          "in memory)")
-    pr.add_argument("--seed", type=count(0, 2**63 - 1), default=0, help="initial weights, shuffling and sampling (default 0)")
+    pr.add_argument("--seed", type=count(0, 2**63 - 1), default=0,
+                    help="initial weights, shuffling and sampling (default 0)")
     pr.add_argument("--threads", type=count(1, 1024), help="C++ threads gathering batches (default: all cores)")
     pr.add_argument("--compute-threads", type=count(1, 1024), metavar="N",
                     help="classifier threads: torch, numpy's BLAS (with threadpoolctl); default: cores - 1, "

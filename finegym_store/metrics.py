@@ -4,7 +4,8 @@ recall), plus top-k and the confusion matrix. numpy only.
 
 Conventions shared by every function:
 
-- ``labels``: 1-D integer class ids, one per instance, all >= 0. Unlabelled
+- ``labels``: 1-D integer class ids, one per instance, all >= 0 and within
+  int64 (larger ids, e.g. uint64 >= 2**63, are refused, not wrapped). Unlabelled
   instances (-1 in a store) are refused with a ValueError: drop them first
   (``labels >= 0``), since counting them either way would be a silent choice.
 - ``predictions``: either class ids (N,) or scores (N, classes), e.g. logits or
