@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from . import __version__
+from ._argtypes import count, real
 from .errors import ConversionError, FormatError
 
 
@@ -57,11 +58,13 @@ def _parser() -> argparse.ArgumentParser:
     from . import bench as _bench_cli
 
     bn = sub.add_parser("bench", help="benchmark gather, the loader and what users do instead, side by side",
+                        usage="%(prog)s [options]",
                         description=(_bench_cli.__doc__ or "").split("\n\n")[0])
     _bench_cli.add_arguments(bn)
 
     pr = sub.add_parser(
         "probe", help="train and evaluate a classifier on stored features (FineGym's protocol)",
+        usage="%(prog)s TRAIN VAL [TRAIN VAL ...] [options]",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a linear (or MLP) classifier over the TSN consensus (the mean of K sampled\n"
                     "segments) of a feature column of TRAIN, evaluate it on VAL, and print Mean Class Acc and\n"
@@ -73,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="a train store and its val store; repeat the pair for more datasets")
     pr.add_argument("--column", action="append", metavar="NAME",
                     help="feature column to probe; repeat for several (default: every column of the first TRAIN)")
-    pr.add_argument("--num-segments", type=int, default=3, metavar="K",
+    pr.add_argument("--num-segments", type=count(0, 1024), default=3, metavar="K",
                     help="segments sampled per instance and averaged (default 3); 0 = all stored segments")
     pr.add_argument("--head", choices=("linear", "mlp"), default="linear",
                     help="linear softmax classifier, or one hidden ReLU layer (default linear)")
@@ -81,14 +84,17 @@ def _parser() -> argparse.ArgumentParser:
                     help="trainer: torch when installed (auto, default), or the numpy one")
     pr.add_argument("--level", action="append", choices=("element", "set", "event"), dest="levels",
                     help="hierarchy level(s) to evaluate (default element); set and event need a stored hierarchy")
-    pr.add_argument("--epochs", type=int, default=20, help="passes over TRAIN (default 20)")
-    pr.add_argument("--batch-size", type=int, default=256, help="default 256")
-    pr.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate, cosine-decayed to 0 (default 1e-3)")
-    pr.add_argument("--weight-decay", type=float, default=1e-4, help="L2 on weights (default 1e-4)")
-    pr.add_argument("--hidden", type=int, default=512, help="hidden units of --head mlp (default 512)")
-    pr.add_argument("--seed", type=int, default=0, help="initial weights, shuffling and sampling (default 0)")
-    pr.add_argument("--threads", type=int, help="C++ threads gathering batches (default: all cores)")
-    pr.add_argument("--compute-threads", type=int, metavar="N",
+    pr.add_argument("--epochs", type=count(1, 10**6), default=20, help="passes over TRAIN (default 20)")
+    pr.add_argument("--batch-size", type=count(1, 2**24), default=256, help="default 256")
+    pr.add_argument("--lr", type=real(0.0), default=1e-3, help="Adam learning rate, cosine-decayed to 0 (default 1e-3)")
+    pr.add_argument("--weight-decay", type=real(0.0, inclusive=True), default=1e-4, help="L2 on weights (default 1e-4)")
+    pr.add_argument("--hidden", type=count(1, 2**24), default=512,
+                    help="hidden units of --head mlp (default 512; refused when the weights would not fit "
+                         "in memory)")
+    pr.add_argument("--seed", type=count(0, 2**63 - 1), default=0,
+                    help="initial weights, shuffling and sampling (default 0)")
+    pr.add_argument("--threads", type=count(1, 1024), help="C++ threads gathering batches (default: all cores)")
+    pr.add_argument("--compute-threads", type=count(1, 1024), metavar="N",
                     help="classifier threads: torch, numpy's BLAS (with threadpoolctl); default: cores - 1, "
                          "leaving a core to the loader")
     pr.add_argument("--json", metavar="FILE", help="also write every result as JSON ('-': stdout, no table)")
@@ -134,8 +140,6 @@ def _probe(args: argparse.Namespace) -> None:
 
     if len(args.stores) % 2:
         raise ValueError(f"stores come in TRAIN VAL pairs; got {len(args.stores)} paths: {' '.join(args.stores)}")
-    if args.num_segments < 0:
-        raise ValueError(f"--num-segments must be >= 0, got {args.num_segments}")
     if args.plot:  # fail before training, not after
         try:
             import matplotlib  # noqa: F401

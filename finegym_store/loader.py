@@ -126,6 +126,12 @@ def epoch_order(labels: np.ndarray, seed: int, epoch: int, shuffle: bool = True,
     return by_class[starts[pick] + within].astype(np.int64)
 
 
+#: The largest world_size (torch.distributed's ranks are int32), and the
+#: longest padded epoch a world_size larger than the store may ask for.
+MAX_WORLD_SIZE = 2**31
+MAX_PADDED_EPOCH = 2**24
+
+
 def shard(order: np.ndarray, rank: int, world_size: int, drop_last: bool) -> np.ndarray:
     """torch DistributedSampler's contract: pad by wrapping to a multiple of
     world_size (or drop the tail with drop_last), then rank r takes positions
@@ -156,6 +162,13 @@ class Loader:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+        if world_size > MAX_WORLD_SIZE:
+            raise ValueError(f"world_size must be at most {MAX_WORLD_SIZE}, got {world_size}")
+        if not drop_last and -(-len(store) // world_size) * world_size > max(2 * len(store), MAX_PADDED_EPOCH):
+            raise ValueError(f"world_size={world_size} pads each epoch of {len(store)} instances to "
+                             f"{world_size} indices per epoch (one per rank); at most "
+                             f"{max(2 * len(store), MAX_PADDED_EPOCH)} are allowed (use drop_last=True "
+                             "or fewer ranks)")
         if prefetch < 0:
             raise ValueError(f"prefetch must be >= 0, got {prefetch}")
         if sampler not in SAMPLERS:

@@ -400,9 +400,62 @@ def _as_store(s: Store | str | os.PathLike[str]) -> Store:
 
 
 def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+    """A count: an integer (an integral float such as 3.0 too) >= low.
+    TypeError for a bool or a non-integral value, ValueError below low."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
+        value = int(value)
+    if not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     return int(value)
+
+
+def _check_real(name: str, value: Any, positive: bool) -> float:
+    """A finite number, > 0 (positive) or >= 0; TypeError for a bool or a
+    non-number, ValueError otherwise."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or (value <= 0 if positive else value < 0):
+        raise ValueError(f"{name} must be a {'positive number' if positive else 'number >= 0'} (finite), "
+                         f"got {value!r}")
+    return float(value)
+
+
+def _memory_bytes() -> int:
+    """This machine's physical memory (0 where unknown)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _check_model_fits(head: str, channels: int, classes: int, hidden: int, batch: int, segments: int,
+                      sample: int, prefetch: int) -> None:
+    """Refuse a probe whose classifier or batches cannot fit in memory,
+    before anything is allocated. Estimate: 32 bytes per parameter (the
+    float64 draw of the initial weights, the float32 weights, their copy in
+    the trainer, the gradient and Adam's two moments), 16 bytes per
+    activation of a batch, and the float32 features of the standardization
+    sample and of the batches in flight (prefetch + 2)."""
+    params = channels * classes + classes if head == "linear" else (
+        channels * hidden + hidden + hidden * classes + classes)
+    width = classes if head == "linear" else hidden + classes
+    model = 32 * params + 16 * batch * width
+    data = 4 * segments * channels * (sample + batch * (prefetch + 2))
+    have = _memory_bytes()
+    if not have or model + data <= have:
+        return
+    if model > data:
+        size = f"{channels} x {hidden} x {classes}" if head == "mlp" else f"{channels} x {classes}"
+        raise ValueError(f"hidden={hidden}: the {head} classifier ({size}, {params:,} parameters) needs about "
+                         f"{model / 1e9:,.1f} GB for its weights, gradients and optimizer state, more than this "
+                         f"machine's {have / 1e9:,.1f} GB of memory; use a smaller hidden")
+    raise ValueError(f"num_segments={segments}, batch_size={batch}: the probe's batches of {segments} x {channels} "
+                     f"features need about {data / 1e9:,.1f} GB, more than this machine's {have / 1e9:,.1f} GB "
+                     "of memory; use fewer segments or a smaller batch")
 
 
 class _WaitClock:
@@ -469,10 +522,10 @@ def run_probe(
         threads = _check_int("threads", threads, 1)
     compute_threads = max(1, _cores() - 1) if compute_threads is None else _check_int(
         "compute_threads", compute_threads, 1)
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
-    if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
-        raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
+    lr = _check_real("lr", lr, positive=True)
+    weight_decay = _check_real("weight_decay", weight_decay, positive=False)
+    seed = _check_int("seed", seed, 0)
+    prefetch = _check_int("prefetch", prefetch, 0)
     backend = _resolve_backend(backend)
     t_start = time.perf_counter()
     tr, va = _as_store(train), _as_store(val)
@@ -498,6 +551,9 @@ def run_probe(
         num_classes = max(num_classes, len(hierarchy.set_of))
         # Every evaluated label must have a set and an event: say so now, not after training.
         hierarchy.map(y_val_all[val_keep], "event", what=f"{va.path} labels")
+    _check_model_fits(head, channels, num_classes, hidden, min(batch_size, len(labelled_train)),
+                      num_segments or tr.column(column).shape[1] or 1, min(len(labelled_train), NORM_SAMPLE),
+                      prefetch)
     name = dataset or _dataset_name(tr, va)
     say = log or (lambda _msg: None)
     clock = _WaitClock()

@@ -214,3 +214,17 @@ def test_loader_pickles_for_spawn(store):
     a, b = next(iter(loader)), next(iter(clone))
     np.testing.assert_array_equal(a.indices, b.indices)
     assert a.features.tobytes() == b.features.tobytes()
+
+
+def test_absurd_world_size_is_refused_before_allocating(store):
+    n = len(store)
+    with pytest.raises(ValueError, match=r"world_size must be at most 2147483648, got 1099511627776"):
+        store.loader("x", batch_size=8, world_size=2**40)
+    with pytest.raises(ValueError, match=rf"world_size=16777217 pads each epoch of {n} instances to 16777217 "
+                                         r"indices .* at most 16777216"):
+        store.loader("x", batch_size=8, world_size=2**24 + 1)
+    # More ranks than instances is served by padding (each rank gets one index), or
+    # with drop_last by nothing at all; neither allocates beyond the limit.
+    padded = store.loader("x", batch_size=8, world_size=2 * n, rank=2 * n - 1)
+    assert len(padded.indices(epoch=0)) == 1
+    assert len(store.loader("x", batch_size=8, world_size=2**31, rank=5, drop_last=True).indices(epoch=0)) == 0

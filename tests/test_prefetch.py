@@ -11,7 +11,7 @@ import pytest
 
 import finegym_store as fgs
 from finegym_store import _core
-from finegym_store.bench import evict, resident_pages
+from finegym_store.bench.pagecache import evict, resident_pages
 
 C = 1024  # float32 rows of 4 KiB: one page each on x86-64
 LONG, LONG_ROWS = 7, 12000
