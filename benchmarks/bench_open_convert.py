@@ -202,10 +202,10 @@ CONVERSION_METHODS = {
 
 
 def _convert_with_staging(mb: float) -> Any:
-    """convert with finegym_store.convert.STAGING_BYTES set to ``mb`` MiB."""
+    """convert with finegym_store._write.STAGING_BYTES set to ``mb`` MiB."""
 
     def run(out: Path, table: dict[str, np.ndarray], stacked: np.ndarray, split: Path) -> Any:
-        module = sys.modules["finegym_store.convert"]
+        module = sys.modules["finegym_store._write"]
         saved = module.STAGING_BYTES
         module.STAGING_BYTES = int(mb * 2**20)
         try:
@@ -327,7 +327,8 @@ def bench_phases(inputs: cache.Inputs, echo: Any = print) -> dict[str, Any]:
     res["python_s"] = res["convert_s"] - sum(_TimingWriter.totals.values())
 
     # The Python-side pieces of _write_column alone, without the writer.
-    from finegym_store.convert import STAGING_BYTES, _instance_shape
+    from finegym_store._write import STAGING_BYTES
+    from finegym_store.convert import _instance_shape
 
     t0 = time.perf_counter()
     shapes = [_instance_shape("x", k, table[k]) for k in ids]
@@ -416,7 +417,7 @@ def report(res: dict[str, Any], echo: Any = print) -> None:
         echo("")
         echo(f"2. Conversion of the in-memory dict, pickle loading excluded (median of {res['repeat']})")
         echo(f"   {'':<34}{'median':>10}{'GB/s':>8}{'convert / this':>16}")
-        default_mb = sys.modules["finegym_store.convert"].STAGING_BYTES / 2**20
+        default_mb = sys.modules["finegym_store._write"].STAGING_BYTES / 2**20
         rows = [("convert", f"finegym_store.convert ({default_mb:g} MiB)")]
         rows += [(k, f"  convert, staging {k.split('@')[1]}") for k in med if k.startswith("convert@")]
         rows += [("tofile", "ndarray.tofile  [baseline]"), ("tofile+fsync", "tofile + fsync  [baseline 2]")]
