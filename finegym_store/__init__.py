@@ -15,7 +15,7 @@ from .errors import ConversionError, ForkedJobError, FormatError, UnsafePickleEr
 from .loader import Batch, Loader
 from .store import Classes, Column, Meta, Store, Strings, open
 from .convert import convert  # noqa: E402 (needs __version__)
-from .ingest import from_arrow, from_parquet  # noqa: E402 (pyarrow imported on first call)
+from .ingest import ImportOptions, from_arrow, from_parquet  # noqa: E402 (pyarrow imported on first call)
 
 __all__ = [
     "__version__",
@@ -24,6 +24,7 @@ __all__ = [
     "convert",
     "from_arrow",
     "from_parquet",
+    "ImportOptions",
     "Store",
     "Column",
     "Strings",

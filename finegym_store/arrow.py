@@ -145,7 +145,7 @@ def store_metadata(store: Store, names: Sequence[str], tensor_type: str = "neste
     for n in names:
         if n in store.columns:
             c = store.column(n)
-            cols[n] = {"dtype": str(c.dtype), "segments": c.segments, "channels": c.channels}
+            cols[n] = {"dtype": str(c.dtype), "length": c.segments, "channels": c.channels}
     return {
         "format_version": store.format_version,
         "exported_by": f"finegym-store {__version__}",
@@ -171,7 +171,7 @@ def arrow_schema(store: Store, columns: Sequence[str] | str | None = None, tenso
             fields.append(pa.field(n, pa.int32(), nullable=False))
         else:
             c = store.column(n)
-            meta = {FIELD_KEY: json.dumps({"dtype": str(c.dtype), "segments": c.segments,
+            meta = {FIELD_KEY: json.dumps({"dtype": str(c.dtype), "length": c.segments,
                                            "channels": c.channels}).encode("utf-8")}
             fields.append(pa.field(n, _feature_type(store, n, tensor_type), nullable=False, metadata=meta))
     meta = {METADATA_KEY: json.dumps(store_metadata(store, names, tensor_type)).encode("utf-8")}

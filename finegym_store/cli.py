@@ -126,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     im.add_argument("--id-column", default="id")
     im.add_argument("--label-column", default="label", help="integer labels (default 'label'; -1 when absent)")
     im.add_argument("--columns", nargs="+", metavar="NAME", help="feature columns (default: all)")
-    im.add_argument("--segments", type=int, help="T, for columns whose type does not fix it")
+    im.add_argument("--length", type=int, metavar="T", help="rows per instance (T), for columns whose type does not fix it")
     im.add_argument("--channels", type=int, help="C, for flat list<float> columns")
     im.add_argument("--dtype", choices=("float32", "float16"), help="stored dtype (default: as in the file)")
     im.add_argument("--categories", help="FineGym categories file (default: the hierarchy in the file's metadata)")
@@ -244,7 +244,7 @@ def _import(args: argparse.Namespace) -> None:
     from .ingest import from_parquet
 
     store = from_parquet(args.source, args.out, id_column=args.id_column, label_column=args.label_column,
-                         feature_columns=args.columns, segments=args.segments, channels=args.channels,
+                         feature_columns=args.columns, length=args.length, channels=args.channels,
                          dtype=args.dtype, categories=args.categories, overwrite=args.overwrite,
                          progress=not args.quiet)
     print(f"wrote {store.path}: {len(store)} instances, columns {', '.join(store.columns)}, "

@@ -23,13 +23,14 @@ metadata is type- and range-checked (ConversionError naming the key).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import mmap
 import os
 import stat
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,17 +38,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import _core
-from .arrow import FIELD_KEY, INSTANCE_FIELDS, METADATA_KEY, _pa
-from .convert import _finish, _labels_without_class
+from .arrow import BATCH_BYTES, FIELD_KEY, INSTANCE_FIELDS, METADATA_KEY, _pa
+from ._write import STORE_DTYPES, ColumnWriter, StoreWriter, labels_without_class, store_dtype
 from .errors import ConversionError
 from .finegym import Categories, read_categories
 from .store import Store
 
-__all__ = ["from_arrow", "from_parquet"]
+__all__ = ["ImportOptions", "from_arrow", "from_parquet"]
 
-#: Bytes of feature data per batch read from the source.
-BATCH_BYTES = 64 << 20
-_STORE_DTYPES = ("float32", "float16")
 
 
 # -- sources ------------------------------------------------------------------
@@ -363,7 +361,7 @@ class _Layout:
 
     name: str
     dtype: np.dtype          # stored dtype
-    segments: int | None     # T, or None (ragged)
+    length: int | None     # T, or None (ragged)
     channels: int
     kind: str                # "nested", "tensor", "list_rows", "list_list", "flat"
 
@@ -385,20 +383,21 @@ def _value_dtype(where: str, t: Any) -> np.dtype:
     raise ConversionError(f"{where}: values must be floating-point (float16, float32 or float64), got {t}")
 
 
-def _layout(where: str, field: Any, dtype: str | None, segments: int | None, channels: int | None,
+def _layout(where: str, field: Any, dtype: str | None, length: int | None, channels: int | None,
             meta: Mapping[str, Any] | None) -> _Layout:
     here = f"{where}: column {field.name!r}"
     if meta:  # our own export: T, C and dtype recorded per column
-        segments = meta.get("segments") if segments is None else segments
+        recorded = meta.get("length", meta.get("segments"))  # 0.1 exports wrote "segments"
+        length = recorded if length is None else length
         channels = meta.get("channels") if channels is None else channels
         dtype = meta.get("dtype") if dtype is None else dtype
-    for what, v in (("segments", segments), ("channels", channels)):
+    for what, v in (("length", length), ("channels", channels)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 1 <= v <= MAX_DIM):
             raise ValueError(f"{here}: {what} must be a positive integer, got {v!r} (at most {MAX_DIM})")
-    segments = None if segments is None else int(segments)  # numpy integers become Python ints
+    length = None if length is None else int(length)  # numpy integers become Python ints
     channels = None if channels is None else int(channels)
-    lay = _layout_of(here, field, dtype, segments, channels)
-    for what, v in (("segments", lay.segments), ("channels", lay.channels)):
+    lay = _layout_of(here, field, dtype, length, channels)
+    for what, v in (("length", lay.length), ("channels", lay.channels)):
         if v is not None and not (what == "channels" and lay.kind == "list_list" and v == 0) \
                 and not 1 <= v <= MAX_DIM:
             raise ConversionError(f"{here}: {what} = {v} from the type {field.type}; "
@@ -406,7 +405,7 @@ def _layout(where: str, field: Any, dtype: str | None, segments: int | None, cha
     return lay
 
 
-def _layout_of(here: str, field: Any, dtype: str | None, segments: int | None, channels: int | None) -> _Layout:
+def _layout_of(here: str, field: Any, dtype: str | None, length: int | None, channels: int | None) -> _Layout:
     pa = _pa()
     name = field.name
     t = field.type
@@ -422,7 +421,7 @@ def _layout_of(here: str, field: Any, dtype: str | None, segments: int | None, c
             raise ConversionError(f"{here}: expected a (T, C) tensor, got shape {shape}")
         vd = _value_dtype(here, t.value_type)
         return _checked(here, _Layout(name, _store_dtype(here, dtype, vd), shape[0], shape[1], "tensor"),
-                        segments, channels)
+                        length, channels)
     if not _is_list(t):
         raise ConversionError(f"{here}: expected a list, fixed_size_list or fixed_shape_tensor of floats, got {t}")
     inner = t.value_type
@@ -433,42 +432,42 @@ def _layout_of(here: str, field: Any, dtype: str | None, segments: int | None, c
             if channels is not None and channels != c:
                 raise ConversionError(f"{here}: rows hold {c} values but channels={channels} was given")
             if pa.types.is_fixed_size_list(t):
-                if segments is not None and segments != t.list_size:
-                    raise ConversionError(f"{here}: instances hold {t.list_size} rows but segments={segments}")
+                if length is not None and length != t.list_size:
+                    raise ConversionError(f"{here}: instances hold {t.list_size} rows but length={length}")
                 return _Layout(name, _store_dtype(here, dtype, vd), t.list_size, c, "nested")
-            return _Layout(name, _store_dtype(here, dtype, vd), segments, c, "list_rows")
+            return _Layout(name, _store_dtype(here, dtype, vd), length, c, "list_rows")
         # list<list<float>> (a nested column written by DuckDB or Polars to Parquet):
         # inner lengths must all equal C (given, or the first row's).
-        seg = t.list_size if pa.types.is_fixed_size_list(t) else segments
+        seg = t.list_size if pa.types.is_fixed_size_list(t) else length
         return _Layout(name, _store_dtype(here, dtype, vd), seg, channels or 0, "list_list")
     vd = _value_dtype(here, inner)
     # A flat list of floats per instance: T * C values.
     if pa.types.is_fixed_size_list(t):
         n = t.list_size
-        if channels is None and segments is None:
-            segments, channels = 1, n  # (C,) is T = 1, as in convert
+        if channels is None and length is None:
+            length, channels = 1, n  # (C,) is T = 1, as in convert
         elif channels is None:
-            if n % segments:
-                raise ConversionError(f"{here}: {n} values per instance are not a multiple of segments={segments}")
-            channels = n // segments
-        elif segments is None:
+            if n % length:
+                raise ConversionError(f"{here}: {n} values per instance are not a multiple of length={length}")
+            channels = n // length
+        elif length is None:
             if n % channels:
                 raise ConversionError(f"{here}: {n} values per instance are not a multiple of channels={channels}")
-            segments = n // channels
-        assert segments is not None and channels is not None
-        if segments * channels != n:
-            raise ConversionError(f"{here}: {n} values per instance, but segments x channels = "
-                                  f"{segments} x {channels}")
-        return _Layout(name, _store_dtype(here, dtype, vd), segments, channels, "flat")
+            length = n // channels
+        assert length is not None and channels is not None
+        if length * channels != n:
+            raise ConversionError(f"{here}: {n} values per instance, but length x channels = "
+                                  f"{length} x {channels}")
+        return _Layout(name, _store_dtype(here, dtype, vd), length, channels, "flat")
     if channels is None:
         raise ConversionError(f"{here}: a {t} column needs channels=C (or the finegym_store schema metadata) "
                               "to cut its values into (T, C) rows")
-    return _Layout(name, _store_dtype(here, dtype, vd), segments, channels, "flat")
+    return _Layout(name, _store_dtype(here, dtype, vd), length, channels, "flat")
 
 
-def _checked(here: str, lay: _Layout, segments: int | None, channels: int | None) -> _Layout:
-    if segments is not None and segments != lay.segments:
-        raise ConversionError(f"{here}: instances hold {lay.segments} rows but segments={segments} was given")
+def _checked(here: str, lay: _Layout, length: int | None, channels: int | None) -> _Layout:
+    if length is not None and length != lay.length:
+        raise ConversionError(f"{here}: instances hold {lay.length} rows but length={length} was given")
     if channels is not None and channels != lay.channels:
         raise ConversionError(f"{here}: rows hold {lay.channels} values but channels={channels} was given")
     return lay
@@ -477,9 +476,7 @@ def _checked(here: str, lay: _Layout, segments: int | None, channels: int | None
 def _store_dtype(here: str, dtype: str | None, value_dtype: np.dtype) -> np.dtype:
     if dtype is None:
         return np.dtype(np.float16) if value_dtype == np.float16 else np.dtype(np.float32)
-    if str(dtype) not in _STORE_DTYPES:
-        raise ValueError(f"{here}: dtype={dtype!r} is not supported; use 'float32' or 'float16'")
-    return np.dtype(str(dtype))
+    return store_dtype(dtype, here)
 
 
 # -- per-batch conversion ------------------------------------------------------------
@@ -514,7 +511,7 @@ def _rows_of(lay: _Layout, here: str, arr: Any, row0: int) -> tuple[np.ndarray, 
     _no_nulls(here, arr, "the instance", row0)
     rows = None
     if lay.kind in ("nested", "tensor"):
-        lengths = np.full(n, lay.segments, np.int64)
+        lengths = np.full(n, lay.length, np.int64)
         rows = arr.flatten() if lay.kind == "nested" else None
         values = rows.flatten() if rows is not None else arr.flatten()
     elif lay.kind in ("list_rows", "list_list"):
@@ -549,20 +546,17 @@ def _rows_of(lay: _Layout, here: str, arr: Any, row0: int) -> tuple[np.ndarray, 
     if first is not None:
         raise ConversionError(f"{here}: row {row0 + _instance_of(first, lengths * lay.channels)}: "
                               "a feature value is null")
-    if lay.segments is not None:
-        bad = np.flatnonzero(lengths != lay.segments)
+    if lay.length is not None:
+        bad = np.flatnonzero(lengths != lay.length)
         if len(bad):
             i = int(bad[0])
             raise ConversionError(f"{here}: row {row0 + i}: T = {int(lengths[i])} rows where the column has "
-                                  f"fixed T = {lay.segments}")
+                                  f"fixed T = {lay.length}")
     zero = np.flatnonzero(lengths == 0)
     if len(zero):
         raise ConversionError(f"{here}: row {row0 + int(zero[0])}: an instance with no rows (T = 0)")
-    flat = values.to_numpy(zero_copy_only=True).reshape(-1, lay.channels)
-    if flat.dtype != lay.dtype:
-        with np.errstate(over="ignore", invalid="ignore"):  # NaN/Inf stored as they are, like convert
-            flat = flat.astype(lay.dtype)
-    return np.ascontiguousarray(flat), lengths
+    # Cast to the stored dtype as the column writer copies it.
+    return values.to_numpy(zero_copy_only=True).reshape(-1, lay.channels), lengths
 
 
 # -- ids and labels -------------------------------------------------------------------
@@ -659,16 +653,16 @@ def _metadata(schema: Any, where: str) -> dict[str, Any]:
 
 
 def _column_meta(here: str, m: Any) -> dict[str, Any]:
-    """A column's recorded dtype, segments and channels, type-checked."""
+    """A column's recorded dtype, length (T; "segments" in 0.1 exports) and channels, type-checked."""
     if not isinstance(m, dict):
         raise ConversionError(f"{here}: expected a JSON object, got {type(m).__name__}")
-    for k in ("segments", "channels"):
+    for k in ("length", "segments", "channels"):
         v = m.get(k)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_DIM):
             raise ConversionError(f"{here}: {k!r} must be an integer in 1..{MAX_DIM} or null, got {v!r}"[:300])
     d = m.get("dtype")
-    if d is not None and d not in _STORE_DTYPES:
-        raise ConversionError(f"{here}: 'dtype' must be one of {', '.join(_STORE_DTYPES)}, got {d!r}"[:300])
+    if d is not None and d not in STORE_DTYPES:
+        raise ConversionError(f"{here}: 'dtype' must be one of {', '.join(STORE_DTYPES)}, got {d!r}"[:300])
     return m
 
 
@@ -735,9 +729,8 @@ def _check_batch_size(batch_size: Any) -> None:
         raise ValueError(f"batch_size must be in 1..{MAX_DIM}, got {batch_size!r}")
 
 
-def _ingest(source: _Source, out: str, id_column: str, label_column: str | None,
-            feature_columns: Sequence[str] | None, segments: Any, channels: Any, dtype: Any,
-            categories: Any, classes: Any, overwrite: bool, progress: bool, batch_size: int | None) -> Store:
+def _ingest(source: _Source, out: str, opts: ImportOptions) -> Store:
+    id_column, label_column, feature_columns = opts.id_column, opts.label_column, opts.feature_columns
     where = source.where
     schema = source.schema
     try:
@@ -785,48 +778,42 @@ def _ingest(source: _Source, out: str, id_column: str, label_column: str | None,
                                   "of [A-Za-z0-9_-]")
         if c in (id_column, label_column):
             raise ConversionError(f"{where}: column {c!r} is the id or label column, not a feature column")
-    layouts = [_layout(where, schema.field(c), _per_column(dtype, c), _per_column(segments, c),
-                       _per_column(channels, c), _field_meta(schema.field(c), doc, where)) for c in feature_columns]
-    cats = _hierarchy(doc, categories, classes, where)
-    if os.path.exists(out) and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    layouts = [_layout(where, schema.field(c), _per_column(opts.dtype, c), _per_column(opts.length, c),
+                       _per_column(opts.channels, c), _field_meta(schema.field(c), doc, where))
+               for c in feature_columns]
+    cats = _hierarchy(doc, opts.categories, opts.classes, where)
+    if os.path.exists(out) and not opts.overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
 
     if isinstance(source, _StreamSource) and len(layouts) > 1:
         source = _spill(source, out)
-    writer: Any = None  # _core.Writer, or _StreamWriter for a one-shot stream
-    try:
-        instances = _Instances(where, id_column, label_column)
-        columns_attrs: dict[str, Any] = {}
+    instances = _Instances(where, id_column, label_column)
+    columns_attrs: dict[str, Any] = {}
+    with contextlib.ExitStack() as stack:
+        n = source.num_rows
+        if n == 0:
+            raise ConversionError(f"{where}: the source has no rows")
+        # A one-shot stream does not say how many rows it has: its writer stages them until it knows.
+        raw = _StreamWriter(out, opts.overwrite) if n is None else _core.Writer(out, n, opts.overwrite)
+        writer = stack.enter_context(StoreWriter(raw))
         for k, lay in enumerate(layouts):
-            if writer is None:
-                n = source.num_rows
-                if n is None:  # a one-shot stream: the writer needs N first, so count in this pass
-                    writer = _StreamWriter(out, overwrite)
-                else:
-                    if n == 0:
-                        raise ConversionError(f"{where}: the source has no rows")
-                    writer = _core.Writer(out, n, overwrite)
             extra = [id_column] + ([label_column] if label_column else []) if k == 0 else []
             columns_attrs[lay.name] = _write_column(source, writer, lay, extra, instances if k == 0 else None,
-                                                    progress, batch_size)
-        assert writer is not None
+                                                    opts.progress, opts.batch_size)
         ids = instances.ids
         if len(ids) == 0:
             raise ConversionError(f"{where}: the source has no rows")
         labels = instances.label_array()
-        unknown = _labels_without_class(labels, cats)
+        unknown = labels_without_class(labels, cats)
         if unknown:
             raise ConversionError(f"{where}: column {label_column!r}: labels {unknown} have no "
                                   "class in the label hierarchy")
-        _finish(writer, ids, labels, cats, {
+        writer.finish(ids, labels, cats, {
             "source": where,
             "imported_from": {k: doc.get(k) for k in ("format_version", "exported_by", "source", "attrs")}
             if doc else None,
             "columns": columns_attrs,
         })
-    finally:
-        if writer is not None:
-            writer.discard()
     return Store(out)
 
 
@@ -841,8 +828,8 @@ class _StreamWriter:
         self.file = _anonymous_file(out, ".rows")
         self.column: tuple[str, np.dtype, int, int] | None = None
 
-    def begin_features(self, name: str, dtype: np.dtype, segments: int, channels: int) -> None:
-        self.column = (name, dtype, segments, channels)
+    def begin_features(self, name: str, dtype: np.dtype, length: int, channels: int) -> None:
+        self.column = (name, dtype, length, channels)
 
     def append_features(self, rows: np.ndarray) -> None:
         self.file.write(rows.data.cast("B"))  # C-contiguous: no copy
@@ -853,9 +840,9 @@ class _StreamWriter:
     def _open(self, n: int) -> None:
         self.file.flush()
         assert self.column is not None
-        name, dtype, segments, channels = self.column
+        name, dtype, length, channels = self.column
         self.inner = _core.Writer(self.out, n, self.overwrite)
-        self.inner.begin_features(name, dtype, segments, channels)
+        self.inner.begin_features(name, dtype, length, channels)
         step = max(1, (4 << 20) // (channels * dtype.itemsize))
         data = np.memmap(self.file, dtype=dtype, mode="r").reshape(-1, channels) if self.file.tell() \
             else np.zeros((0, channels), dtype)
@@ -883,121 +870,124 @@ class _StreamWriter:
             self.inner.discard()
 
 
-def _write_column(source: _Source, writer: Any, lay: _Layout, extra: list[str], instances: _Instances | None,
-                  progress: bool, batch_size: int | None) -> dict[str, Any]:
+def _write_column(source: _Source, writer: StoreWriter, lay: _Layout, extra: list[str],
+                  instances: _Instances | None, progress: bool, batch_size: int | None) -> dict[str, Any]:
     here = f"{source.where}: column {lay.name!r}"
     field = source.schema.field(lay.name)
-    c_guess = lay.channels or 1
     if batch_size is None:
-        row_bytes = (lay.segments or 16) * c_guess * 4
+        row_bytes = (lay.length or 16) * (lay.channels or 1) * 4
         batch_rows = max(1, min(1 << 16, BATCH_BYTES // row_bytes))
     else:
         batch_rows = int(batch_size)
     lengths_parts: list[np.ndarray] = []
-    begun = False
+    column: ColumnWriter | None = None  # begun at the first batch (a list<list> column learns C there)
     row0 = 0
-    pending: Future[None] | None = None
-    # While the C++ writer hashes and writes one batch (GIL released), the
-    # next is read and decoded here.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="finegym-ingest") as io, \
-            tqdm(total=source.num_rows, unit="inst", desc=f"import {lay.name}", disable=not progress,
-                 leave=False) as bar:
-        try:
-            for batch in source.batches(extra + [lay.name], batch_rows):
-                if batch.num_rows == 0:
-                    continue
-                if instances is not None:
-                    instances.add(batch, row0)
-                rows, lengths = _rows_of(lay, here, batch.column(lay.name), row0)
-                if not begun:
-                    writer.begin_features(lay.name, lay.dtype, lay.segments or 0, lay.channels)
-                    begun = True
-                if pending is not None:
-                    pending.result()
-                pending = io.submit(writer.append_features, rows)
-                lengths_parts.append(lengths)
-                row0 += batch.num_rows
-                bar.update(batch.num_rows)
-        finally:
-            if pending is not None:
-                pending.result()
-    if not begun:
+    with tqdm(total=source.num_rows, unit="inst", desc=f"import {lay.name}", disable=not progress,
+              leave=False) as bar:
+        for batch in source.batches(extra + [lay.name], batch_rows):
+            if batch.num_rows == 0:
+                continue
+            if instances is not None:
+                instances.add(batch, row0)
+            rows, lengths = _rows_of(lay, here, batch.column(lay.name), row0)
+            if column is None:
+                column = writer.column(lay.name, lay.dtype, lay.length, lay.channels)
+            column.append(rows)
+            lengths_parts.append(lengths)
+            row0 += batch.num_rows
+            bar.update(batch.num_rows)
+    if column is None:
         raise ConversionError(f"{source.where}: the source has no rows")
     expected = len(instances.ids) if instances is not None else None
     if expected is not None and row0 != expected:  # pragma: no cover - same batches
         raise ConversionError(f"{here}: {row0} rows but {expected} ids")
-    lengths = np.concatenate(lengths_parts)
-    writer.end_features(np.asarray([], np.int64) if lay.segments is not None else lengths)
-    return {"source": source.where, "source_type": str(field.type), "segments": lay.segments,
+    column.close(None if lay.length is not None else np.concatenate(lengths_parts))
+    return {"source": source.where, "source_type": str(field.type), "length": lay.length,
             "channels": lay.channels}
 
 
-def from_arrow(
-    source: Any,
-    out: str | os.PathLike[str],
-    id_column: str = "id",
-    label_column: str | None = "label",
-    feature_columns: Sequence[str] | str | None = None,
-    segments: int | Mapping[str, int] | None = None,
-    channels: int | Mapping[str, int] | None = None,
-    dtype: str | Mapping[str, str] | None = None,
-    categories: str | os.PathLike[str] | None = None,
-    classes: Any = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    batch_size: int | None = None,
-) -> Store:
-    """Build a store at ``out`` from Arrow data and open it.
+@dataclass(frozen=True, kw_only=True)
+class ImportOptions:
+    """How :func:`from_arrow` and :func:`from_parquet` read a source; pass
+    one (``from_arrow(t, "x.fgs", opts)``), its fields as keywords, or both
+    (keywords replace the object's fields).
 
-    ``source`` is a pyarrow Table, RecordBatch or RecordBatchReader, or any
-    object with ``__arrow_c_stream__`` (a Polars DataFrame, a DuckDB result).
     ``id_column`` holds unique non-null string ids; ``label_column`` integer
     labels (null or absent: -1). ``feature_columns`` default: those recorded
     in the schema metadata of an export, else every list/tensor column.
+    ``length`` (T, the rows per instance), ``channels`` (C) and ``dtype``
+    (float32/float16; default: float16 stays, other floats become float32)
+    are one value or a {column: value} mapping; an export's metadata supplies
+    them. The label hierarchy comes from ``categories`` (a FineGym categories
+    file), ``classes`` (a table like ``Store.classes_table()``) or the schema
+    metadata. ``batch_size``: rows per record batch read (default: about
+    128 MiB of features). ``overwrite`` replaces an existing ``out``;
+    ``progress`` draws progress bars."""
+
+    id_column: str = "id"
+    label_column: str | None = "label"
+    feature_columns: Sequence[str] | str | None = None
+    length: int | Mapping[str, int] | None = None
+    channels: int | Mapping[str, int] | None = None
+    dtype: str | Mapping[str, str] | None = None
+    categories: str | os.PathLike[str] | None = None
+    classes: Any = None
+    overwrite: bool = False
+    progress: bool = True
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_batch_size(self.batch_size)
+        for name in ("id_column",):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} must be a str, got {type(getattr(self, name)).__name__}")
+        if self.label_column is not None and not isinstance(self.label_column, str):
+            raise TypeError(f"label_column must be a str or None, got {type(self.label_column).__name__}")
+
+
+def _options(options: ImportOptions | None, keywords: dict[str, Any]) -> ImportOptions:
+    if options is not None and not isinstance(options, ImportOptions):
+        raise TypeError(f"options must be an ImportOptions, got {type(options).__name__}")
+    fields = ImportOptions.__dataclass_fields__
+    unknown = sorted(set(keywords) - set(fields))
+    if unknown:
+        hint = " (T is called length)" if "segments" in unknown else ""
+        raise TypeError(f"unexpected keyword {unknown[0]!r}{hint}; the options are {', '.join(fields)}")
+    return dataclasses.replace(options, **keywords) if options is not None else ImportOptions(**keywords)
+
+
+def from_arrow(source: Any, out: str | os.PathLike[str], options: ImportOptions | None = None, /,
+               **keywords: Any) -> Store:
+    """Build a store at ``out`` from Arrow data and open it; atomic.
+
+    ``source`` is a pyarrow Table, RecordBatch or RecordBatchReader, or any
+    object with ``__arrow_c_stream__`` (a Polars DataFrame, a DuckDB result).
+    How it is read: an :class:`ImportOptions` and/or its fields as keywords
+    (``id_column``, ``label_column``, ``feature_columns``, ``length``,
+    ``channels``, ``dtype``, ``categories``, ``classes``, ``overwrite``,
+    ``progress``, ``batch_size``).
     Feature columns may be fixed_size_list<fixed_size_list<float, C>, T>,
     arrow.fixed_shape_tensor [T, C], (large_)list<fixed_size_list<float, C>>
-    (ragged unless ``segments`` is given), (large_)list<list<float>>, or flat
+    (ragged unless ``length`` is given), (large_)list<list<float>>, or flat
     list / large_list / fixed_size_list<float> of T * C values (``channels``
-    needed for variable-length ones). ``segments``, ``channels`` and
-    ``dtype`` (float32/float16; default: float16 stays, other floats become
-    float32) are one value or a {column: value} mapping; an export's
-    metadata supplies them. The label hierarchy comes from ``categories`` (a
-    FineGym categories file), ``classes`` (a table like
-    ``Store.classes_table()``) or the schema metadata. Streams: memory is one
-    batch; see the module docstring for multi-column streams. Atomic."""
+    needed for variable-length ones). Streams: memory is one batch; see the
+    module docstring for multi-column streams."""
     _pa()
-    _check_batch_size(batch_size)
-    return _ingest(_as_source(source), os.fspath(out), id_column, label_column, feature_columns, segments,
-                   channels, dtype, categories, classes, overwrite, progress, batch_size)
+    opts = _options(options, keywords)
+    return _ingest(_as_source(source), os.fspath(out), opts)
 
 
-def from_parquet(
-    path: str | os.PathLike[str],
-    out: str | os.PathLike[str],
-    id_column: str = "id",
-    label_column: str | None = "label",
-    feature_columns: Sequence[str] | str | None = None,
-    segments: int | Mapping[str, int] | None = None,
-    channels: int | Mapping[str, int] | None = None,
-    dtype: str | Mapping[str, str] | None = None,
-    categories: str | os.PathLike[str] | None = None,
-    classes: Any = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    batch_size: int | None = None,
-) -> Store:
+def from_parquet(path: str | os.PathLike[str], out: str | os.PathLike[str], options: ImportOptions | None = None, /,
+                 **keywords: Any) -> Store:
     """Build a store from a Parquet file or a folder of Parquet files (read
     in sorted path order; names starting with '.' or '_' are skipped at every
     depth; links to folders are not followed; FIFOs, sockets and devices are
-    refused unopened), one
-    feature column per pass, reading only that column: memory is one row
-    group. Arguments as :func:`from_arrow`."""
+    refused unopened), one feature column per pass, reading only that
+    column: memory is one row group. Options as :func:`from_arrow`."""
     _pa()
-    _check_batch_size(batch_size)
+    opts = _options(options, keywords)
     source = _ParquetSource(os.fspath(path))
     try:
-        return _ingest(source, os.fspath(out), id_column, label_column, feature_columns, segments, channels,
-                       dtype, categories, classes, overwrite, progress, batch_size)
+        return _ingest(source, os.fspath(out), opts)
     finally:
         source.close()
-

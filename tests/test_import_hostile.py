@@ -465,7 +465,7 @@ def test_duplicate_column_names(tmp_path):
 
 def test_numpy_integer_arguments_work(tmp_path):
     flat = pa.table({"id": ["a", "b"], "x": pa.array([[1.0, 2.0, 3.0, 4.0]] * 2, pa.list_(pa.float32()))})
-    store = fgs.from_arrow(flat, tmp_path / "a.fgs", channels=np.int64(2), segments=np.int32(2), progress=False)
+    store = fgs.from_arrow(flat, tmp_path / "a.fgs", channels=np.int64(2), length=np.int32(2), progress=False)
     assert store.column("x").values.shape == (2, 2, 2)
     store = fgs.from_arrow(flat, tmp_path / "b.fgs", channels={"x": np.uint8(4)}, batch_size=np.int64(1),
                            progress=False)
@@ -483,8 +483,8 @@ def test_bad_batch_size(tmp_path, value, exc):
              "batch_size")
 
 
-@pytest.mark.parametrize("what", ["segments", "channels"])
-def test_huge_segments_or_channels_argument(tmp_path, what):
+@pytest.mark.parametrize("what", ["length", "channels"])
+def test_huge_length_or_channels_argument(tmp_path, what):
     flat = pa.table({"id": ["a"], "x": pa.array([[1.0, 2.0]], pa.list_(pa.float32()))})
     out = tmp_path / "out.fgs"
     _refused(lambda: fgs.from_arrow(flat, out, progress=False, **{"channels": 2, what: 2**63}), out, ValueError,
@@ -511,7 +511,7 @@ def test_import_command_exits_2_with_one_line(tmp_path, capsys):
         [str(fifo), str(out)],
         [str(tmp_path / "missing.parquet"), str(out)],
         [str(good), str(existing)],
-        [str(good), str(out), "--segments", "0"],
+        [str(good), str(out), "--length", "0"],
         [str(good), str(out), "--columns", "nope"],
         [str(tmp_path / "text.parquet"), str(out)],
     ]
@@ -520,7 +520,7 @@ def test_import_command_exits_2_with_one_line(tmp_path, capsys):
         assert main(["import", "-q", *argv]) == 2, argv
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, (argv, err)
-        assert argv[0] in err or argv[1] in err or "nope" in err or "segments" in err, (argv, err)
+        assert argv[0] in err or argv[1] in err or "nope" in err or "length" in err, (argv, err)
         _nothing_at(out)
     assert existing.read_bytes() == b"keep"
 
