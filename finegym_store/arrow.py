@@ -81,8 +81,8 @@ def _feature_type(store: Store, name: str, tensor_type: str) -> pa.DataType:
     if col.ragged:
         return pa.large_list(row)
     if tensor_type == "fixed_shape_tensor":
-        return pa.fixed_shape_tensor(vt, [col.segments, col.channels])
-    return pa.list_(row, col.segments)
+        return pa.fixed_shape_tensor(vt, [col.length, col.channels])
+    return pa.list_(row, col.length)
 
 
 def _feature_array(store: Store, name: str, tensor_type: str) -> pa.Array:
@@ -95,12 +95,12 @@ def _feature_array(store: Store, name: str, tensor_type: str) -> pa.Array:
         offsets = col.offsets
         assert offsets is not None
         return pa.Array.from_buffers(pa.large_list(rows.type), len(col), [None, _buffer(offsets)], children=[rows])
-    assert col.segments is not None  # a fixed-T column from here on
+    assert col.length is not None  # a fixed-T column from here on
     if tensor_type == "fixed_shape_tensor":
-        storage = pa.FixedSizeListArray.from_arrays(flat, col.segments * col.channels)
+        storage = pa.FixedSizeListArray.from_arrays(flat, col.length * col.channels)
         return pa.ExtensionArray.from_storage(_feature_type(store, name, tensor_type), storage)
     rows = pa.FixedSizeListArray.from_arrays(flat, col.channels)
-    return pa.FixedSizeListArray.from_arrays(rows, col.segments)
+    return pa.FixedSizeListArray.from_arrays(rows, col.length)
 
 
 def _select(store: Store, columns: Sequence[str] | str | None) -> list[str]:
@@ -138,7 +138,7 @@ def store_metadata(store: Store, names: Sequence[str], tensor_type: str = "neste
     for n in names:
         if n in store.columns:
             c = store.column(n)
-            cols[n] = {"dtype": str(c.dtype), "segments": c.segments, "channels": c.channels}
+            cols[n] = {"dtype": str(c.dtype), "segments": c.length, "channels": c.channels}
     return {
         "format_version": store.format_version,
         "exported_by": f"finegym-store {__version__}",
@@ -164,7 +164,7 @@ def arrow_schema(store: Store, columns: Sequence[str] | str | None = None, tenso
             fields.append(pa.field(n, pa.int32(), nullable=False))
         else:
             c = store.column(n)
-            meta = {FIELD_KEY: json.dumps({"dtype": str(c.dtype), "segments": c.segments,
+            meta = {FIELD_KEY: json.dumps({"dtype": str(c.dtype), "segments": c.length,
                                            "channels": c.channels}).encode("utf-8")}
             fields.append(pa.field(n, _feature_type(store, n, tensor_type), nullable=False, metadata=meta))
     meta = {METADATA_KEY: json.dumps(store_metadata(store, names, tensor_type)).encode("utf-8")}

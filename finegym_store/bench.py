@@ -240,13 +240,13 @@ class Runner:
         self.features = np.frombuffer(self.store._reader.section(f"features/{d.column}"), np.uint8)
         self.mm = np.memmap(d.store, dtype=np.float32, mode="r", offset=d.base, shape=(d.n, d.t, d.c))
         self.segs = test_segments(k)
+        self.spec = fgs.SegmentSpec(None if k == d.t else k, mode="test")
 
-    def gather(self, idx: np.ndarray, prefetch: str = "auto") -> np.ndarray:
+    def gather(self, idx: np.ndarray, readahead: str = "auto") -> np.ndarray:
         from finegym_store import _core
 
-        s = self.store
-        return _core.gather(s._reader, self.d.column, idx, None if self.k == self.d.t else self.k, "test", 0, 0, 1,
-                            None, s._gather_dtype(self.d.column, None), self.threads, prefetch, "mmaction2")
+        return _core.gather(self.store._reader, self.d.column, idx, self.spec._native, 0, None, self.threads,
+                            readahead)
 
     def stream(self, method: str, order: np.ndarray, b: int, batches: int) -> list[float]:
         """Seconds per batch for `batches` consecutive batches of `order`, as
