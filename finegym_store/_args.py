@@ -53,7 +53,7 @@ def flag(value: Any, name: str) -> bool:
 def choice(value: Any, name: str, choices: Sequence[Any]) -> Any:
     """One of ``choices`` (strings, or None where listed): TypeError for a
     value that is not a string (or None), ValueError for one not listed."""
-    if value is not None and not isinstance(value, str):
+    if not isinstance(value, str) and not (value is None and None in choices):
         raise TypeError(f"{name} must be one of {_listing(choices)}, got {type(value).__name__} {value!r}")
     if value not in choices:
         raise ValueError(f"{name} must be one of {_listing(choices)}, got {value!r}")
@@ -93,6 +93,11 @@ def indices(values: Any, n: int) -> np.ndarray:
     before anything is copied."""
     if type(values) is np.ndarray and values.dtype == np.int64 and values.ndim == 1:
         return values  # the fast path (the loader's own batches)
+    if isinstance(values, (list, tuple)) and any(isinstance(v, (bool, np.bool_)) for v in values):
+        # numpy would make [0, True] an int array: refused here, as bool arrays are below.
+        pos = next(p for p, v in enumerate(values) if isinstance(v, (bool, np.bool_)))
+        raise TypeError(f"indices must be integers, got bool {values[pos]!r} at position {pos} "
+                        "(bools are not indices)")
     idx = np.asarray(values)
     if idx.ndim != 1:
         raise TypeError(f"indices must be a 1-D sequence of integers, got an array of shape {idx.shape}")

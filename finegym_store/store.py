@@ -359,7 +359,7 @@ class Store:
         kernel to read a batch's rows ahead of the copy (README,
         "Batches"). IndexError names an out-of-range index; TypeError a
         non-integer one (bools and floats included)."""
-        if spec is None or spec_keywords:
+        if spec_keywords or type(spec) is not SegmentSpec:
             spec = resolve(spec, spec_keywords, "gather()")
         return _core.gather(self._reader, column, _args.indices(indices, len(self)), spec._native,
                             _args.count(epoch, "epoch"), out, self._threads(threads),
