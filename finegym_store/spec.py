@@ -124,8 +124,26 @@ def resolve(spec: SegmentSpec | None, keywords: Mapping[str, Any], where: str) -
         if not isinstance(spec, SegmentSpec):
             raise TypeError(f"{where}: spec must be a finegym_store.SegmentSpec, got {type(spec).__name__}")
         return spec
+    try:
+        # Keyed by type as well as value, so True never finds the spec built for 1.
+        key: tuple[Any, ...] | None = tuple(sorted((k, type(v), v) for k, v in keywords.items()))
+        hit = _BY_KEYWORDS.get(key)
+    except TypeError:  # an unhashable value: no caching
+        key = hit = None
+    if hit is not None:
+        return hit
     unknown = sorted(set(keywords) - _FIELDS)
     if unknown:
         raise TypeError(f"{where} got an unexpected keyword argument {unknown[0]!r} (SegmentSpec fields: "
                         f"{', '.join(f.name for f in dataclasses.fields(SegmentSpec))})")
-    return SegmentSpec(**keywords)
+    spec = SegmentSpec(**keywords)
+    if key is not None:
+        if len(_BY_KEYWORDS) >= 256:
+            _BY_KEYWORDS.clear()
+        _BY_KEYWORDS[key] = spec
+    return spec
+
+
+#: Specs built from keywords (the shorthand), so a call with the same
+#: keywords reuses the validated spec instead of building one per call.
+_BY_KEYWORDS: dict[tuple[Any, ...], SegmentSpec] = {}
