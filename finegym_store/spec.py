@@ -29,9 +29,6 @@ RULES = ("mmaction2", "exact")
 #: Output dtypes of a gather (None: the column's).
 DTYPES = ("float32", "float16")
 
-_MAX_K = 2**53  # the core's kMaxSampleCount
-
-
 def _dtype(value: Any) -> str | None:
     if value is None:
         return None
@@ -77,18 +74,19 @@ class SegmentSpec:
 
     def __post_init__(self) -> None:
         conv = {
-            "num_segments": _args.optional_count(self.num_segments, "num_segments", 1, _MAX_K),
+            "num_segments": _args.optional_count(self.num_segments, "num_segments", 1),
             "mode": _args.choice(self.mode, "mode", (*MODES, None)),
-            "clip_len": _args.count(self.clip_len, "clip_len", 1, _MAX_K),
+            "clip_len": _args.count(self.clip_len, "clip_len"),
             "rule": _args.choice(self.rule, "rule", RULES),
             "dtype": _dtype(self.dtype),
             "seed": _args.count(self.seed, "seed", 0),
         }
         for name, value in conv.items():
             object.__setattr__(self, name, value)
-        # The core checks what the fields mean together (finegym::validate):
-        # a mode with num_segments, clip_len > 1 only with num_segments,
-        # num_segments x clip_len within 2^53.
+        # Types are converted above; what the values mean is checked once, by
+        # the core (finegym::validate): clip_len >= 1, a mode with
+        # num_segments, clip_len > 1 only with num_segments, num_segments x
+        # clip_len within 2^53.
         native = _core.GatherSpec(conv["num_segments"], conv["mode"], conv["clip_len"], conv["rule"],
                                   conv["dtype"], conv["seed"])
         object.__setattr__(self, "_native", native)
