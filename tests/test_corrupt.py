@@ -606,7 +606,8 @@ FUZZ = textwrap.dedent(
                 store.gather(name, idx, num_segments=2, mode="test", dtype=np.float16)
                 if not col.ragged:
                     store.gather(name, idx)
-                batch = next(iter(store.loader(name, batch_size=min(n, 4), num_segments=2, mode="train", prefetch=1, threads=2)))
+                batch = next(iter(store.loader(name, batch_size=min(n, 4), num_segments=2, mode="train",
+                                               prefetch=1, threads=2)))
                 assert batch.features.shape[:2] == (min(n, 4), 2)
         meta = store.meta
         strings = [store.ids, meta.video]

@@ -366,7 +366,8 @@ def test_gather_output_is_page_aligned_and_keeps_its_memory(store):
         assert got.flags.c_contiguous and got.flags.writeable and got.dtype == np.float32
         if len(idx):
             np.testing.assert_array_equal(got, reference_gather(store, "x", np.asarray(idx, np.int64), K, "test", 0, 0))
-    job = _core.GatherJob(store._reader, "x", np.arange(7), _core.GatherSpec(3, "test", 1, "mmaction2", np.dtype("float32"), 0), 0, None, 2)
+    job = _core.GatherJob(store._reader, "x", np.arange(7),
+                          _core.GatherSpec(3, "test", 1, "mmaction2", np.dtype("float32"), 0), 0, None, 2)
     assert job.wait().ctypes.data % mmap.PAGESIZE == 0
 
 
@@ -429,4 +430,5 @@ def test_gather_dtype_spellings(store):
     with pytest.raises(ValueError, match="float32 or float16"):
         store.gather("x", idx, num_segments=3, mode="test", dtype=swapped)
     with pytest.raises(ValueError, match="gather output has dtype"):
-        _core.gather(store._reader, "x", np.array(idx), _core.GatherSpec(3, "test", 1, "mmaction2", swapped, 0), 0, None, 1)
+        _core.gather(store._reader, "x", np.array(idx),
+                     _core.GatherSpec(3, "test", 1, "mmaction2", swapped, 0), 0, None, 1)

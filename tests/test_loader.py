@@ -56,7 +56,8 @@ def test_epochs_advance_and_are_reproducible(store):
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_shards_match_distributed_sampler_contract(store, world_size, drop_last):
     n = len(store)
-    shards = [store.loader("x", batch_size=32, num_segments=1, mode="train", rank=r, world_size=world_size, drop_last=drop_last,
+    shards = [store.loader("x", batch_size=32, num_segments=1, mode="train",
+                           rank=r, world_size=world_size, drop_last=drop_last,
                            seed=5).indices(epoch=3) for r in range(world_size)]
     sizes = {len(s) for s in shards}
     assert len(sizes) == 1
@@ -119,7 +120,8 @@ def test_yielded_batches_are_never_overwritten(store):
 
 
 def test_reuse_buffers_recycles_only_after_the_next_request(store):
-    loader = store.loader("x", batch_size=50, num_segments=3, mode="train", prefetch=2, reuse_buffers=True, drop_last=True)
+    loader = store.loader("x", batch_size=50, num_segments=3, mode="train",
+                          prefetch=2, reuse_buffers=True, drop_last=True)
     addresses = set()
     for b in loader:
         # While the caller holds a batch, the prefetch jobs running meanwhile
@@ -164,7 +166,8 @@ def test_background_jobs_finish_without_a_waiter(store):
     expected = store.gather("x", idx, num_segments=3, mode="test")
     for gap in (0.0, 0.0003, 0.05):  # back to back; within the polling phase; after it (5 ms)
         time.sleep(gap)
-        job = _core.GatherJob(store._reader, "x", idx, _core.GatherSpec(3, "test", 1, "mmaction2", np.dtype("float32"), 0), 0, None, 2)
+        job = _core.GatherJob(store._reader, "x", idx,
+                              _core.GatherSpec(3, "test", 1, "mmaction2", np.dtype("float32"), 0), 0, None, 2)
         deadline = time.monotonic() + 30
         while not job.done and time.monotonic() < deadline:
             time.sleep(0.0005)

@@ -38,7 +38,8 @@ def files(tmp_path):
 
 
 def _gather(store, column, idx, k, prefetch, dtype=np.float32):
-    return _core.gather(store._reader, column, idx, _core.GatherSpec(k, "test", 1, "mmaction2", np.dtype(dtype), 0), 0, None, 2, prefetch)
+    return _core.gather(store._reader, column, idx,
+                        _core.GatherSpec(k, "test", 1, "mmaction2", np.dtype(dtype), 0), 0, None, 2, prefetch)
 
 
 def _expected(table, ids, idx, k, dtype=np.float32):
