@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 from ._core import FORMAT_VERSION
 from .errors import ConversionError, ForkedJobError, FormatError, UnsafePickleError
 from .loader import Batch, Loader
+from .spec import SegmentSpec
 from .store import Classes, Column, Meta, Store, Strings, open
 from .convert import convert  # noqa: E402 (needs __version__)
 from .ingest import ImportOptions, from_arrow, from_parquet  # noqa: E402 (pyarrow imported on first call)
@@ -30,6 +31,7 @@ __all__ = [
     "Strings",
     "Meta",
     "Classes",
+    "SegmentSpec",
     "Batch",
     "Loader",
     "FormatError",

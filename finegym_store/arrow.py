@@ -87,8 +87,8 @@ def _feature_type(store: Store, name: str, tensor_type: str) -> pa.DataType:
     if col.ragged:
         return pa.large_list(row)
     if tensor_type == "fixed_shape_tensor":
-        return pa.fixed_shape_tensor(vt, [col.segments, col.channels])
-    return pa.list_(row, col.segments)
+        return pa.fixed_shape_tensor(vt, [col.length, col.channels])
+    return pa.list_(row, col.length)
 
 
 def _feature_array(store: Store, name: str, tensor_type: str) -> pa.Array:
@@ -101,12 +101,12 @@ def _feature_array(store: Store, name: str, tensor_type: str) -> pa.Array:
         offsets = col.offsets
         assert offsets is not None
         return pa.Array.from_buffers(pa.large_list(rows.type), len(col), [None, _buffer(offsets)], children=[rows])
-    assert col.segments is not None  # a fixed-T column from here on
+    assert col.length is not None  # a fixed-T column from here on
     if tensor_type == "fixed_shape_tensor":
-        storage = pa.FixedSizeListArray.from_arrays(flat, col.segments * col.channels)
+        storage = pa.FixedSizeListArray.from_arrays(flat, col.length * col.channels)
         return pa.ExtensionArray.from_storage(_feature_type(store, name, tensor_type), storage)
     rows = pa.FixedSizeListArray.from_arrays(flat, col.channels)
-    return pa.FixedSizeListArray.from_arrays(rows, col.segments)
+    return pa.FixedSizeListArray.from_arrays(rows, col.length)
 
 
 def _select(store: Store, columns: Sequence[str] | str | None) -> list[str]:
@@ -145,7 +145,7 @@ def store_metadata(store: Store, names: Sequence[str], tensor_type: str = "neste
     for n in names:
         if n in store.columns:
             c = store.column(n)
-            cols[n] = {"dtype": str(c.dtype), "length": c.segments, "channels": c.channels}
+            cols[n] = {"dtype": str(c.dtype), "length": c.length, "channels": c.channels}
     return {
         "format_version": store.format_version,
         "exported_by": f"finegym-store {__version__}",
@@ -171,7 +171,7 @@ def arrow_schema(store: Store, columns: Sequence[str] | str | None = None, tenso
             fields.append(pa.field(n, pa.int32(), nullable=False))
         else:
             c = store.column(n)
-            meta = {FIELD_KEY: json.dumps({"dtype": str(c.dtype), "length": c.segments,
+            meta = {FIELD_KEY: json.dumps({"dtype": str(c.dtype), "length": c.length,
                                            "channels": c.channels}).encode("utf-8")}
             fields.append(pa.field(n, _feature_type(store, n, tensor_type), nullable=False, metadata=meta))
     meta = {METADATA_KEY: json.dumps(store_metadata(store, names, tensor_type)).encode("utf-8")}
@@ -269,14 +269,14 @@ def _guarded_batches(store: Store, schema: pa.Schema, tensor_type: str, rows: in
                                          [None, copy(name, int(o[0]) * row, int(o[-1]) * row)])
             rows_ = pa.FixedSizeListArray.from_arrays(flat, col.channels)
             return pa.Array.from_buffers(field.type, e - s, [None, pa.py_buffer(o - o[0])], children=[rows_])
-        assert col.segments is not None
-        per = col.segments * row
-        flat = pa.Array.from_buffers(vt, (e - s) * col.segments * col.channels, [None, copy(name, s * per, e * per)])
+        assert col.length is not None
+        per = col.length * row
+        flat = pa.Array.from_buffers(vt, (e - s) * col.length * col.channels, [None, copy(name, s * per, e * per)])
         if tensor_type == "fixed_shape_tensor":
-            storage = pa.FixedSizeListArray.from_arrays(flat, col.segments * col.channels)
+            storage = pa.FixedSizeListArray.from_arrays(flat, col.length * col.channels)
             return pa.ExtensionArray.from_storage(field.type, storage)
         rows_ = pa.FixedSizeListArray.from_arrays(flat, col.channels)
-        return pa.FixedSizeListArray.from_arrays(rows_, col.segments)
+        return pa.FixedSizeListArray.from_arrays(rows_, col.length)
 
     for s in range(0, n, rows):
         e = min(n, s + rows)

@@ -91,7 +91,8 @@ def _run(n: int, work: str, batch_size: int, batches: int, seed: int, progress: 
         return [store.gather("i3d", idx, num_segments=3, mode="train", seed=seed) for idx in batch_idx]
 
     def from_pickle() -> list[np.ndarray]:
-        return [np.stack([table[keys[i]].reshape(12, 2048)[_core.sample_segments(12, 3, 1, "train", seed, 0, int(i))]
+        return [np.stack([table[keys[i]].reshape(12, 2048)[_core.sample_segments(12, 3, 1, "train", seed=seed,
+                                                                                 index=int(i))]
                           for i in idx]) for idx in batch_idx]
 
     got, report["gather_store_s"] = _timed(from_store)

@@ -6,6 +6,7 @@ arrays are read-only and keep the mapping alive on their own.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -14,14 +15,19 @@ from typing import Any, NoReturn, overload
 
 import numpy as np
 
-from . import _core
+from . import _args, _core
 from .errors import FormatError
-from .loader import Loader, as_indices, check_count, check_sampling
+from .loader import Loader
+from .spec import SegmentSpec, resolve
 
 __all__ = ["Store", "Column", "Strings", "Meta", "Classes", "open"]
 
 
 _S = _core.SECTIONS  # the schema's section names, spelled once in C++ (format.hpp)
+
+#: When a gather asks the kernel to read its rows ahead (madvise WILLNEED):
+#: per batch when some page is missing from the page cache, always, never.
+READAHEAD = ("auto", "on", "off")
 
 
 class Strings(Sequence[str]):
@@ -48,10 +54,7 @@ class Strings(Sequence[str]):
     def __getitem__(self, i: int | slice) -> str | list[str]:
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        n = len(self)
-        if not -n <= i < n:
-            raise IndexError(f"index {i} is out of range for {n} strings")
-        i = int(i) % n
+        i = _args.index(i, len(self), of="strings")
         return self._decode(self._reader.read_bytes(self._data_name, int(self._offsets[i]), int(self._offsets[i + 1])))
 
     def _decode(self, raw: bytes) -> str:
@@ -108,30 +111,32 @@ class Classes:
 
 
 class Column:
-    """One feature column: ``len(col)`` instances of (T, C) rows.
+    """One feature column: ``len(col)`` instances of (T, C) rows; T is
+    ``length`` (None when it varies per instance: ``lengths()``).
 
     ``col[i]`` is a read-only (T_i, C) view; for fixed-T columns a slice gives
     an (n, T, C) view and an integer array gives a copy (numpy fancy indexing).
     """
 
-    def __init__(self, reader: _core.Reader, name: str, dtype: str, segments: int | None, channels: int) -> None:
+    def __init__(self, reader: _core.Reader, name: str, dtype: str, length: int | None, channels: int) -> None:
         # The reader, not the Store: no reference cycle, so dropping the last
         # reference to a Store unmaps the file at once (not at the next GC).
         self._reader = reader
         self.name = name
         self.dtype = np.dtype(dtype)
-        self.segments = segments
+        #: T, the segments stored per instance; None when ragged.
+        self.length = length
         self.channels = channels
 
     @property
     def ragged(self) -> bool:
         """True when T varies per instance."""
-        return self.segments is None
+        return self.length is None
 
     @property
     def shape(self) -> tuple[int, int | None, int]:
         """(N, T, C), with T None when ragged."""
-        return (len(self._reader), self.segments, self.channels)
+        return (len(self._reader), self.length, self.channels)
 
     @property
     def values(self) -> np.ndarray:
@@ -150,14 +155,14 @@ class Column:
         """T_i of every instance, as int64."""
         if self.ragged:
             return np.diff(self.offsets)  # type: ignore[arg-type]
-        return np.full(len(self), self.segments, dtype=np.int64)
+        return np.full(len(self), self.length, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self._reader)
 
     def __getitem__(self, index: Any) -> np.ndarray | list[np.ndarray]:
-        if isinstance(index, (int, np.integer)):
-            return self._reader.features(self.name, int(index))
+        if isinstance(index, (int, np.integer)) and not isinstance(index, (bool, np.bool_)):
+            return self._reader.features(self.name, _args.integer(index))
         if self.ragged:
             if isinstance(index, slice):
                 index = range(*index.indices(len(self)))
@@ -165,7 +170,7 @@ class Column:
         return self.values[index]
 
     def __repr__(self) -> str:
-        t = "T" if self.ragged else self.segments
+        t = "T" if self.ragged else self.length
         return f"<Column {self.name!r} {self.dtype} ({len(self)}, {t}, {self.channels})>"
 
 
@@ -276,7 +281,7 @@ class Store:
                 first[k] = i
         return index
 
-    @property
+    @functools.cached_property
     def meta(self) -> Meta:
         r = self._reader
         event_start, event_end, element_start, element_end = (r.section(name) for name in _S["meta_ints"])
@@ -288,7 +293,7 @@ class Store:
             element_end=element_end,
         )
 
-    @property
+    @functools.cached_property
     def classes(self) -> Classes | None:
         """The label hierarchy, or None when no categories file was converted."""
         r = self._reader
@@ -298,7 +303,7 @@ class Store:
         name, event = _S["class_strings"]
         return Classes(label=label, glabel=glabel, set=set_, event=self._strings(event), name=self._strings(name))
 
-    @property
+    @functools.cached_property
     def label_names(self) -> dict[int, str] | None:
         """{label: class name}, or None when the store has no hierarchy."""
         c = self.classes
@@ -306,9 +311,10 @@ class Store:
             return None
         return dict(zip(c.label.tolist(), c.name.to_list()))
 
-    @property
+    @functools.cached_property
     def attrs(self) -> dict[str, Any]:
-        """Provenance recorded at conversion (sources, dtypes, tool version)."""
+        """Provenance recorded at conversion (sources, dtypes, tool version).
+        Read once (the store is immutable): the same dict on every access."""
         if not self._reader.has_attrs:
             return {}
         name = _S["attrs"]
@@ -337,17 +343,9 @@ class Store:
 
     def features(self, column: str, index: int) -> np.ndarray:
         """Read-only (T_i, C) view of instance ``index`` in ``column``; no copy."""
-        return self._reader.features(column, int(index))
+        return self._reader.features(column, _args.integer(index))
 
     # -- batches -----------------------------------------------------------------
-    def _gather_dtype(self, column: str, dtype: Any) -> np.dtype:
-        if dtype is None:
-            return self.column(column).dtype
-        dt = np.dtype(dtype)
-        if dt not in (np.dtype(np.float32), np.dtype(np.float16)):
-            raise ValueError(f"dtype must be float32 or float16, got {dt}")
-        return dt
-
     @staticmethod
     def _threads(threads: int | None) -> int:
         """Threads for a gather: the cores available by default; at most
@@ -355,78 +353,69 @@ class Store:
         if threads is None:
             n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else _core.default_threads()
         else:
-            n = check_count(threads, "threads", 1)
+            n = _args.count(threads, "threads", 1)
         return max(1, min(n, _core.max_threads()))
 
     def gather(
         self,
         column: str,
         indices: Any,
-        num_segments: int | None = None,
-        mode: str = "test",
-        seed: int = 0,
+        *,
+        spec: SegmentSpec | None = None,
         epoch: int = 0,
-        clip_len: int = 1,
         out: np.ndarray | None = None,
-        dtype: Any = None,
         threads: int | None = None,
-        sampling: str = "mmaction2",
+        readahead: str = "auto",
+        **spec_keywords: Any,
     ) -> np.ndarray:
-        """Gather a batch: (B, K * clip_len, C) from instances ``indices``.
+        """Gather a batch: (B, rows, C) from instances ``indices``.
 
-        Each instance contributes ``num_segments`` (K) clips of ``clip_len``
-        segments (README, "Sampling"): ``sampling="mmaction2"`` (default) is
-        bit-exact with mmaction2 1.2.0's SampleFrames, ``"exact"`` the same
-        rules in exact integer arithmetic; centred in ``mode="test"``, random
-        within equal parts in ``"train"`` (keyed by seed, epoch, instance and
-        clip, so independent of threads and batch composition).
-        ``num_segments=None`` takes all T segments (fixed-T columns). ``dtype``
-        is float32 or float16 (default: the column's); ``out`` is filled and
-        returned without allocating. The work runs on ``threads`` C++ threads
+        ``spec`` (a :class:`SegmentSpec`) says which segments each instance
+        contributes (K clips of clip_len segments, or all T) and the output
+        dtype; its fields may be passed as keywords instead
+        (``num_segments=3, mode="test"``), not both. Train-mode segments are
+        keyed by (spec.seed, ``epoch``, instance, clip), so independent of
+        threads and batch composition. ``out`` is filled and returned
+        without allocating. The work runs on ``threads`` C++ threads
         (default: the cores available; at most the machine's cores) with the
-        GIL released. IndexError names an out-of-range index; TypeError a
-        non-integer one (bools included)."""
-        check_sampling(mode, sampling)
-        if num_segments is not None:
-            num_segments = check_count(num_segments, "num_segments", 1)
-        idx = as_indices(indices, len(self))
-        return _core.gather(
-            self._reader, column, idx, num_segments, mode, check_count(seed, "seed", 0),
-            check_count(epoch, "epoch", 0), check_count(clip_len, "clip_len", 1), out,
-            self._gather_dtype(column, dtype), self._threads(threads), "auto", sampling,
-        )
+        GIL released; ``readahead`` ("auto", "on", "off") is when to ask the
+        kernel to read a batch's rows ahead of the copy (README,
+        "Batches"). IndexError names an out-of-range index; TypeError a
+        non-integer one (bools and floats included)."""
+        if spec_keywords or type(spec) is not SegmentSpec:
+            spec = resolve(spec, spec_keywords, "gather()")
+        return _core.gather(self._reader, column, _args.indices(indices, len(self)), spec._native,
+                            _args.count(epoch, "epoch"), out, self._threads(threads),
+                            _args.choice(readahead, "readahead", READAHEAD))
 
     def loader(
         self,
         column: str,
         batch_size: int,
-        num_segments: int | None = None,
-        mode: str = "train",
+        *,
+        spec: SegmentSpec | None = None,
         shuffle: bool = True,
-        seed: int = 0,
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
         prefetch: int = 2,
         threads: int | None = None,
         sampler: str = "uniform",
-        clip_len: int = 1,
-        dtype: Any = None,
         reuse_buffers: bool = False,
-        sampling: str = "mmaction2",
+        **spec_keywords: Any,
     ) -> Loader:
         """Batches for a training loop; see README, "Loader". Iterating yields
         :class:`Batch` (features, labels, indices); each new iteration is the
-        next epoch (``set_epoch`` sets it). ``rank``/``world_size`` shard like
-        torch's DistributedSampler; ``sampler="balanced"`` draws classes
+        next epoch (``set_epoch`` sets it). ``spec`` (or its fields as
+        keywords) as in :meth:`gather`; its ``seed`` keys both the epoch
+        orders and the train-mode segments. ``rank``/``world_size`` shard
+        like torch's DistributedSampler; ``sampler="balanced"`` draws classes
         uniformly. ``prefetch`` batches are gathered ahead on persistent C++
         threads. A yielded batch is the caller's; ``reuse_buffers=True``
-        recycles its array once the next batch is requested. ``sampling`` as
-        in :meth:`gather`."""
-        return Loader(self, column, batch_size, num_segments=num_segments, mode=mode, shuffle=shuffle, seed=seed,
+        recycles its array once the next batch is requested."""
+        return Loader(self, column, batch_size, spec=resolve(spec, spec_keywords, "loader()"), shuffle=shuffle,
                       drop_last=drop_last, rank=rank, world_size=world_size, prefetch=prefetch, threads=threads,
-                      sampler=sampler, clip_len=clip_len, dtype=dtype, reuse_buffers=reuse_buffers,
-                      sampling=sampling)
+                      sampler=sampler, reuse_buffers=reuse_buffers)
 
     # -- integrity ---------------------------------------------------------------
     def verify(self) -> list[str]:
@@ -441,7 +430,7 @@ class Store:
         return self._reader.sections()
 
     # -- Arrow and Parquet (finegym_store.arrow; needs pyarrow) -----------------
-    def to_arrow(self, columns: Sequence[str] | str | None = None, tensor_type: str = "nested") -> Any:
+    def to_arrow(self, columns: Sequence[str] | str | None = None, *, tensor_type: str = "nested") -> Any:
         """A pyarrow.Table over the mapped bytes, no copy: id, label, the
         parsed id fields and one column per feature column (``columns``
         selects and orders any of them). Fixed-T features are
@@ -453,7 +442,7 @@ class Store:
 
         return arrow.to_arrow(self, columns, tensor_type)
 
-    def to_batches(self, batch_size: int | None = None, columns: Sequence[str] | str | None = None,
+    def to_batches(self, columns: Sequence[str] | str | None = None, *, batch_size: int | None = None,
                    tensor_type: str = "nested") -> Any:
         """A pyarrow.RecordBatchReader of ``batch_size``-row batches (default:
         about 128 MiB of features), each copied out of the mapping under the
@@ -464,7 +453,7 @@ class Store:
 
         return arrow.to_batches(self, batch_size, columns, tensor_type)
 
-    def to_parquet(self, path: str | os.PathLike[str], columns: Sequence[str] | str | None = None,
+    def to_parquet(self, path: str | os.PathLike[str], columns: Sequence[str] | str | None = None, *,
                    row_group_size: int | None = None, compression: str = "none", byte_stream_split: bool = False,
                    compression_level: int | None = None, tensor_type: str = "nested",
                    progress: bool = False, overwrite: bool = False) -> str:

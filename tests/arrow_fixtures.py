@@ -40,7 +40,7 @@ def assert_same_store(a: fgs.Store, b: fgs.Store) -> None:
     assert b.columns == a.columns
     for c in a.columns:
         ca, cb = a.column(c), b.column(c)
-        assert (cb.dtype, cb.segments, cb.channels) == (ca.dtype, ca.segments, ca.channels)
+        assert (cb.dtype, cb.length, cb.channels) == (ca.dtype, ca.length, ca.channels)
         assert cb.values.tobytes() == ca.values.tobytes(), c
         if ca.ragged:
             np.testing.assert_array_equal(cb.offsets, ca.offsets)

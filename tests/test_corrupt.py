@@ -603,10 +603,11 @@ FUZZ = textwrap.dedent(
             if n:
                 idx = list(range(n)) + [-1]
                 store.gather(name, idx, num_segments=3, mode="train", seed=i, threads=2)
-                store.gather(name, idx, num_segments=2, dtype=np.float16)
+                store.gather(name, idx, num_segments=2, mode="test", dtype=np.float16)
                 if not col.ragged:
                     store.gather(name, idx)
-                batch = next(iter(store.loader(name, batch_size=min(n, 4), num_segments=2, prefetch=1, threads=2)))
+                batch = next(iter(store.loader(name, batch_size=min(n, 4), num_segments=2, mode="train",
+                                               prefetch=1, threads=2)))
                 assert batch.features.shape[:2] == (min(n, 4), 2)
         meta = store.meta
         strings = [store.ids, meta.video]
@@ -633,7 +634,7 @@ FUZZ = textwrap.dedent(
         if kind == "cut" or rnd.random() < 0.1:  # and now truncate it under the open reader
             os.truncate(path, rnd.randrange(len(data)))
             for op in (lambda: store.verify(), lambda: store.ids.to_list(), lambda: store.features(store.columns[0], 0),
-                       lambda: store.gather(store.columns[0], list(range(n)), num_segments=2)):
+                       lambda: store.gather(store.columns[0], list(range(n)), num_segments=2, mode="test")):
                 try:
                     op()
                 except OSError as e:

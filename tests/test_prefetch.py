@@ -38,8 +38,8 @@ def files(tmp_path):
 
 
 def _gather(store, column, idx, k, prefetch, dtype=np.float32):
-    return _core.gather(store._reader, column, idx, k, "test", 0, 0, 1, None, np.dtype(dtype), 2, prefetch,
-                        "mmaction2")
+    return _core.gather(store._reader, column, idx,
+                        _core.GatherSpec(k, "test", 1, "mmaction2", np.dtype(dtype), 0), 0, None, 2, prefetch)
 
 
 def _expected(table, ids, idx, k, dtype=np.float32):
@@ -129,5 +129,5 @@ def test_auto_sees_a_batch_with_every_other_instance_resident_as_partly_cold(fil
 
 def test_prefetch_must_be_a_known_mode(files):
     store = fgs.open(files[0])
-    with pytest.raises(ValueError, match="prefetch must be 'auto', 'on' or 'off', got 'always'"):
+    with pytest.raises(ValueError, match="readahead must be 'auto', 'on' or 'off', got 'always'"):
         _gather(store, "x", np.array([0]), 3, "always")

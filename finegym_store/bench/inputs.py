@@ -247,7 +247,7 @@ def layout(path: str | os.PathLike[str], column: str | None = None) -> Data:
             raise ValueError(f"{os.fspath(path)}: column {name!r} is {'ragged' if col.ragged else col.dtype}; "
                              "the benchmark reads fixed-T float32 columns")
         sec = next(x for x in s.sections() if x["name"] == f"features/{name}")
-        return Data(os.fspath(path), name, len(s), int(col.segments), int(col.channels), int(sec["offset"]))
+        return Data(os.fspath(path), name, len(s), int(col.length), int(col.channels), int(sec["offset"]))
     finally:
         del s  # unmapped when the last reference goes
 

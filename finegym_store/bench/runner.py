@@ -11,6 +11,7 @@ one's pages or mappings.
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import subprocess
@@ -29,23 +30,30 @@ from .pagecache import PAGE, evict, read_instances, residency, unmap
 Echo = Callable[[str], None]
 
 
+@functools.lru_cache(maxsize=64)
+def _test_spec(k: int | None) -> Any:
+    from finegym_store import SegmentSpec
+
+    return SegmentSpec(k, mode="test") if k is not None else SegmentSpec()
+
+
 def gather_batch(store: Any, column: str, idx: np.ndarray, k: int | None, out: np.ndarray | None = None,
-                 threads: int | None = None, prefetch: str = "auto") -> np.ndarray:
+                 threads: int | None = None, readahead: str = "auto") -> np.ndarray:
     """The one place the benchmarks call gather: a test-mode batch of K
     segments per instance (None: all T) of ``column`` for instances ``idx``,
-    on ``threads`` C++ threads (None: every core), prefetch "auto", "on" or
+    on ``threads`` C++ threads (None: every core), read-ahead "auto", "on" or
     "off". ``store`` is a Store."""
     from finegym_store import _core
 
-    return _core.gather(store._reader, column, np.asarray(idx, np.int64), k, "test", 0, 0, 1, out,
-                        store._gather_dtype(column, None), threads or _core.max_threads(), prefetch, "mmaction2")
+    return _core.gather(store._reader, column, np.asarray(idx, np.int64), _test_spec(k)._native, 0, out,
+                        threads or _core.max_threads(), readahead)
 
 
 def segments_for(t: int, k: int) -> np.ndarray:
     """The segments a test-mode batch takes of T: all of them for K = T."""
     from finegym_store import _core
 
-    return np.arange(t) if k == t else np.asarray(_core.sample_segments(t, k, 1, "test"))
+    return np.arange(t) if k == t else np.asarray(_core.sample_segments(t, _test_spec(k)._native))
 
 
 def record_offsets(d: Data, idx: np.ndarray, k: int) -> tuple[np.ndarray, int]:
@@ -118,9 +126,9 @@ class Runner:
         self.mm = np.memmap(d.store, dtype=np.float32, mode="r", offset=d.base, shape=(d.n, d.t, d.c))
         self.segs = segments_for(d.t, k)
 
-    def gather(self, idx: np.ndarray, prefetch: str = "auto") -> np.ndarray:
+    def gather(self, idx: np.ndarray, readahead: str = "auto") -> np.ndarray:
         return gather_batch(self.store, self.d.column, idx, None if self.k == self.d.t else self.k,
-                            threads=self.threads, prefetch=prefetch)
+                            threads=self.threads, readahead=readahead)
 
     def warm(self) -> None:
         """Every page of the feature section resident and mapped here."""
