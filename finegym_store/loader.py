@@ -111,13 +111,13 @@ class Loader:
         self.rank = _args.count(rank, "rank")
         if self.rank >= self.world_size:
             raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
-        if world_size > MAX_WORLD_SIZE:
-            raise ValueError(f"world_size must be at most {MAX_WORLD_SIZE}, got {world_size}")
-        if not self.drop_last and -(-len(store) // world_size) * world_size > max(2 * len(store), MAX_PADDED_EPOCH):
-            raise ValueError(f"world_size={world_size} pads each epoch of {len(store)} instances to "
-                             f"{world_size} indices per epoch (one per rank); at most "
-                             f"{max(2 * len(store), MAX_PADDED_EPOCH)} are allowed (use drop_last=True "
-                             "or fewer ranks)")
+        n, ranks = len(store), self.world_size
+        if ranks > MAX_WORLD_SIZE:
+            raise ValueError(f"world_size must be at most {MAX_WORLD_SIZE}, got {ranks}")
+        if not self.drop_last and -(-n // ranks) * ranks > max(2 * n, MAX_PADDED_EPOCH):
+            raise ValueError(f"world_size={ranks} pads each epoch of {n} instances to {ranks} indices "
+                             f"per epoch (one per rank); at most {max(2 * n, MAX_PADDED_EPOCH)} are allowed "
+                             "(use drop_last=True or fewer ranks)")
         self.prefetch = _args.count(prefetch, "prefetch")
         self.threads = _args.optional_count(threads, "threads", 1)
         self.sampler = _args.choice(sampler, "sampler", SAMPLERS)

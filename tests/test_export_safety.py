@@ -78,8 +78,8 @@ CHILD = textwrap.dedent(
     orig = arrow._guarded_batches
     try:
         if scenario == "loader":
-            before = [b.labels.tolist() for b in store.loader("x", batch_size=8, num_segments=3, seed=1)]
-            loader = store.loader("x", batch_size=8, num_segments=3, seed=1, prefetch=1, threads=2)
+            before = [b.labels.tolist() for b in store.loader("x", batch_size=8, num_segments=3, mode="train", seed=1)]
+            loader = store.loader("x", batch_size=8, num_segments=3, mode="train", seed=1, prefetch=1, threads=2)
             labels = []
             for i, b in enumerate(loader):
                 labels.append(b.labels.tolist())
@@ -89,7 +89,7 @@ CHILD = textwrap.dedent(
             out["same"] = labels == before
         elif scenario == "dataset":
             from finegym_store.torch import StoreDataset
-            ds = StoreDataset(store, "x", num_segments=3)
+            ds = StoreDataset(store, "x", num_segments=3, mode="train")
             first = ds.__getitems__([0, 1])
             truncate()
             for s in range(0, len(ds), 8):

@@ -31,7 +31,7 @@ PRELUDE = textwrap.dedent(
     path, scenario = sys.argv[1], sys.argv[2]
 
     def guarded_read_on_a_thread(store):
-        t = threading.Thread(target=lambda: store.gather("x", [0, 1, 2], num_segments=2, threads=2))
+        t = threading.Thread(target=lambda: store.gather("x", [0, 1, 2], num_segments=2, mode="test", threads=2))
         t.start()
         t.join()
 
@@ -51,7 +51,7 @@ PRELUDE = textwrap.dedent(
     def truncated_gather(store):
         os.truncate(path, 0)
         try:
-            store.gather("x", [0, 1, 2], num_segments=2, threads=2)
+            store.gather("x", [0, 1, 2], num_segments=2, mode="test", threads=2)
         except OSError as e:
             assert path in str(e), str(e)
             print("gather raised OSError")
