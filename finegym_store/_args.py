@@ -7,17 +7,25 @@ value out of its range or not among the choices, IndexError for an index
 outside the store. Each message names the argument. What the values mean
 together (num_segments x clip_len too large, a mode missing) is checked once,
 by the C++ core (finegym::validate), when a SegmentSpec is built.
+
+The ``cli_*`` functions at the end are the command line's argparse ``type=``
+converters: a bad option value raises argparse.ArgumentTypeError, which
+argparse turns into a usage line and one error line naming the option, with
+exit status 2.
 """
 
 from __future__ import annotations
 
+import argparse
+import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-__all__ = ["count", "optional_count", "integer", "index", "indices", "choice", "flag"]
+__all__ = ["count", "optional_count", "integer", "index", "indices", "choice", "flag", "real",
+           "cli_count", "cli_counts", "cli_real", "cli_choices"]
 
 U64_MAX = 2**64 - 1
 
@@ -126,3 +134,82 @@ def indices(values: Any, n: int) -> np.ndarray:
             raise IndexError(f"index {int(idx[bad[0]])} (position {int(bad[0])}) is out of range for a store of "
                              f"{n} instances")
     return idx.astype(np.int64, copy=False)
+
+
+def real(value: Any, name: str, *, positive: bool) -> float:
+    """A finite number, > 0 (positive) or >= 0: TypeError for a bool or a
+    non-number, ValueError otherwise."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or (value <= 0 if positive else value < 0):
+        raise ValueError(f"{name} must be a {'positive number' if positive else 'number >= 0'} (finite), "
+                         f"got {value!r}")
+    return float(value)
+
+
+# -- the command line: argparse type= converters --------------------------------------------------
+
+
+def cli_count(low: int, high: int | None = None, what: str = "") -> Callable[[str], int]:
+    """An integer in [low, high] (high None: no upper bound). ``what`` says
+    what the bounds mean, for the error message."""
+
+    def convert(text: str) -> int:
+        try:
+            v = int(text.strip(), 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < low or (high is not None and v > high):
+            span = f"at least {low}" if high is None else f"between {low} and {high}"
+            raise argparse.ArgumentTypeError(f"must be {span}{what}, got {v}")
+        return v
+
+    convert.__name__ = "integer"  # argparse names the type in its messages
+    return convert
+
+
+def cli_counts(low: int, high: int | None = None, what: str = "") -> Callable[[str], list[int]]:
+    """A comma-separated list of integers, each in [low, high]; not empty."""
+    one = cli_count(low, high, what)
+
+    def convert(text: str) -> list[int]:
+        parts = [p for p in text.split(",")]
+        if not text.strip() or any(not p.strip() for p in parts):
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+        return [one(p) for p in parts]
+
+    convert.__name__ = "integer list"
+    return convert
+
+
+def cli_real(low: float, inclusive: bool = False, high: float | None = None) -> Callable[[str], float]:
+    """A finite number > low (>= low with inclusive), at most high."""
+
+    def convert(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        ok = math.isfinite(v) and (v >= low if inclusive else v > low) and (high is None or v <= high)
+        if not ok:
+            bound = f"{'>=' if inclusive else '>'} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text}")
+        return v
+
+    convert.__name__ = "number"
+    return convert
+
+
+def cli_choices(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
+    """A comma-separated list of names from ``allowed``; not empty."""
+
+    def convert(text: str) -> list[str]:
+        names = [p.strip() for p in text.split(",")]
+        bad = [n for n in names if n not in allowed]
+        if bad or not text.strip():
+            raise argparse.ArgumentTypeError(f"unknown {bad[0] if bad else text!r}: expected a comma-separated "
+                                             f"list of {', '.join(allowed)}")
+        return names
+
+    convert.__name__ = "list"
+    return convert

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import __version__, _core
+from . import __version__, _args, _core
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -233,9 +233,7 @@ def default_batch_rows(store: Store, columns: Sequence[str] | str | None = None)
 def _rows(value: int | None, store: Store, columns: Any, what: str) -> int:
     if value is None:
         return default_batch_rows(store, columns)
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{what} must be a positive number of rows, got {value!r}")
-    return int(value)
+    return _args.count(value, what, 1)
 
 
 def _guarded_batches(store: Store, schema: pa.Schema, tensor_type: str, rows: int) -> Iterator[pa.RecordBatch]:
@@ -308,11 +306,10 @@ def to_batches(store: Store, batch_size: int | None = None, columns: Sequence[st
 _CODECS = ("none", "snappy", "zstd", "gzip", "brotli", "lz4")
 
 
-def _parquet_options(schema: pa.Schema, compression: str, byte_stream_split: bool,
+def _parquet_options(schema: pa.Schema, compression: str | None, byte_stream_split: bool,
                      compression_level: int | None) -> dict[str, Any]:
     pa = _pa()
-    if compression not in _CODECS:
-        raise ValueError(f"compression={compression!r}; use one of {', '.join(_CODECS)}")
+    compression = _args.choice(compression, "compression", (None, *_CODECS)) or "none"  # None: as pyarrow
     features, others = [], []
     for f in schema:
         if f.name in INSTANCE_FIELDS:
@@ -427,7 +424,7 @@ def _write_streaming(store: Store, path: str | os.PathLike[str], columns: Any, r
 
 
 def to_parquet(store: Store, path: str | os.PathLike[str], columns: Sequence[str] | str | None = None,
-               row_group_size: int | None = None, compression: str = "none", byte_stream_split: bool = False,
+               row_group_size: int | None = None, compression: str | None = "none", byte_stream_split: bool = False,
                compression_level: int | None = None, tensor_type: str = "nested", progress: bool = False,
                overwrite: bool = False) -> str:
     """Write a Parquet file one row group at a time (see Store.to_parquet)
@@ -450,14 +447,13 @@ def to_parquet(store: Store, path: str | os.PathLike[str], columns: Sequence[str
 
 
 def to_ipc(store: Store, path: str | os.PathLike[str], columns: Sequence[str] | str | None = None,
-           batch_size: int | None = None, compression: str = "none", tensor_type: str = "nested",
+           batch_size: int | None = None, compression: str | None = "none", tensor_type: str = "nested",
            progress: bool = False, overwrite: bool = False) -> str:
     """Write an Arrow IPC file (Feather v2, ``.arrow``), one record batch per
     ``batch_size`` rows; ``compression`` is none, lz4 or zstd. Guarded,
     atomic and refusing targets as :func:`to_parquet`."""
     pa = _pa()
-    if compression not in ("none", "lz4", "zstd"):
-        raise ValueError(f"compression={compression!r}; an Arrow IPC file takes none, lz4 or zstd")
+    compression = _args.choice(compression, "compression", (None, "none", "lz4", "zstd")) or "none"
     rows = _rows(batch_size, store, columns, "batch_size")
     options = pa.ipc.IpcWriteOptions(compression=None if compression == "none" else compression)
     return _write_streaming(

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from . import __version__
-from ._argtypes import count, real
+from ._args import cli_count as count, cli_real as real
 from .errors import ConversionError, FormatError
 
 
@@ -309,9 +309,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+#: Python spellings in library messages, and what the command line calls them.
+_CLI_WORDS = (("pass overwrite=True", "use --overwrite"), ("overwrite=True", "--overwrite"),
+              ("pass trust_pickle=True", "use --trust-pickle"), ("trust_pickle=True", "--trust-pickle"))
+
+
 def _one_line(e: BaseException) -> str:
-    """The message on one line (pyarrow's span several)."""
-    return " ".join(str(e).split())
+    """The message on one line (pyarrow's span several), in the command line's words."""
+    text = " ".join(str(e).split())
+    for python, cli in _CLI_WORDS:
+        text = text.replace(python, cli)
+    return text
 
 
 if __name__ == "__main__":

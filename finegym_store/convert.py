@@ -167,7 +167,7 @@ def convert(
         if not isinstance(name, str) or not _core.valid_column_name(name):
             raise ConversionError(f"column name {name!r} must be 1..40 characters of [A-Za-z0-9_-] and not 'offsets'")
     if os.path.exists(out) and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+        raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
 
     ids: list[str] | None = None
     labels: np.ndarray | None = None

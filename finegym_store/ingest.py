@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import _core
+from . import _args, _core
 from .arrow import BATCH_BYTES, FIELD_KEY, INSTANCE_FIELDS, METADATA_KEY, _pa
 from ._write import STORE_DTYPES, ColumnWriter, StoreWriter, labels_without_class, store_dtype
 from .errors import ConversionError
@@ -721,12 +721,7 @@ def _hierarchy(doc: Mapping[str, Any], categories: Any, classes: Any, where: str
 
 
 def _check_batch_size(batch_size: Any) -> None:
-    if batch_size is None:
-        return
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
-        raise TypeError(f"batch_size must be a positive integer or None, got {batch_size!r}")
-    if not 1 <= batch_size <= MAX_DIM:
-        raise ValueError(f"batch_size must be in 1..{MAX_DIM}, got {batch_size!r}")
+    _args.optional_count(batch_size, "batch_size", 1, MAX_DIM)
 
 
 def _ingest(source: _Source, out: str, opts: ImportOptions) -> Store:

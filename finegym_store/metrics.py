@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from . import _args
+
 __all__ = [
     "as_predictions",
     "top1_accuracy",
@@ -134,8 +136,7 @@ def topk_accuracy(labels: Any, scores: Any, k: int) -> float:
     :func:`top1_accuracy` on the same scores; ``k >= classes`` gives 1."""
     y = _labels(labels)
     s = _scores(scores, len(y))
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    k = _args.count(k, "k", 1)
     if y.max() >= s.shape[1]:
         raise ValueError(f"labels go up to {int(y.max())} but the scores have only {s.shape[1]} class columns")
     own = s[np.arange(len(y)), y][:, None]
@@ -182,8 +183,7 @@ def confusion_matrix(labels: Any, predictions: Any, num_classes: int | None = No
                 f"(at most {MAX_CONFUSION_CLASSES}); are these really class ids?"
             )
     else:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
-            raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+        num_classes = _args.count(num_classes, "num_classes", 1)
         if num_classes > MAX_CONFUSION_CLASSES:
             raise ValueError(f"num_classes is {num_classes}; at most {MAX_CONFUSION_CLASSES} are allowed")
         c = int(num_classes)

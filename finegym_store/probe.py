@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from . import metrics
+from . import _args, metrics
 from .store import Store, open as open_store
 
 __all__ = [
@@ -400,28 +400,11 @@ def _as_store(s: Store | str | os.PathLike[str]) -> Store:
 
 
 def _check_int(name: str, value: Any, low: int) -> int:
-    """A count: an integer (an integral float such as 3.0 too) >= low.
-    TypeError for a bool or a non-integral value, ValueError below low."""
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
-        value = int(value)
-    if not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return int(value)
+    return _args.count(value, name, low)
 
 
 def _check_real(name: str, value: Any, positive: bool) -> float:
-    """A finite number, > 0 (positive) or >= 0; TypeError for a bool or a
-    non-number, ValueError otherwise."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value) or (value <= 0 if positive else value < 0):
-        raise ValueError(f"{name} must be a {'positive number' if positive else 'number >= 0'} (finite), "
-                         f"got {value!r}")
-    return float(value)
+    return _args.real(value, name, positive=positive)
 
 
 def _memory_bytes() -> int:

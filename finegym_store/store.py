@@ -454,7 +454,7 @@ class Store:
         return arrow.to_batches(self, batch_size, columns, tensor_type)
 
     def to_parquet(self, path: str | os.PathLike[str], columns: Sequence[str] | str | None = None, *,
-                   row_group_size: int | None = None, compression: str = "none", byte_stream_split: bool = False,
+                   row_group_size: int | None = None, compression: str | None = "none", byte_stream_split: bool = False,
                    compression_level: int | None = None, tensor_type: str = "nested",
                    progress: bool = False, overwrite: bool = False) -> str:
         """Write a Parquet file one row group at a time (memory: one row

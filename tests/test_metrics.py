@@ -147,7 +147,7 @@ def test_bad_shapes_and_types_are_refused():
         top1_accuracy([0, 5], np.zeros((2, 3)))
     with pytest.raises(ValueError, match="class ids >= 0"):
         top1_accuracy([0, 1], [0, -1])
-    with pytest.raises(ValueError, match="k must be an integer >= 1"):
+    with pytest.raises(ValueError, match="k must be at least 1, got 0"):
         topk_accuracy([0], np.zeros((1, 3)), 0)
     with pytest.raises(ValueError, match="num_classes is 2 but labels contain class id 2"):
         confusion_matrix([0, 2], [0, 1], num_classes=2)

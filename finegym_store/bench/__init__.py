@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def add_arguments(p: Any) -> None:
-    from finegym_store._argtypes import choices, count, counts
+    from finegym_store._args import cli_choices as choices, cli_count as count, cli_counts as counts
 
     p.add_argument("--store", metavar="PATH",
                    help="measure this store (yours) instead of a generated one; its first float32 feature "
@@ -114,7 +114,7 @@ def resolve(args: Any) -> None:
     """Fill in the options left out: --quick's, else the defaults. ValueError
     for options that contradict each other (each alone is checked by its
     argparse type)."""
-    from finegym_store._argtypes import choices
+    from finegym_store._args import cli_choices as choices
 
     if args.store is not None and (args.instances is not None or args.small):
         raise ValueError("--instances and --small size a generated store; --store measures yours: give one")
