@@ -192,6 +192,10 @@ def check_pair(train: Any, val: Any, levels: Sequence[str] = ("element",)) -> No
     space: different hierarchies, different recognised subsets, val labels
     that are not classes of the train store, or a set/event level without a
     hierarchy. LabelSpaceError names both stores."""
+    needs = [lv for lv in levels if lv != "element"]
+    if needs and train.classes is None and val.classes is None:
+        raise LabelSpaceError(f"level {needs[0]!r} needs the label hierarchy, but neither train {train.path} nor "
+                              f"val {val.path} has one (convert with --categories)")
     a, b = train.label_space, val.label_space
     pair = f"train {train.path} is {a.describe()} but val {val.path} is {b.describe()}"
     if a.fingerprint is not None and b.fingerprint is not None and a.fingerprint != b.fingerprint:
@@ -216,7 +220,3 @@ def check_pair(train: Any, val: Any, levels: Sequence[str] = ("element",)) -> No
             f" (and {len(outside) - 10} more)" if len(outside) > 10 else "")
         raise LabelSpaceError(f"val {val.path} has labels {shown} that are not classes of train {train.path} "
                               f"({what}); {pair}")
-    needs = [lv for lv in levels if lv != "element"]
-    if needs and train.classes is None and val.classes is None:
-        raise LabelSpaceError(f"level {needs[0]!r} needs a label hierarchy, but neither train {train.path} nor "
-                              f"val {val.path} has one (convert with --categories)")
