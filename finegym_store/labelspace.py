@@ -127,10 +127,12 @@ def of_labels(labels: np.ndarray | None, name: str | None = None) -> LabelSpace:
     """The label space of labels without a hierarchy: the subset their span
     (else ``name``, a split or source file name) says, and its class count
     (else the largest label + 1)."""
-    subset = subset_of_labels(labels) or subset_of_name(name)
     top = int(np.max(labels)) if labels is not None and len(labels) else -1
-    n = SUBSETS[subset] if subset is not None and SUBSETS[subset] > top else top + 1
-    return LabelSpace(subset, max(n, 0), None)
+    subset = subset_of_labels(labels)
+    if subset is None:
+        named = subset_of_name(name)
+        subset = named if named is not None and SUBSETS[named] > top else None  # labels beyond it: not that subset
+    return LabelSpace(subset, SUBSETS[subset] if subset is not None else max(top + 1, 0), None)
 
 
 def _split_looks(labels: np.ndarray, name: str | None) -> tuple[str | None, str]:

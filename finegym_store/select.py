@@ -33,7 +33,13 @@ def rows_of(store: Store, rows_or_ids: Any) -> np.ndarray:
     slice, a range, or str ids. TypeError for anything else (a bool mask
     included); IndexError names an out-of-range row, KeyError an unknown id,
     ValueError an empty selection or one that names an instance twice."""
+    return _resolve(store, rows_or_ids)[0]
+
+
+def _resolve(store: Store, rows_or_ids: Any) -> tuple[np.ndarray, str]:
+    """(rows_of, "ids" or "rows": what the selection named)."""
     n = len(store)
+    kind = "rows"
     if isinstance(rows_or_ids, slice):
         rows = np.arange(n, dtype=np.int64)[rows_or_ids]
     elif isinstance(rows_or_ids, (str, bytes)):
@@ -56,6 +62,7 @@ def rows_of(store: Store, rows_or_ids: Any) -> np.ndarray:
                 bad = next(k for k in items if not isinstance(k, str))
                 raise TypeError(f"select: a selection of ids holds a {type(bad).__name__} ({bad!r})")
             rows = np.asarray(store.index_of([str(k) for k in items]), dtype=np.int64)
+            kind = "ids"
         elif arr.dtype.kind in "iu" and not any(isinstance(k, (bool, np.bool_)) for k in items):
             rows = arr.astype(np.int64)
             bad = np.flatnonzero((rows < 0) | (rows >= n))
@@ -75,7 +82,7 @@ def rows_of(store: Store, rows_or_ids: Any) -> np.ndarray:
         r = int(rows[a])
         raise ValueError(f"the selection names row {r} (id {store.ids[r]!r}) twice, at positions {a} and {b}; "
                          "a store's ids are unique")
-    return rows
+    return rows, kind
 
 
 def parse_rows(text: str, n: int) -> np.ndarray:
@@ -143,10 +150,10 @@ def select(store: Store, rows_or_ids: Any, out: str | os.PathLike[str], *, overw
             raise ValueError(f"{out} is the store being selected from; select into another path")
         if not overwrite:
             raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
-    rows = rows_of(store, rows_or_ids)
+    rows, kind = _resolve(store, rows_or_ids)
     if how is None:
-        how = (f"rows {rows_or_ids.start}:{rows_or_ids.stop}" if isinstance(rows_or_ids, (slice, range))
-               and (rows_or_ids.step in (None, 1)) else f"{len(rows)} rows or ids")
+        contiguous = isinstance(rows_or_ids, (slice, range)) and rows_or_ids.step in (None, 1)
+        how = f"rows {int(rows[0])}:{int(rows[-1]) + 1}" if contiguous else f"{len(rows)} {kind}"
     source_attrs = store.attrs
     attrs = {k: v for k, v in source_attrs.items() if k not in _FRESH}
     attrs["selected_from"] = {

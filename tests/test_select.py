@@ -65,7 +65,7 @@ def test_train_v10_rows_of_a_v11_store_by_split(tmp_path, v11):
     attrs, src = out.attrs, v11.attrs
     assert attrs["split"] == src["split"] and attrs["columns"] == src["columns"]
     assert attrs["selected_from"] == {"path": os.path.abspath(v11.path), "instances": 26320, "selected": 20484,
-                                      "how": "20484 rows or ids"}
+                                      "how": "20484 ids"}
     # The CLI: the same store.
     r = cli("select", v11.path, tmp_path / "cli.fgs", "--split", v10)
     assert r.returncode == 0, r.stderr
@@ -79,12 +79,19 @@ def test_train_v10_rows_of_a_v11_store_by_split(tmp_path, v11):
 def test_rows_slices_ranges_and_ids(tmp_path, v11):
     rows = [5, 3, 26319, 0]
     same_rows(v11, v11.select(rows, tmp_path / "a.fgs"), rows)
-    same_rows(v11, v11.select(np.array(rows, np.uint32), tmp_path / "b.fgs"), rows)
+    out = v11.select(np.array(rows, np.uint32), tmp_path / "b.fgs")
+    same_rows(v11, out, rows)
+    assert out.attrs["selected_from"]["how"] == "4 rows"
     same_rows(v11, v11.select([v11.ids[r] for r in rows], tmp_path / "c.fgs"), rows)
     out = v11.select(slice(100, 110), tmp_path / "d.fgs")
     same_rows(v11, out, range(100, 110))
     assert out.attrs["selected_from"]["how"] == "rows 100:110"
-    same_rows(v11, v11.select(range(26310, 26320), tmp_path / "e.fgs"), range(26310, 26320))
+    out = v11.select(range(26310, 26320), tmp_path / "e.fgs")
+    same_rows(v11, out, range(26310, 26320))
+    assert out.attrs["selected_from"]["how"] == "rows 26310:26320"
+    same_rows(v11, v11.select(slice(26315, None), tmp_path / "e2.fgs"), range(26315, 26320))
+    same_rows(v11, v11.select(slice(None, None, -5000), tmp_path / "e3.fgs"), range(26319, -1, -5000))
+    out = fgs.open(tmp_path / "d.fgs")
     # A selection of a selection: the earlier entry is kept inside the new one.
     again = out.select([9, 0], tmp_path / "f.fgs")
     assert again.ids.to_list() == [v11.ids[109], v11.ids[100]]
