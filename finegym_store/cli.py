@@ -12,6 +12,7 @@ import numpy as np
 from . import __version__
 from ._argtypes import count, real
 from .errors import ConversionError, FormatError
+from .labelspace import LabelSpace
 
 
 def _feature_arg(text: str) -> tuple[str, str]:
@@ -228,6 +229,7 @@ def _info(path: str) -> dict:
             for name, col in ((n, store.column(n)) for n in store.columns)
         },
         "classes_in_hierarchy": len(store.classes.label) if store.classes is not None else None,
+        "label_space": store.label_space.to_dict(),
         "classes_present": int(len(present)),
     }
     if len(present):
@@ -249,6 +251,7 @@ def _print_info(info: dict) -> None:
         print(f"  {name:<16} {c['dtype']:<8} {shape:<22} {c['bytes'] / 2**20:10.1f} MiB")
     if info["classes_in_hierarchy"] is not None:
         print(f"label hierarchy: {info['classes_in_hierarchy']} classes")
+    print(f"label space: {LabelSpace(**info['label_space']).describe()}")
     if "class_sizes" in info:
         s = info["class_sizes"]
         print(f"classes present: {info['classes_present']}; instances per class: min {s['min']}, "

@@ -74,6 +74,11 @@ def test_every_real_pairing(tmp_path, split, categories):
         want = LabelSpace(subset(split), int(subset(split)[3:]), FINGERPRINTS[subset(split)])
         assert store.label_space == want
         assert store.attrs["label_space"] == want.to_dict()
+        if split == "gym99_val_element.txt":
+            import json
+
+            info = json.loads(cli("info", store.path, "--json").stdout)
+            assert info["label_space"] == want.to_dict()
         assert "label_mismatch_allowed" not in store.attrs
         np.testing.assert_array_equal(store.labels, labels[:50])
         return
@@ -170,6 +175,8 @@ def test_fingerprint_ignores_line_order_and_sees_every_field(tmp_path):
 
 def test_label_space_without_hierarchy(tmp_path):
     store = real_store(tmp_path, "gym288_train_element_v1.0.txt", None)  # label 138 absent, span 288
+    r = cli("info", store.path)
+    assert r.returncode == 0 and "label space: gym288 (288 classes, no hierarchy)" in r.stdout
     assert store.classes is None
     assert store.label_space == LabelSpace("gym288", 288, None)
     assert store.attrs["label_space"] == {"subset": "gym288", "num_classes": 288, "fingerprint": None}
