@@ -206,7 +206,9 @@ def convert(
     column's). ``missing="drop"`` leaves out the ids some table lacks (across
     several tables: their intersection); ``extra="ignore"`` skips a table's
     ids outside the split. What was left out is printed on stderr (when
-    ``progress``) and recorded in ``attrs["alignment"]``.
+    ``progress``) and recorded in ``attrs["alignment"]``. A table that lacks
+    ids the columns before it were written for makes the conversion start
+    over without them (reading those tables again).
     """
     out = os.fspath(out)
     stored_as = store_dtype(dtype, "convert")
@@ -263,6 +265,9 @@ def convert(
                 drop = set().union(*lacking.values())
                 if ids is not None and any(k in drop for k in ids):
                     restart = True  # the columns written so far hold ids this table lacks
+                    if progress:
+                        print(f"convert: {name} ({_source_name(source)}) lacks {len(lacks)} ids the columns "
+                              "written so far hold; starting over without them", file=sys.stderr)
                     break
                 if ids is None:
                     keep = [k not in drop for k in reference]

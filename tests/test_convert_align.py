@@ -199,6 +199,7 @@ def test_cli_drop_missing_ignore_extra(tmp_path, real):
     assert "--ignore-extra" in r.stderr and str(tmp_path / "i3d.pkl") in r.stderr
     r = cli(*args, "--drop-missing", "--ignore-extra")
     assert r.returncode == 0, r.stderr
+    assert f"tsn ({tmp_path / 'tsn.pkl'}) lacks 1 ids the columns written so far hold; starting over" in r.stderr
     assert f"dropped 5 ids of {split} that i3d ({tmp_path / 'i3d.pkl'}) lacks" in r.stderr
     assert f"dropped 1 ids of {split} that tsn ({tmp_path / 'tsn.pkl'}) lacks" in r.stderr
     assert f"ignored 7 ids of i3d ({tmp_path / 'i3d.pkl'}) not in {split}" in r.stderr
