@@ -290,3 +290,16 @@ def test_evaluate_refuses_scores_of_another_label_set(tmp_path, real_stores):
         evaluate(y, np.zeros((100, 99), np.float32), h, ("element", "set"))
     out = evaluate(y, np.zeros((100, 288), np.float32), h, ("element", "set"))
     assert out["levels"]["element"]["instances"] == 100
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_set_categories_and_swapped_files_are_refused(tmp_path, split):
+    sets = shared_file("set_categories.txt")
+    with pytest.raises(fgs.ConversionError, match=rf"{sets}:1: expected 'Clabel: N; set: N; Glabel: N; \(EV\) name'"):
+        fgs.convert(tmp_path / "o.fgs", {"x": Untouchable()}, split=shared_file(split), categories=sets,
+                    progress=False)
+    cats = shared_file(f"{subset(split)}_categories.txt")
+    with pytest.raises(fgs.ConversionError, match=rf"{cats}:1: expected '<element_id> <label>'"):
+        fgs.convert(tmp_path / "o.fgs", {"x": Untouchable()}, split=cats, categories=shared_file(split),
+                    progress=False)
+    assert os.listdir(tmp_path) == []
