@@ -323,6 +323,5 @@ def _labels_without_class(labels: np.ndarray | None, cats: Categories | None) ->
 
 
 def _finish(writer: Any, ids: list[str], labels: np.ndarray | None, cats: Categories | None,
-            attrs: dict[str, Any], **check: Any) -> None:
-    """StoreWriter.finish for a raw writer; ``check`` are its label-check keywords."""
-    StoreWriter(writer).finish(ids, labels, cats, attrs, **check)
+            attrs: dict[str, Any]) -> None:
+    StoreWriter(writer).finish(ids, labels, cats, attrs)

@@ -172,9 +172,9 @@ def select(store: Store, rows_or_ids: Any, out: str | os.PathLike[str], *, overw
     with StoreWriter.create(out, len(rows), overwrite=overwrite) as writer:
         for name in store.columns:
             col = store.column(name)
-            w = writer.column(name, col.dtype, col.segments, col.channels)
-            if col.segments is not None:
-                step = max(1, STAGING_BYTES // (col.segments * col.channels * col.dtype.itemsize))
+            w = writer.column(name, col.dtype, col.length, col.channels)
+            if col.length is not None:
+                step = max(1, STAGING_BYTES // (col.length * col.channels * col.dtype.itemsize))
                 for a in range(0, len(rows), step):
                     chunk = store.gather(name, rows[a : a + step], num_segments=None, mode="test")
                     w.append(chunk.reshape(-1, col.channels))
