@@ -274,8 +274,8 @@ def convert(
                     ids = [k for k, kept in zip(reference, keep) if kept]
                     if not ids:
                         raise ConversionError(
-                            f"{where}: no id is left: it lacks {len(lacks)} of the {len(reference)} ids of "
-                            f"{against}, and every one of those is missing from some table")
+                            f"{where}: no id is left: each of the {len(reference)} ids of {against} is missing "
+                            f"from some table ({where} lacks {len(lacks)} of them)")
                     labels = split_labels[np.asarray(keep)] if split_labels is not None else None
                     writer = stack.enter_context(StoreWriter.create(out, len(ids), overwrite=overwrite))
                 assert writer is not None

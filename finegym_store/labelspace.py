@@ -189,6 +189,11 @@ def check_fit(labels: np.ndarray | None, cats: Any, labels_from: str, categories
     raise LabelSpaceError(reason + advice + (f", or pass {override} if the mismatch is deliberate" if override else ""))
 
 
+def _listed(values: np.ndarray) -> str:
+    shown = ", ".join(str(v) for v in values[:10].tolist())
+    return shown + (f" (and {len(values) - 10} more)" if len(values) > 10 else "")
+
+
 def check_pair(train: Any, val: Any, levels: Sequence[str] = ("element",)) -> None:
     """Refuse a train and a val store (opened Stores) that do not share a label
     space: different hierarchies, different recognised subsets, val labels
@@ -205,6 +210,17 @@ def check_pair(train: Any, val: Any, levels: Sequence[str] = ("element",)) -> No
                               "categories file")
     if a.subset is not None and b.subset is not None and a.subset != b.subset:
         raise LabelSpaceError(f"different label spaces: {pair}")
+    # The probe maps predictions through the val store's hierarchy, else the train store's.
+    holder = val if val.classes is not None else train if train.classes is not None else None
+    if holder is not None:
+        listed = np.asarray(holder.classes.label, dtype=np.int64)
+        for role, store in (("train", train), ("val", val)):
+            y = np.asarray(store.labels).astype(np.int64)
+            present = np.unique(y[y >= 0])
+            outside = present[~np.isin(present, listed)]
+            if len(outside):
+                raise LabelSpaceError(f"{role} {store.path} has labels {_listed(outside)} that are not classes of "
+                                      f"the hierarchy stored in {holder.path}; {pair}")
     tc = train.classes
     if tc is not None:
         known = np.asarray(tc.label, dtype=np.int64)
@@ -218,7 +234,5 @@ def check_pair(train: Any, val: Any, levels: Sequence[str] = ("element",)) -> No
     present = np.unique(yv[yv >= 0])
     outside = present[~np.isin(present, known)]
     if len(outside):
-        shown = ", ".join(str(v) for v in outside[:10].tolist()) + (
-            f" (and {len(outside) - 10} more)" if len(outside) > 10 else "")
-        raise LabelSpaceError(f"val {val.path} has labels {shown} that are not classes of train {train.path} "
+        raise LabelSpaceError(f"val {val.path} has labels {_listed(outside)} that are not classes of train {train.path} "
                               f"({what}); {pair}")

@@ -263,6 +263,19 @@ def test_probe_refuses_val_labels_outside_the_train_classes(tmp_path, real_store
     labelspace.check_pair(real_stores["gym288_train"], real_stores["gym288_val"], ("element", "set", "event"))
 
 
+def test_probe_refuses_train_labels_outside_the_val_hierarchy(tmp_path, real_stores):
+    # gym288 train labels below 120 (a span no subset has), no hierarchy, against gym99 val with its hierarchy.
+    ids, labels = read_split(shared_file("gym288_train_element_v1.0.txt"))
+    keep = [i for i in range(len(ids)) if labels[i] < 120]
+    (tmp_path / "t.txt").write_text("".join(f"{ids[i]} {labels[i]}\n" for i in keep))
+    train = fgs.convert(tmp_path / "t.fgs", {"x": tiny([ids[i] for i in keep])}, split=tmp_path / "t.txt",
+                        progress=False)
+    assert train.label_space == LabelSpace(None, 120, None)
+    with pytest.raises(LabelSpaceError, match=r"train .*t\.fgs has labels 99, 100, .* \(and 11 more\) that are not "
+                                              r"classes of the hierarchy stored in .*gym99_val_element\.fgs"):
+        run_probe(train, real_stores["gym99_val"], "x", backend="numpy", epochs=1)
+
+
 def test_probe_refuses_levels_without_hierarchy(real_stores):
     with pytest.raises(LabelSpaceError, match=r"level 'event' needs the label hierarchy, but neither train "
                                               r".*gym99_train_bare\.fgs nor val .*gym99_val_bare\.fgs has one"):
