@@ -142,6 +142,8 @@ def _split_looks(labels: np.ndarray, name: str | None) -> tuple[str | None, str]
     why = f"labels 0..{top} span {top + 1} classes" if by_span else f"labels up to {top}"
     if by_name:
         why += f"; its name says {by_name}"
+    if by_name is not None and SUBSETS[by_name] <= top:
+        by_name = None  # labels beyond the named subset: the name is wrong
     return by_span or by_name, why
 
 

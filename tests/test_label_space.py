@@ -316,3 +316,21 @@ def test_set_categories_and_swapped_files_are_refused(tmp_path, split):
         fgs.convert(tmp_path / "o.fgs", {"x": Untouchable()}, split=cats, categories=shared_file(split),
                     progress=False)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_name_its_labels_contradict_is_not_trusted(tmp_path):
+    # gym288 val labels in a file named gym99: the labels span 288 classes, so it is gym288.
+    split = tmp_path / "gym99_val_element.txt"
+    split.write_bytes(shared_file("gym288_val_element.txt").read_bytes())
+    ids, labels = read_split(split)
+    store = fgs.convert(tmp_path / "a.fgs", {"x": tiny(ids)}, split=split,
+                        categories=shared_file("gym288_categories.txt"), progress=False)
+    assert store.label_space.subset == "gym288"
+    # Labels 0..149 (no subset's span) named gym99: not gym99 either.
+    keep = np.flatnonzero(labels < 150)
+    named = tmp_path / "gym99_part.txt"
+    named.write_text("".join(f"{ids[i]} {labels[i]}\n" for i in keep))
+    part = fgs.convert(tmp_path / "b.fgs", {"x": tiny([ids[i] for i in keep])}, split=named, progress=False)
+    assert part.label_space == LabelSpace(None, 150, None)
+    fgs.convert(tmp_path / "c.fgs", {"x": tiny([ids[i] for i in keep])}, split=named,
+                categories=shared_file("gym288_categories.txt"), progress=False)
