@@ -11,7 +11,8 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from ._core import FORMAT_VERSION
-from .errors import ConversionError, ForkedJobError, FormatError, UnsafePickleError
+from .errors import ConversionError, ForkedJobError, FormatError, LabelSpaceError, UnsafePickleError
+from .labelspace import LabelSpace
 from .loader import Batch, Loader
 from .spec import SegmentSpec
 from .store import Classes, Column, Meta, Store, Strings, open
@@ -36,6 +37,8 @@ __all__ = [
     "Loader",
     "FormatError",
     "ConversionError",
+    "LabelSpaceError",
+    "LabelSpace",
     "UnsafePickleError",
     "ForkedJobError",
 ]

@@ -1,4 +1,4 @@
-"""The ``finegym-store`` command: convert, info, verify, demo, export, import."""
+"""The ``finegym-store`` command: convert, info, verify, demo, export, import, select."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import numpy as np
 from . import __version__
 from ._args import cli_count as count, cli_real as real
 from .errors import ConversionError, FormatError
+from .labelspace import LabelSpace
 
 
 def _feature_arg(text: str) -> tuple[str, str]:
@@ -41,6 +42,24 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--trust-pickle", action="store_true",
                    help="unpickle without the allow-list (only for files you trust)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    c.add_argument("--drop-missing", action="store_true",
+                   help="leave out split ids a pickle lacks (with several pickles: keep the ids all have)")
+    c.add_argument("--ignore-extra", action="store_true", help="skip pickle ids that are not in the split")
+    c.add_argument("--allow-label-mismatch", action="store_true",
+                   help="accept split labels that do not fit --categories (recorded in the provenance)")
+
+    sl = sub.add_parser("select", help="write some rows of a store into a new store",
+                        description="Write the instances of STORE that --ids, --split or --rows selects, in "
+                                    "that order, into a new store OUT (every column, the hierarchy and the "
+                                    "provenance, with a selected_from entry).")
+    sl.add_argument("store")
+    sl.add_argument("out", help="path of the store to write")
+    which = sl.add_mutually_exclusive_group(required=True)
+    which.add_argument("--ids", metavar="FILE", help="element ids, one per line")
+    which.add_argument("--split", metavar="FILE",
+                       help="a FineGym split file: its ids (e.g. train v1.0 from a v1.1 store; labels must agree)")
+    which.add_argument("--rows", metavar="A:B", help="rows A to B-1, in store order")
+    sl.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
     i = sub.add_parser("info", help="schema, counts, class histogram and size of a store")
     i.add_argument("store")
@@ -165,6 +184,27 @@ def _probe(args: argparse.Namespace) -> None:
         table.plot(args.plot)
 
 
+def _select(args: argparse.Namespace) -> None:
+    import os
+
+    from . import select as sel
+    from .store import open as open_store
+
+    for option, path in (("--ids", args.ids), ("--split", args.split)):
+        if path is not None and not os.path.isfile(path):
+            raise FileNotFoundError(f"{option}: no such file: {path}")
+    store = open_store(args.store)
+    if args.rows is not None:
+        rows, how = sel.parse_rows(args.rows, len(store)), f"rows {args.rows}"
+    elif args.split is not None:
+        rows, how = sel.split_ids(store, args.split), f"split {os.path.abspath(args.split)}"
+    else:
+        rows, how = sel.ids_file(args.ids), f"ids {os.path.abspath(args.ids)}"
+    out = sel.select(store, rows, args.out, overwrite=args.overwrite, how=how)
+    print(f"wrote {out.path}: {len(out)} of the {len(store)} instances of {store.path}, "
+          f"{out.file_size / 2**20:.1f} MiB")
+
+
 def _info(path: str) -> dict:
     from .store import open as open_store
 
@@ -189,6 +229,7 @@ def _info(path: str) -> dict:
             for name, col in ((n, store.column(n)) for n in store.columns)
         },
         "classes_in_hierarchy": len(store.classes.label) if store.classes is not None else None,
+        "label_space": store.label_space.to_dict(),
         "classes_present": int(len(present)),
     }
     if len(present):
@@ -210,6 +251,7 @@ def _print_info(info: dict) -> None:
         print(f"  {name:<16} {c['dtype']:<8} {shape:<22} {c['bytes'] / 2**20:10.1f} MiB")
     if info["classes_in_hierarchy"] is not None:
         print(f"label hierarchy: {info['classes_in_hierarchy']} classes")
+    print(f"label space: {LabelSpace(**info['label_space']).describe()}")
     if "class_sizes" in info:
         s = info["class_sizes"]
         print(f"classes present: {info['classes_present']}; instances per class: min {s['min']}, "
@@ -255,14 +297,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "convert":
-            from .convert import convert
+            from .convert import check_inputs, convert
 
             names = [n for n, _ in args.features]
             if len(set(names)) != len(names):
                 raise ConversionError(f"a column name is given twice: {names}")
+            check_inputs(dict(args.features), args.split, args.categories, cli=True)
             store = convert(args.out, dict(args.features), split=args.split, categories=args.categories,
                             dtype=args.dtype, overwrite=args.overwrite, progress=not args.quiet,
-                            trust_pickle=args.trust_pickle)
+                            trust_pickle=args.trust_pickle, missing="drop" if args.drop_missing else "error",
+                            extra="ignore" if args.ignore_extra else "error",
+                            allow_label_mismatch=args.allow_label_mismatch)
             print(f"wrote {store.path}: {len(store)} instances, columns {', '.join(store.columns)}, "
                   f"{store.file_size / 2**20:.1f} MiB")
         elif args.command == "info":
@@ -295,6 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _export(args)
         elif args.command == "import":
             _import(args)
+        elif args.command == "select":
+            _select(args)
     except FormatError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 1

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from . import _args, _core
 from .arrow import BATCH_BYTES, FIELD_KEY, INSTANCE_FIELDS, METADATA_KEY, _pa
-from ._write import STORE_DTYPES, ColumnWriter, StoreWriter, labels_without_class, store_dtype
+from ._write import STORE_DTYPES, ColumnWriter, StoreWriter, store_dtype
 from .errors import ConversionError
 from .finegym import Categories, read_categories
 from .store import Store
@@ -799,16 +799,13 @@ def _ingest(source: _Source, out: str, opts: ImportOptions) -> Store:
         if len(ids) == 0:
             raise ConversionError(f"{where}: the source has no rows")
         labels = instances.label_array()
-        unknown = labels_without_class(labels, cats)
-        if unknown:
-            raise ConversionError(f"{where}: column {label_column!r}: labels {unknown} have no "
-                                  "class in the label hierarchy")
         writer.finish(ids, labels, cats, {
             "source": where,
             "imported_from": {k: doc.get(k) for k in ("format_version", "exported_by", "source", "attrs")}
             if doc else None,
             "columns": columns_attrs,
-        })
+        }, labels_from=f"{where}: column {label_column!r}", name=where,
+            categories_from=os.fspath(opts.categories) if opts.categories is not None else "the label hierarchy given")
     return Store(out)
 
 

@@ -43,7 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from . import _args, metrics
+from . import _args, labelspace, metrics
+from .errors import LabelSpaceError
 from .store import Store, open as open_store
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "ProbeResult",
     "ProbeTable",
     "evaluate",
+    "check_label_spaces",
     "run_probe",
     "run_probes",
     "make_demo_pair",
@@ -157,6 +159,7 @@ def evaluate(labels: Any, predictions: Any, hierarchy: Hierarchy | None = None,
     predictions are the set and event of the predicted element; a predicted
     class the hierarchy does not list counts as wrong."""
     y = np.asarray(labels)
+    _check_scores_fit(predictions, hierarchy)
     pred = metrics.as_predictions(predictions, len(y))
     for level in levels:
         if level not in LEVELS:
@@ -395,6 +398,23 @@ def _dataset_name(train: Store, val: Store) -> str:
     return os.path.splitext(os.path.basename(val.path))[0]
 
 
+def check_label_spaces(train: Store, val: Store, levels: Sequence[str] = ("element",)) -> None:
+    """Refuse a train/val pair that does not share one label space (different
+    hierarchies or FineGym subsets, val labels that are not train classes) or
+    asks for a set/event level without a hierarchy: LabelSpaceError naming
+    both stores (labelspace.check_pair)."""
+    labelspace.check_pair(train, val, levels)
+
+
+def _check_scores_fit(predictions: Any, hierarchy: Hierarchy | None) -> None:
+    """Scores (N, classes) evaluated against a hierarchy must have one column
+    per class of it: LabelSpaceError otherwise."""
+    p = np.asarray(predictions)
+    if hierarchy is not None and p.ndim == 2 and p.shape[1] != len(hierarchy.set_of):
+        raise LabelSpaceError(f"the scores have {p.shape[1]} class columns but the label hierarchy has classes "
+                              f"0..{len(hierarchy.set_of) - 1}; were they made for another label set?")
+
+
 def _as_store(s: Store | str | os.PathLike[str]) -> Store:
     return s if isinstance(s, Store) else open_store(s)
 
@@ -516,6 +536,7 @@ def run_probe(
     if va.column(column).channels != channels:
         raise ValueError(f"column {column!r} has {channels} channels in {tr.path} "
                          f"but {va.column(column).channels} in {va.path}")
+    check_label_spaces(tr, va, levels)
     hierarchy = Hierarchy.from_store(va) or Hierarchy.from_store(tr)
     y_train = np.asarray(tr.labels)
     y_val_all = np.asarray(va.labels)
@@ -759,7 +780,8 @@ def run_probes(
     cols = list(columns) if columns else list(opened[0][0].columns)
     if len(set(cols)) != len(cols):
         raise ValueError(f"a column is named twice: {cols}")
-    for t, v in opened:  # every column in every store, before any training
+    for t, v in opened:  # every column and label space of every pair, before any training
+        check_label_spaces(t, v, options.get("levels", ("element",)))
         for c in cols:
             t.column(c)
             v.column(c)

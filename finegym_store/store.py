@@ -15,8 +15,9 @@ from typing import Any, NoReturn, overload
 
 import numpy as np
 
-from . import _args, _core
+from . import _args, _core, labelspace
 from .errors import FormatError
+from .labelspace import LabelSpace
 from .loader import Loader
 from .spec import SegmentSpec, resolve
 
@@ -310,6 +311,31 @@ class Store:
         if c is None:
             return None
         return dict(zip(c.label.tolist(), c.name.to_list()))
+
+    @property
+    def label_space(self) -> LabelSpace:
+        """The classes the labels refer to (README, "Label spaces"): subset
+        (gym99/gym288/gym530 when recognised), class count and hierarchy
+        fingerprint, computed from the stored hierarchy when there is one,
+        else as recorded at write time (else from the labels)."""
+        c = self.classes
+        if c is not None:
+            return labelspace.of_categories(c)
+        recorded = LabelSpace.from_dict(self.attrs.get("label_space"))
+        if recorded is not None and recorded.fingerprint is None:
+            return recorded
+        return labelspace.of_labels(np.asarray(self.labels), os.path.basename(self.path))
+
+    def select(self, rows_or_ids: Any, out: str | os.PathLike[str], *, overwrite: bool = False) -> Store:
+        """Write the instances ``rows_or_ids`` (row positions: ints, a slice or
+        a range; or element ids: strs), in that order, into a new store at
+        ``out`` with every column, the hierarchy and the provenance (attrs
+        gains ``selected_from``), atomically; returns it opened. Duplicates,
+        unknown ids, out-of-range rows, an empty selection and ``out`` being
+        this store are refused."""
+        from .select import select
+
+        return select(self, rows_or_ids, out, overwrite=overwrite)
 
     @functools.cached_property
     def attrs(self) -> dict[str, Any]:

@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-#: The real FineGym annotation files (CI has them; users need not).
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "finegym"
+#: The real FineGym annotation files (CI has them; users need not): the
+#: folder FINEGYM_SHARED names, else ../shared/finegym beside the repository.
+SHARED = Path(os.environ.get("FINEGYM_SHARED") or Path(__file__).resolve().parents[1].parent / "shared" / "finegym")
 
 
 def shared_file(name: str) -> Path:

@@ -531,7 +531,6 @@ def test_ragged_round_trip(tmp_path):
 
 def test_ragged_row_count_larger_than_staging(tmp_path, monkeypatch):
     # Instances that do not fit the staging buffer together still land in order.
-    conv = __import__("sys").modules["finegym_store.convert"]
     monkeypatch.setattr(sys.modules["finegym_store._write"], "STAGING_BYTES", 4 * 9 * 5)  # 5 rows of 9 float32
     rng = np.random.default_rng(7)
     lengths = [3, 4, 8, 1, 2]
