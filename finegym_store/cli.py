@@ -303,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if len(set(names)) != len(names):
                 raise ConversionError(f"a column name is given twice: {names}")
             check_inputs(dict(args.features), args.split, args.categories, cli=True)
-            store = convert(args.out, dict(args.features), split=args.split, categories=args.categories,
+            store = convert(dict(args.features), args.out, split=args.split, categories=args.categories,
                             dtype=args.dtype, overwrite=args.overwrite, progress=not args.quiet,
                             trust_pickle=args.trust_pickle, missing="drop" if args.drop_missing else "error",
                             extra="ignore" if args.ignore_extra else "error",

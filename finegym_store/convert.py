@@ -177,8 +177,9 @@ def _recorded(ids: set[str] | list[str]) -> dict[str, Any]:
 
 
 def convert(
-    out: str | os.PathLike[str],
     features: Mapping[str, FeatureSource],
+    out: str | os.PathLike[str],
+    *,
     split: str | os.PathLike[str] | None = None,
     categories: str | os.PathLike[str] | None = None,
     dtype: str = "float32",
@@ -189,7 +190,9 @@ def convert(
     extra: str = "error",
     allow_label_mismatch: bool = False,
 ) -> Store:
-    """Convert feature tables into a store at ``out`` and open it.
+    """Convert feature tables into a store at ``out`` and open it
+    (``convert(features, out)``: what is read first, where it goes second,
+    as in :func:`from_arrow`).
 
     ``features`` maps a column name (``[A-Za-z0-9_-]``, at most 40 characters)
     to the path of a FineGym feature pickle or to an in-memory dict
@@ -210,6 +213,9 @@ def convert(
     ids the columns before it were written for makes the conversion start
     over without them (reading those tables again).
     """
+    if isinstance(features, (str, os.PathLike)) and isinstance(out, Mapping):
+        raise TypeError("convert(features, out): the features mapping comes first and the output path second "
+                        "(as in from_arrow(source, out)); swap the two arguments")
     out = os.fspath(out)
     stored_as = store_dtype(dtype, "convert")
     if missing not in MISSING:

@@ -832,6 +832,6 @@ def make_demo_pair(
             split = os.path.join(folder, f"{part}_split.txt")
             synth.write_split(split, ids[sl], labels[sl])
             feats = {name: {k: t[k] for k in ids[sl]} for name, t in tables.items()}
-            out.append(convert(os.path.join(folder, f"{part}.fgs"), feats, split=split,
+            out.append(convert(feats, os.path.join(folder, f"{part}.fgs"), split=split,
                                categories=categories or default_categories, overwrite=True, progress=False))
     return out[0], out[1]

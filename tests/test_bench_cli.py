@@ -112,7 +112,7 @@ def small_store(path, n=40, t=6, c=32):
     import finegym_store as fgs
 
     rng = np.random.default_rng(0)
-    return fgs.convert(path, {"feat": {f"v{i:04d}": rng.random((t, c), dtype=np.float32) for i in range(n)}},
+    return fgs.convert({"feat": {f"v{i:04d}": rng.random((t, c), dtype=np.float32) for i in range(n)}}, path,
                        progress=False)
 
 

@@ -40,7 +40,7 @@ def stores(tmp_path_factory):
     for name, c in (("small", 8), ("big", 1024)):
         fix = {k: rng.standard_normal((4, c)).astype(np.float32) for k in ids}
         rag = {k: rng.standard_normal((t, c)).astype(np.float32) for k, t in zip(ids, RAG_T)}
-        fgs.convert(d / f"{name}.fgs", {"fix": fix, "rag": rag}, split=d / "split.txt", categories=d / "cats.txt",
+        fgs.convert({"fix": fix, "rag": rag}, d / f"{name}.fgs", split=d / "split.txt", categories=d / "cats.txt",
                     progress=False)
         paths[name] = str(d / f"{name}.fgs")
     return paths

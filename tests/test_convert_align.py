@@ -49,7 +49,7 @@ LACK = [0, 17, 4000, 8519, 8520]
 def test_default_is_an_error_listing_ids_and_naming_the_options(tmp_path, real):
     split, ids, _ = real
     with pytest.raises(fgs.ConversionError) as info:
-        fgs.convert(tmp_path / "o.fgs", {"i3d": misaligned(ids, LACK, 7)}, split=split, progress=False)
+        fgs.convert({"i3d": misaligned(ids, LACK, 7)}, tmp_path / "o.fgs", split=split, progress=False)
     msg = str(info.value)
     assert f"5 ids of {split} are missing: " in msg and repr(ids[17]) in msg
     assert "missing='drop', --drop-missing" in msg
@@ -58,18 +58,18 @@ def test_default_is_an_error_listing_ids_and_naming_the_options(tmp_path, real):
     assert os.listdir(tmp_path) == []
     # Only one of the two allowed: the other still refused.
     with pytest.raises(fgs.ConversionError, match=r"7 ids are not in .*--ignore-extra") as info:
-        fgs.convert(tmp_path / "o.fgs", {"i3d": misaligned(ids, LACK, 7)}, split=split, missing="drop",
+        fgs.convert({"i3d": misaligned(ids, LACK, 7)}, tmp_path / "o.fgs", split=split, missing="drop",
                     progress=False)
     assert "are missing" not in str(info.value)
     with pytest.raises(fgs.ConversionError, match=r"5 ids of .* are missing.*--drop-missing") as info:
-        fgs.convert(tmp_path / "o.fgs", {"i3d": misaligned(ids, LACK, 7)}, split=split, extra="ignore",
+        fgs.convert({"i3d": misaligned(ids, LACK, 7)}, tmp_path / "o.fgs", split=split, extra="ignore",
                     progress=False)
     assert "are not in" not in str(info.value)
 
 
 def test_drop_missing_and_ignore_extra(tmp_path, real, capsys):
     split, ids, labels = real
-    store = fgs.convert(tmp_path / "o.fgs", {"i3d": misaligned(ids, LACK, 7)}, split=split, missing="drop",
+    store = fgs.convert({"i3d": misaligned(ids, LACK, 7)}, tmp_path / "o.fgs", split=split, missing="drop",
                         extra="ignore", categories=shared_file("gym99_categories.txt"))
     keep = [i for i in range(len(ids)) if i not in LACK]
     assert store.ids.to_list() == [ids[i] for i in keep]  # split order
@@ -84,19 +84,19 @@ def test_drop_missing_and_ignore_extra(tmp_path, real, capsys):
     assert f"dropped 5 ids of {split} that i3d (in-memory dict) lacks" in err
     assert f"ignored 7 ids of i3d (in-memory dict) not in {split}" in err
     # quiet: nothing printed, the same record
-    fgs.convert(tmp_path / "q.fgs", {"i3d": misaligned(ids, LACK, 7)}, split=split, missing="drop",
+    fgs.convert({"i3d": misaligned(ids, LACK, 7)}, tmp_path / "q.fgs", split=split, missing="drop",
                 extra="ignore", progress=False)
     assert capsys.readouterr().err == ""
     assert fgs.open(tmp_path / "q.fgs").attrs["alignment"] == a
     # Aligned input records the options and nothing dropped.
-    aligned = fgs.convert(tmp_path / "a.fgs", {"i3d": table(ids)}, split=split, missing="drop", progress=False)
+    aligned = fgs.convert({"i3d": table(ids)}, tmp_path / "a.fgs", split=split, missing="drop", progress=False)
     assert aligned.attrs["alignment"] == {"missing": "drop", "extra": "error"}
 
 
 def test_more_than_100_dropped_records_the_first_100_and_the_count(tmp_path, real):
     split, ids, _ = real
     lack = list(range(0, 8521, 40))  # 214 ids
-    store = fgs.convert(tmp_path / "o.fgs", {"x": misaligned(ids, lack, 0)}, split=split, missing="drop",
+    store = fgs.convert({"x": misaligned(ids, lack, 0)}, tmp_path / "o.fgs", split=split, missing="drop",
                         progress=False)
     d = store.attrs["alignment"]["dropped"]
     assert d["count"] == len(lack) == 214 and d["ids"] == sorted(ids[i] for i in lack)[:100]
@@ -109,7 +109,7 @@ def test_models_of_different_instance_sets_keep_the_intersection(tmp_path, real)
     # conversion starts over with the intersection.
     tables = {"tsn": misaligned(ids, [1, 2], 0, c=4, seed=0), "i3d": misaligned(ids, [3, 8000], 2, c=5, seed=100000),
               "r50": misaligned(ids, [2, 5], 0, c=6, seed=200000)}
-    store = fgs.convert(tmp_path / "o.fgs", tables, split=split, missing="drop", extra="ignore", progress=False)
+    store = fgs.convert(tables, tmp_path / "o.fgs", split=split, missing="drop", extra="ignore", progress=False)
     gone = {1, 2, 3, 5, 8000}
     keep = [i for i in range(len(ids)) if i not in gone]
     assert store.ids.to_list() == [ids[i] for i in keep]
@@ -130,8 +130,8 @@ def test_without_split_the_first_column_is_the_reference(tmp_path, real):
     b = misaligned(ids[:50], [7], 3)
     with pytest.raises(fgs.ConversionError, match=r"features\['b'\].*1 ids of the first column are missing.*"
                                                   r"3 ids are not in the first column"):
-        fgs.convert(tmp_path / "o.fgs", {"a": a, "b": b}, progress=False)
-    store = fgs.convert(tmp_path / "o.fgs", {"a": a, "b": b}, missing="drop", extra="ignore", progress=False)
+        fgs.convert({"a": a, "b": b}, tmp_path / "o.fgs", progress=False)
+    store = fgs.convert({"a": a, "b": b}, tmp_path / "o.fgs", missing="drop", extra="ignore", progress=False)
     assert store.ids.to_list() == sorted(set(ids[:50]) - {ids[7]})
     assert store.attrs["alignment"]["dropped"]["ids"] == [ids[7]]
 
@@ -141,11 +141,11 @@ def test_empty_intersection_is_a_clear_error(tmp_path, real):
     other = {f"zzzzzzzzzzz_E_000000_00000{j}_A_0000_0001": np.zeros((2, 3), np.float32) for j in range(3)}
     with pytest.raises(fgs.ConversionError, match=rf"features\['x'\] \(in-memory dict\): no id is left: each of the "
                                                   rf"8521 ids of {split} is missing from some table \(.* lacks 8521"):
-        fgs.convert(tmp_path / "o.fgs", {"x": other}, split=split, missing="drop", extra="ignore", progress=False)
+        fgs.convert({"x": other}, tmp_path / "o.fgs", split=split, missing="drop", extra="ignore", progress=False)
     # Two models that share no id.
     with pytest.raises(fgs.ConversionError, match=r"no id is left"):
-        fgs.convert(tmp_path / "o.fgs", {"a": table(ids[:4000]), "b": {k: v for k, v in table(ids).items()
-                                                                         if k not in set(ids[:4000])}},
+        fgs.convert({"a": table(ids[:4000]), "b": {k: v for k, v in table(ids).items()
+                                                                         if k not in set(ids[:4000])}}, tmp_path / "o.fgs",
                     split=split, missing="drop", progress=False)
     assert os.listdir(tmp_path) == []
 
@@ -160,7 +160,7 @@ def test_empty_intersection_is_a_clear_error(tmp_path, real):
 def test_bad_option_values(tmp_path, real, kwargs, pattern):
     split, ids, _ = real
     with pytest.raises(ValueError, match=pattern):
-        fgs.convert(tmp_path / "o.fgs", {"x": table(ids)}, split=split, progress=False, **kwargs)
+        fgs.convert({"x": table(ids)}, tmp_path / "o.fgs", split=split, progress=False, **kwargs)
 
 
 def test_every_path_is_checked_before_the_first_pickle_is_read(tmp_path, real):
@@ -168,13 +168,13 @@ def test_every_path_is_checked_before_the_first_pickle_is_read(tmp_path, real):
     first = tmp_path / "first.pkl"
     first.write_bytes(b"not a pickle")  # reading it would fail differently
     with pytest.raises(FileNotFoundError, match=rf"features\['b'\]: no such file: {tmp_path / 'second.pkl'}"):
-        fgs.convert(tmp_path / "o.fgs", {"a": first, "b": tmp_path / "second.pkl"}, split=split, progress=False)
+        fgs.convert({"a": first, "b": tmp_path / "second.pkl"}, tmp_path / "o.fgs", split=split, progress=False)
     with pytest.raises(FileNotFoundError, match=rf"^split: no such file: {tmp_path / 'x.txt'}$"):
-        fgs.convert(tmp_path / "o.fgs", {"a": first}, split=tmp_path / "x.txt", progress=False)
+        fgs.convert({"a": first}, tmp_path / "o.fgs", split=tmp_path / "x.txt", progress=False)
     with pytest.raises(FileNotFoundError, match=rf"^categories: no such file: {tmp_path / 'c.txt'}$"):
-        fgs.convert(tmp_path / "o.fgs", {"a": first}, split=split, categories=tmp_path / "c.txt", progress=False)
+        fgs.convert({"a": first}, tmp_path / "o.fgs", split=split, categories=tmp_path / "c.txt", progress=False)
     with pytest.raises(IsADirectoryError, match=rf"features\['a'\]: {tmp_path} is a folder"):
-        fgs.convert(tmp_path / "o.fgs", {"a": tmp_path}, progress=False)
+        fgs.convert({"a": tmp_path}, tmp_path / "o.fgs", progress=False)
 
     def one_line(*args):
         r = cli("convert", tmp_path / "o.fgs", *args, "-q")

@@ -206,7 +206,7 @@ def store(tmp_path_factory):
     table = {f"id{i:04d}": rng.standard_normal((12, 32, 1, 1)).astype(np.float32) for i in range(300)}
     ragged = {k: rng.standard_normal((int(rng.integers(1, 30)), 8)).astype(np.float32) for k in table}
     path = tmp_path_factory.mktemp("gather") / "s.fgs"
-    return fgs.convert(path, {"x": table, "r": ragged}, progress=False)
+    return fgs.convert({"x": table, "r": ragged}, path, progress=False)
 
 
 def reference_gather(store, column, indices, K, mode, seed, epoch, L=1):
@@ -277,7 +277,7 @@ def test_gather_float16_output_and_storage(store, tmp_path):
     np.testing.assert_array_equal(half, store.gather("x", idx, num_segments=3, mode="test").astype(np.float16))
     table = {f"k{i}": np.random.default_rng(i).standard_normal((12, 16)).astype(np.float32) * 100 for i in range(20)}
     table["k0"][0, :4] = [np.inf, -np.inf, np.nan, 1e-7]
-    s16 = fgs.convert(tmp_path / "h.fgs", {"x": table}, dtype="float16", progress=False)
+    s16 = fgs.convert({"x": table}, tmp_path / "h.fgs", dtype="float16", progress=False)
     got16 = s16.gather("x", np.arange(20))
     assert got16.dtype == np.float16
     widened = s16.gather("x", np.arange(20), dtype="float32")
@@ -290,7 +290,7 @@ def test_float_half_conversions_match_numpy(store, tmp_path):
     # Every float16 bit pattern widened by our C++ equals numpy's widening.
     every = np.arange(65536, dtype=np.uint16).view(np.float16).reshape(4096, 16)
     table = {f"k{i:04d}": every[i : i + 1] for i in range(4096)}
-    s = fgs.convert(tmp_path / "all16.fgs", {"x": table}, dtype="float16", progress=False)
+    s = fgs.convert({"x": table}, tmp_path / "all16.fgs", dtype="float16", progress=False)
     wide = s.gather("x", np.arange(4096), dtype="float32").reshape(-1)
     ref = every.reshape(-1).astype(np.float32)
     np.testing.assert_array_equal(wide.view(np.uint32)[~np.isnan(ref)], ref.view(np.uint32)[~np.isnan(ref)])
@@ -303,7 +303,7 @@ def test_float_half_conversions_match_numpy(store, tmp_path):
     vals = bits.view(np.float32)
     vals = vals[~np.isnan(vals)][: 16 * 12000]
     table = {f"v{i:05d}": vals[i * 16 : (i + 1) * 16][None, :] for i in range(len(vals) // 16)}
-    s32 = fgs.convert(tmp_path / "f32.fgs", {"x": table}, progress=False)
+    s32 = fgs.convert({"x": table}, tmp_path / "f32.fgs", progress=False)
     with np.errstate(over="ignore"):
         expected = np.stack([table[k] for k in s32.ids]).astype(np.float16)
     got = s32.gather("x", np.arange(len(s32)), dtype="float16")
@@ -373,7 +373,7 @@ def test_gather_output_is_page_aligned_and_keeps_its_memory(store):
 
 def test_gather_output_survives_the_store(tmp_path):
     table = {f"k{i}": np.full((12, 16), i, np.float32) for i in range(10)}
-    s = fgs.convert(tmp_path / "a.fgs", {"x": table}, progress=False)
+    s = fgs.convert({"x": table}, tmp_path / "a.fgs", progress=False)
     got = s.gather("x", [9, 2], num_segments=2, mode="test")
     del s
     import gc
@@ -391,7 +391,7 @@ def test_gather_into_out_at_every_offset_within_a_page(tmp_path, channels):
     # not a multiple of 64) also vary the distance from row to row.
     rng = np.random.default_rng(3)
     table = {f"k{i}": rng.standard_normal((12, channels)).astype(np.float32) for i in range(24)}
-    s = fgs.convert(tmp_path / "rows.fgs", {"x": table}, progress=False)
+    s = fgs.convert({"x": table}, tmp_path / "rows.fgs", progress=False)
     section = np.frombuffer(s._reader.section("features/x"), np.uint8)
     idx = np.array([5, 0, 23, 5, 11])
     row = channels * 4

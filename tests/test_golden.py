@@ -184,7 +184,7 @@ def test_fresh_float16_conversion_is_exact_on_golden_values(tmp_path):
     dtype = "float16"
     g = make_golden.golden_inputs()
     make_golden.write_split(tmp_path / "s.txt", g)
-    store = fgs.convert(tmp_path / "h.fgs", g["columns"], split=tmp_path / "s.txt", dtype=dtype, progress=False)
+    store = fgs.convert(g["columns"], tmp_path / "h.fgs", split=tmp_path / "s.txt", dtype=dtype, progress=False)
     for name, table in g["columns"].items():
         assert store.column(name).dtype == np.dtype(dtype)
         for i, key in enumerate(g["ids"]):

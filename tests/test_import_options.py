@@ -53,7 +53,7 @@ def test_bad_dtype_is_a_conversion_error_as_in_convert(tmp_path):
     with pytest.raises(fgs.ConversionError, match="dtype='int8' is not supported"):
         fgs.from_arrow(t, tmp_path / "a.fgs", id_column="name", length=3, channels=2, dtype="int8", progress=False)
     with pytest.raises(fgs.ConversionError, match="dtype='int8' is not supported"):
-        fgs.convert(tmp_path / "b.fgs", {"x": {"a": np.zeros((2, 3), np.float32)}}, dtype="int8", progress=False)
+        fgs.convert({"x": {"a": np.zeros((2, 3), np.float32)}}, tmp_path / "b.fgs", dtype="int8", progress=False)
 
 
 def test_exports_of_0_1_with_segments_metadata_import(tmp_path):

@@ -55,7 +55,7 @@ def tiny(ids, c: int = 2) -> dict[str, np.ndarray]:
 def real_store(folder: Path, split: str, categories: str | None, name: str | None = None, **kw) -> fgs.Store:
     """A store of the whole real split (tiny features), with the real categories."""
     ids, _ = read_split(shared_file(split))
-    return fgs.convert(folder / (name or split.replace(".txt", ".fgs")), {"x": tiny(ids)}, split=shared_file(split),
+    return fgs.convert({"x": tiny(ids)}, folder / (name or split.replace(".txt", ".fgs")), split=shared_file(split),
                        categories=shared_file(categories) if categories else None, progress=False, **kw)
 
 
@@ -69,7 +69,7 @@ def test_every_real_pairing(tmp_path, split, categories):
         # The right categories convert (the first 50 ids of the split: what
         # the check sees is the whole split file, read before any pickle).
         ids, labels = read_split(split_path)
-        store = fgs.convert(tmp_path / "ok.fgs", {"x": tiny(ids[:50])}, split=split_path, categories=cats_path,
+        store = fgs.convert({"x": tiny(ids[:50])}, tmp_path / "ok.fgs", split=split_path, categories=cats_path,
                             missing="drop", progress=False)
         want = LabelSpace(subset(split), int(subset(split)[3:]), FINGERPRINTS[subset(split)])
         assert store.label_space == want
@@ -83,7 +83,7 @@ def test_every_real_pairing(tmp_path, split, categories):
         np.testing.assert_array_equal(store.labels, labels[:50])
         return
     with pytest.raises(LabelSpaceError) as info:
-        fgs.convert(tmp_path / "bad.fgs", {"x": Untouchable()}, split=split_path, categories=cats_path,
+        fgs.convert({"x": Untouchable()}, tmp_path / "bad.fgs", split=split_path, categories=cats_path,
                     progress=False)
     msg = str(info.value)
     assert str(split_path) in msg and str(cats_path) in msg
@@ -99,14 +99,14 @@ def test_gym99_with_gym288_categories_names_what_would_go_wrong(tmp_path):
     split, cats = shared_file("gym99_val_element.txt"), shared_file("gym288_categories.txt")
     with pytest.raises(LabelSpaceError, match=r"its labels would take the names of other classes \(label \d+ "
                                               r"would be '.+' \((VT|FX|BB|UB)\)\)"):
-        fgs.convert(tmp_path / "bad.fgs", {"x": Untouchable()}, split=split, categories=cats, progress=False)
+        fgs.convert({"x": Untouchable()}, tmp_path / "bad.fgs", split=split, categories=cats, progress=False)
 
 
 def test_gym288_split_with_gym99_categories_lists_labels_without_class(tmp_path):
     split, cats = shared_file("gym288_val_element.txt"), shared_file("gym99_categories.txt")
     with pytest.raises(LabelSpaceError, match=r"labels \[99, 100, .*, and 179 more\] have no class in "
                                               r".*gym99_categories\.txt; the labels look like gym288"):
-        fgs.convert(tmp_path / "bad.fgs", {"x": Untouchable()}, split=split, categories=cats, progress=False)
+        fgs.convert({"x": Untouchable()}, tmp_path / "bad.fgs", split=split, categories=cats, progress=False)
 
 
 def test_the_split_file_name_alone_says_the_subset(tmp_path):
@@ -120,10 +120,10 @@ def test_the_split_file_name_alone_says_the_subset(tmp_path):
     table = tiny([ids[i] for i in keep])
     with pytest.raises(LabelSpaceError, match=r"gym99_small\.txt looks like gym99 \(labels up to \d+; its name "
                                               r"says gym99\) but .*gym288_categories\.txt looks like gym288"):
-        fgs.convert(tmp_path / "a.fgs", table, split=named, categories=shared_file("gym288_categories.txt"),
+        fgs.convert(table, tmp_path / "a.fgs", split=named, categories=shared_file("gym288_categories.txt"),
                     progress=False)
     # Unnamed and not spanning a subset: nothing says these are not gym288 labels.
-    store = fgs.convert(tmp_path / "b.fgs", {"x": table}, split=plain,
+    store = fgs.convert({"x": table}, tmp_path / "b.fgs", split=plain,
                         categories=shared_file("gym288_categories.txt"), progress=False)
     assert store.label_space.subset == "gym288"
 
@@ -152,7 +152,7 @@ def test_allow_label_mismatch_is_recorded(tmp_path):
 
 def test_bad_allow_label_mismatch_value(tmp_path):
     with pytest.raises(ValueError, match="allow_label_mismatch must be True or False, got 'yes'"):
-        fgs.convert(tmp_path / "a.fgs", {"x": Untouchable()}, split=shared_file("gym99_val_element.txt"),
+        fgs.convert({"x": Untouchable()}, tmp_path / "a.fgs", split=shared_file("gym99_val_element.txt"),
                     allow_label_mismatch="yes", progress=False)
 
 
@@ -185,9 +185,9 @@ def test_label_space_without_hierarchy(tmp_path):
 
     ids = synth.make_ids(5)
     synth.write_split(tmp_path / "s.txt", ids, np.array([0, 3, 1, -1, 2], np.int32))
-    small = fgs.convert(tmp_path / "s.fgs", {"x": tiny(ids)}, split=tmp_path / "s.txt", progress=False)
+    small = fgs.convert({"x": tiny(ids)}, tmp_path / "s.fgs", split=tmp_path / "s.txt", progress=False)
     assert small.label_space == LabelSpace(None, 4, None)
-    unlabelled = fgs.convert(tmp_path / "u.fgs", {"x": tiny(ids)}, progress=False)
+    unlabelled = fgs.convert({"x": tiny(ids)}, tmp_path / "u.fgs", progress=False)
     assert unlabelled.label_space == LabelSpace(None, 0, None)
     assert LabelSpace.from_dict({"subset": "gym7", "num_classes": 7, "fingerprint": None}) is None
     assert LabelSpace.from_dict({"subset": None, "num_classes": True, "fingerprint": None}) is None
@@ -252,7 +252,7 @@ def test_probe_refuses_val_labels_outside_the_train_classes(tmp_path, real_store
     ids, labels = read_split(shared_file("gym99_train_element_v1.0.txt"))
     keep = [i for i in range(len(ids)) if labels[i] < 50]
     (tmp_path / "half.txt").write_text("".join(f"{ids[i]} {labels[i]}\n" for i in keep))
-    half = fgs.convert(tmp_path / "half.fgs", {"x": tiny([ids[i] for i in keep])}, split=tmp_path / "half.txt",
+    half = fgs.convert({"x": tiny([ids[i] for i in keep])}, tmp_path / "half.fgs", split=tmp_path / "half.txt",
                        progress=False)
     with pytest.raises(LabelSpaceError, match=r"val .*gym99_val_bare\.fgs has labels 50, 51, .* \(and 39 more\) "
                                               r"that are not classes of train .*half\.fgs \(its classes 0\.\.49\)"):
@@ -268,7 +268,7 @@ def test_probe_refuses_train_labels_outside_the_val_hierarchy(tmp_path, real_sto
     ids, labels = read_split(shared_file("gym288_train_element_v1.0.txt"))
     keep = [i for i in range(len(ids)) if labels[i] < 120]
     (tmp_path / "t.txt").write_text("".join(f"{ids[i]} {labels[i]}\n" for i in keep))
-    train = fgs.convert(tmp_path / "t.fgs", {"x": tiny([ids[i] for i in keep])}, split=tmp_path / "t.txt",
+    train = fgs.convert({"x": tiny([ids[i] for i in keep])}, tmp_path / "t.fgs", split=tmp_path / "t.txt",
                         progress=False)
     assert train.label_space == LabelSpace(None, 120, None)
     with pytest.raises(LabelSpaceError, match=r"train .*t\.fgs has labels 99, 100, .* \(and 11 more\) that are not "
@@ -309,11 +309,11 @@ def test_evaluate_refuses_scores_of_another_label_set(tmp_path, real_stores):
 def test_set_categories_and_swapped_files_are_refused(tmp_path, split):
     sets = shared_file("set_categories.txt")
     with pytest.raises(fgs.ConversionError, match=rf"{sets}:1: expected 'Clabel: N; set: N; Glabel: N; \(EV\) name'"):
-        fgs.convert(tmp_path / "o.fgs", {"x": Untouchable()}, split=shared_file(split), categories=sets,
+        fgs.convert({"x": Untouchable()}, tmp_path / "o.fgs", split=shared_file(split), categories=sets,
                     progress=False)
     cats = shared_file(f"{subset(split)}_categories.txt")
     with pytest.raises(fgs.ConversionError, match=rf"{cats}:1: expected '<element_id> <label>'"):
-        fgs.convert(tmp_path / "o.fgs", {"x": Untouchable()}, split=cats, categories=shared_file(split),
+        fgs.convert({"x": Untouchable()}, tmp_path / "o.fgs", split=cats, categories=shared_file(split),
                     progress=False)
     assert os.listdir(tmp_path) == []
 
@@ -323,14 +323,14 @@ def test_a_name_its_labels_contradict_is_not_trusted(tmp_path):
     split = tmp_path / "gym99_val_element.txt"
     split.write_bytes(shared_file("gym288_val_element.txt").read_bytes())
     ids, labels = read_split(split)
-    store = fgs.convert(tmp_path / "a.fgs", {"x": tiny(ids)}, split=split,
+    store = fgs.convert({"x": tiny(ids)}, tmp_path / "a.fgs", split=split,
                         categories=shared_file("gym288_categories.txt"), progress=False)
     assert store.label_space.subset == "gym288"
     # Labels 0..149 (no subset's span) named gym99: not gym99 either.
     keep = np.flatnonzero(labels < 150)
     named = tmp_path / "gym99_part.txt"
     named.write_text("".join(f"{ids[i]} {labels[i]}\n" for i in keep))
-    part = fgs.convert(tmp_path / "b.fgs", {"x": tiny([ids[i] for i in keep])}, split=named, progress=False)
+    part = fgs.convert({"x": tiny([ids[i] for i in keep])}, tmp_path / "b.fgs", split=named, progress=False)
     assert part.label_space == LabelSpace(None, 150, None)
-    fgs.convert(tmp_path / "c.fgs", {"x": tiny([ids[i] for i in keep])}, split=named,
+    fgs.convert({"x": tiny([ids[i] for i in keep])}, tmp_path / "c.fgs", split=named,
                 categories=shared_file("gym288_categories.txt"), progress=False)

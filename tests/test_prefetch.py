@@ -33,7 +33,7 @@ def files(tmp_path):
     lengths = [LONG_ROWS if i == LONG else int(rng.integers(1, 40)) for i in range(len(ids))]
     ragged = {k: rng.standard_normal((t, C)).astype(np.float32) for k, t in zip(ids, lengths)}
     path = tmp_path / "p.fgs"
-    fgs.convert(path, {"x": fixed, "r": ragged}, progress=False)
+    fgs.convert({"x": fixed, "r": ragged}, path, progress=False)
     return path, fixed, ragged, ids
 
 

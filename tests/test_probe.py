@@ -57,7 +57,7 @@ def plain_pair(folder: Path, n_train: int, n_val: int, unlabelled_every: int = 0
     out = []
     for part, sl in (("train", slice(0, n_train)), ("val", slice(n_train, n))):
         synth.write_split(folder / f"{part}.txt", ids[sl], stored[sl])
-        out.append(fgs.convert(folder / f"{part}.fgs", {"x": {k: table[k] for k in ids[sl]}},
+        out.append(fgs.convert({"x": {k: table[k] for k in ids[sl]}}, folder / f"{part}.fgs",
                                split=folder / f"{part}.txt", categories=categories, progress=False))
     return out[0], out[1], labels[n_train:]
 
@@ -157,7 +157,7 @@ def test_channel_mismatch_and_all_unlabelled(tmp_path):
     tr, _, _ = plain_pair(d1, 40, 20)
     ids = synth.make_ids(20, seed=9)
     synth.write_split(d2 / "s.txt", ids, np.full(20, -1, np.int32))
-    wide = fgs.convert(d2 / "wide.fgs", {"x": synth.make_features(ids, np.zeros(20, np.int32), (4, 9, 1, 1))},
+    wide = fgs.convert({"x": synth.make_features(ids, np.zeros(20, np.int32), (4, 9, 1, 1))}, d2 / "wide.fgs",
                        split=d2 / "s.txt", progress=False)
     with pytest.raises(ValueError, match=r"column 'x' has 8 channels in .*train\.fgs but 9 in .*wide\.fgs"):
         run_probe(tr, wide, "x", backend="numpy")
@@ -226,7 +226,7 @@ def event_of_set(set_id: int) -> str:
 def hierarchy_of(tmp_path: Path, categories: Path) -> Hierarchy:
     ids = synth.make_ids(2, seed=1)
     synth.write_split(tmp_path / "s.txt", ids, np.array([0, 1], np.int32))
-    store = fgs.convert(tmp_path / "h.fgs", {"x": synth.make_features(ids, np.array([0, 1]), (1, 2, 1, 1))},
+    store = fgs.convert({"x": synth.make_features(ids, np.array([0, 1]), (1, 2, 1, 1))}, tmp_path / "h.fgs",
                         split=tmp_path / "s.txt", categories=categories, progress=False)
     h = Hierarchy.from_store(store)
     assert h is not None
@@ -454,15 +454,15 @@ def test_refuses_huge_labels_nan_features_and_divergence(tmp_path):
     big = labels.copy()
     big[5] = 50_000
     synth.write_split(tmp_path / "big.txt", ids, big)
-    s_big = fgs.convert(tmp_path / "big.fgs", {"x": table}, split=tmp_path / "big.txt", progress=False)
+    s_big = fgs.convert({"x": table}, tmp_path / "big.fgs", split=tmp_path / "big.txt", progress=False)
     with pytest.raises(ValueError, match=r"big\.fgs: labels go up to 50000; the probe takes class ids below 10000"):
         run_probe(s_big, s_big, "x", backend="numpy")
     synth.write_split(tmp_path / "ok.txt", ids, labels)
     nan_table = {k: v.copy() for k, v in table.items()}
     nan_table[ids[7]][1, 2] = np.nan
-    s_nan = fgs.convert(tmp_path / "nan.fgs", {"x": nan_table}, split=tmp_path / "ok.txt", progress=False)
+    s_nan = fgs.convert({"x": nan_table}, tmp_path / "nan.fgs", split=tmp_path / "ok.txt", progress=False)
     with pytest.raises(ValueError, match=r"nan\.fgs: column 'x' holds NaN or infinite values \(instance 7\)"):
         run_probe(s_nan, s_nan, "x", num_segments=None, backend="numpy")
-    s_ok = fgs.convert(tmp_path / "ok.fgs", {"x": table}, split=tmp_path / "ok.txt", progress=False)
+    s_ok = fgs.convert({"x": table}, tmp_path / "ok.fgs", split=tmp_path / "ok.txt", progress=False)
     with pytest.raises(ValueError, match="training diverged"):
         run_probe(s_ok, s_ok, "x", backend="numpy", lr=1e30, epochs=3, batch_size=4, threads=1, compute_threads=1)

@@ -28,7 +28,7 @@ def v11(tmp_path_factory):
     fixed = {k: np.full((3, 4), i, np.float32) + np.arange(12, dtype=np.float32).reshape(3, 4) / 16
              for i, k in enumerate(ids)}
     ragged = {k: np.full((1 + i % 4, 2), -i, np.float64) for i, k in enumerate(ids)}
-    return fgs.convert(d / "gym99_train_v1.1.fgs", {"f": fixed, "r": ragged}, split=split,
+    return fgs.convert({"f": fixed, "r": ragged}, d / "gym99_train_v1.1.fgs", split=split,
                        categories=shared_file("gym99_categories.txt"), dtype="float16", progress=False)
 
 
@@ -108,7 +108,7 @@ def test_rows_slices_ranges_and_ids(tmp_path, v11):
 def test_label_space_without_hierarchy_is_kept(tmp_path):
     split = shared_file("gym288_val_element.txt")
     ids, labels = read_split(split)
-    store = fgs.convert(tmp_path / "v.fgs", {"x": {k: np.zeros((1, 1), np.float32) for k in ids}}, split=split,
+    store = fgs.convert({"x": {k: np.zeros((1, 1), np.float32) for k in ids}}, tmp_path / "v.fgs", split=split,
                         progress=False)
     assert store.label_space == LabelSpace("gym288", 288, None)
     low = np.flatnonzero(labels < 10)[:20]  # these rows alone span 10 classes

@@ -123,7 +123,7 @@ def convert_table(out: str | os.PathLike[str], table: dict[str, np.ndarray], spl
     """The conversion every benchmark times: one in-memory feature column,
     with the split file (order, labels) and the gym99 hierarchy; no progress
     bars, no pickle loading."""
-    return finegym_store.convert(out, {column: table}, split=split, categories=categories_path(),
+    return finegym_store.convert({column: table}, out, split=split, categories=categories_path(),
                                  overwrite=overwrite, progress=False)
 
 

@@ -409,7 +409,7 @@ def bench_open_convert(d: Data, folder: Any, rounds: int) -> list[Result]:
         for _ in range(rounds):
             out.unlink(missing_ok=True)
             t0 = time.perf_counter()
-            fgs.convert(out, {d.column: table}, progress=False)
+            fgs.convert({d.column: table}, out, progress=False)
             res_conv.batch_s.append(time.perf_counter() - t0)
             out.unlink()
             t0 = time.perf_counter()

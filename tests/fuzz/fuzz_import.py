@@ -71,7 +71,7 @@ def seeds(workdir: Path) -> list[tuple[str, str, bytes]]:
     ragged = {k: np.arange((i % 3 + 1) * 2, dtype=np.float32).reshape(-1, 2) + i for i, k in enumerate(ids)}
     split = workdir / "split.txt"
     synth.write_split(split, ids, labels)
-    store = fgs.convert(workdir / "seed.fgs", {"tsn": feats, "rag": ragged}, split=split, progress=False,
+    store = fgs.convert({"tsn": feats, "rag": ragged}, workdir / "seed.fgs", split=split, progress=False,
                         overwrite=True)
     out: list[tuple[str, str, bytes]] = []
 
