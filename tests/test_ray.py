@@ -1,0 +1,204 @@
+"""finegym_store.ray.read_store on a real two-node Ray cluster started here
+(README, "Ray Data and Spark"). One cluster serves the whole module."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import require, synthetic_store
+
+require("ray.data", "Ray Data", 'pip install "finegym-store[ray]"; CI installs ray[data,train]')
+
+import ray  # noqa: E402
+
+import finegym_store  # noqa: E402
+
+fr = require("finegym_store.ray", "Ray Data", 'pip install "finegym-store[ray]"')
+
+# Ray warns about its own deprecated settings on import and while planning.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*"),
+    pytest.mark.slow,
+]
+
+N = 240
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A head node and a second node, one process tree each, on loopback;
+    the workers import finegym_store from where this process did."""
+    import ray._private.ray_constants as ray_constants
+    from ray.cluster_utils import Cluster
+
+    # Loopback only: without this, ray.init resolves 127.0.0.1 to the
+    # machine's outward address, where the nodes are not listening.
+    cluster_mode = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    root = os.path.dirname(os.path.dirname(os.path.abspath(finegym_store.__file__)))
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = root + (os.pathsep + old if old else "")
+    node = {"num_cpus": 2, "object_store_memory": 150 << 20, "include_dashboard": False}
+    c = Cluster(initialize_head=True, head_node_args={**node, "node_ip_address": "127.0.0.1"})
+    try:
+        c.add_node(**node, node_ip_address="127.0.0.1")
+        c.wait_for_nodes()
+        ray.init(address=c.address, log_to_driver=False)
+        assert len(ray.nodes()) == 2
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        yield c
+    finally:
+        ray.shutdown()
+        c.shutdown()
+        ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return synthetic_store(tmp_path_factory.mktemp("ray"), N, 7)
+
+
+def _all(ds, **kw):
+    return list(ds.iter_batches(batch_size=None, batch_format="numpy", **kw))
+
+
+def _concat(batches, key):
+    return np.concatenate([b[key] for b in batches])
+
+
+def test_numpy_batches_are_tensors(cluster, store):
+    ds = fr.read_store(store.path)
+    # Known from the read tasks' metadata, before any read.
+    assert ds.count() == N
+    row = store.column("x").values[0].nbytes + 4 * 5
+    assert ds.size_bytes() >= N * row
+    b = next(iter(ds.iter_batches(batch_size=32, batch_format="numpy")))
+    assert b["x"].dtype == np.float32 and b["x"].shape == (32, 12, 16)
+    assert b["label"].dtype == np.int32
+    assert isinstance(b["id"][0], str)
+    idx = store.index_of(b["id"].tolist())
+    np.testing.assert_array_equal(b["x"], store.column("x").values[idx])
+    np.testing.assert_array_equal(b["label"], store.labels[idx])
+    np.testing.assert_array_equal(b["element_end"], store.meta.element_end[idx])
+    assert b["video"].tolist() == [store.meta.video[i] for i in idx]
+
+
+def test_read_tasks_on_both_nodes_and_streaming_split_is_disjoint_and_complete(cluster, store):
+    def where(batch):
+        return {"id": batch["id"], "node": np.full(len(batch["id"]), ray.get_runtime_context().get_node_id())}
+
+    # map_batches fuses with the read: it runs in the read task, on its node.
+    ds = fr.read_store(store.path, columns=["id"], override_num_blocks=8).map_batches(where, batch_format="numpy")
+    rows = _all(ds)
+    nodes = set(_concat(rows, "node").tolist())
+    assert nodes == {n["NodeID"] for n in ray.nodes() if n["Alive"]} and len(nodes) == 2
+    assert sorted(_concat(rows, "id").tolist()) == sorted(store.ids.to_list())
+
+    @ray.remote(num_cpus=0)
+    def consume(it):
+        out = []
+        for b in it.iter_batches(batch_size=16, batch_format="numpy"):
+            assert b["x"].shape[1:] == (12, 16)
+            out += b["id"].tolist()
+        return out
+
+    split = fr.read_store(store.path, columns=["id", "x"]).streaming_split(2)
+    a, b = ray.get([consume.remote(split[0]), consume.remote(split[1])])
+    assert a and b and not set(a) & set(b)
+    assert sorted(a + b) == sorted(store.ids.to_list())
+
+
+def test_gather_spec_matches_store_gather(cluster, store):
+    kw = {"num_segments": 3, "mode": "train", "seed": 5}
+    ds = fr.read_store(store.path, columns=["id", "label", "x"], epoch=2, **kw)
+    assert ds.schema().names == ["id", "label", "x"]
+    rows = _all(ds)
+    x, ids = _concat(rows, "x"), _concat(rows, "id").tolist()
+    assert x.shape == (N, 3, 16) and x.dtype == np.float32
+    idx = store.index_of(ids)
+    np.testing.assert_array_equal(x, store.gather("x", idx, epoch=2, **kw))
+    # Another epoch samples other segments; the same epoch the same ones.
+    other = _concat(_all(fr.read_store(store.path, columns=["x"], epoch=3, **kw)), "x")
+    again = _concat(_all(fr.read_store(store.path, columns=["x"], epoch=2, **kw)), "x")
+    assert not np.array_equal(other, store.gather("x", np.arange(N), epoch=2, **kw))
+    np.testing.assert_array_equal(again, store.gather("x", np.arange(N), epoch=2, **kw))
+    half = _concat(_all(fr.read_store(store.path, columns=["x"], num_segments=4, dtype="float16")), "x")
+    assert half.dtype == np.float16 and half.shape == (N, 4, 16)
+
+
+def test_projection_is_pushed_into_the_read(cluster, store):
+    from ray.data._internal.logical.optimizers import LogicalOptimizer
+
+    ds = fr.read_store(store.path).select_columns(["label", "x"])
+    dag = LogicalOptimizer().optimize(ds._logical_plan).dag
+    assert type(dag).__name__ == "Read" and dag.datasource.columns() == ["label", "x"]
+    assert dag.datasource.estimate_inmemory_data_size() == N * (4 + 12 * 16 * 4)
+    b = ds.take_batch(5)
+    assert sorted(b) == ["label", "x"]
+
+
+def test_torch_batches_and_map_batches(cluster, store):
+    torch = require("torch", "torch", "pip install torch")
+    ds = fr.read_store(store.path, columns=["label", "x"], num_segments=3)
+    b = next(iter(ds.iter_torch_batches(batch_size=16)))
+    assert b["x"].shape == (16, 3, 16) and b["x"].dtype == torch.float32
+    assert b["label"].dtype == torch.int32
+    means = ds.map_batches(lambda b: {"m": b["x"].mean(axis=1)}, batch_format="numpy")
+    m = _concat(_all(means), "m")
+    assert m.shape == (N, 16)
+    np.testing.assert_allclose(np.sort(m, axis=0),
+                               np.sort(store.gather("x", np.arange(N), num_segments=3).mean(axis=1), axis=0),
+                               rtol=1e-6)
+
+
+def test_ray_read_arguments_pass_through(cluster, store):
+    ds = fr.read_store(store.path, columns=["id"], override_num_blocks=3, concurrency=1, num_cpus=0.5)
+    assert ds.materialize().num_blocks() == 3
+    with pytest.warns(DeprecationWarning, match="ray_remote_args"):
+        ds = fr.read_store(store.path, columns=["id"], ray_remote_args={"num_cpus": 0.5})
+    assert ds.count() == N
+
+
+def test_bad_arguments(cluster, store):
+    with pytest.raises(KeyError, match="no column 'nope'"):
+        fr.read_store(store.path, columns=["nope"])
+    with pytest.raises(ValueError, match="mode must be"):
+        fr.read_store(store.path, num_segments=3, mode="eval")
+    with pytest.raises(ValueError, match="num_segments must be at least 1"):
+        fr.read_store(store.path, num_segments=0)
+    with pytest.raises(FileNotFoundError):
+        fr.read_store(os.path.join(os.path.dirname(store.path), "missing.fgs"))
+
+
+def _readme_block(marker: str) -> str:
+    text = README.read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    found = [b for b in blocks if marker in b]
+    assert len(found) == 1, f"README must hold one python block containing {marker!r}"
+    return found[0]
+
+
+def test_readme_ray_train_example(cluster, store, tmp_path):
+    require("torch", "torch", "pip install torch")
+    code = _readme_block("TorchTrainer")
+    for old, new in (('"gym99_train.fgs"', repr(store.path)), ('"/tmp/ray_results"', repr(str(tmp_path)))):
+        assert code.count(old) == 1, old
+        code = code.replace(old, new)
+    scope: dict = {"__name__": "readme_example"}
+    exec(compile(code, "README.md (Ray Train example)", "exec"), scope)
+    result = scope["result"]
+    assert result.error is None
+    # Each of the 2 workers took half the instances per epoch (Ray Train's equal split).
+    assert result.metrics["instances"] == N // 2
+    assert np.isfinite(result.metrics["loss"])
