@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -36,13 +35,11 @@ try:
 except ImportError:  # pragma: no cover - depends on the environment
     raise ImportError('finegym_store.ray needs Ray Data: pip install "finegym-store[ray]"') from None
 
-from .arrow import INSTANCE_FIELDS
-from .loader import SAMPLINGS, check_count, check_sampling
+from ._ranges import Sampling, bytes_per_row, range_table, schema, select
+from .loader import check_count
 
 if TYPE_CHECKING:
     import pyarrow as pa
-
-    from .store import Store, Strings
 
 __all__ = ["read_store", "StoreDatasource", "Sampling"]
 
@@ -52,163 +49,8 @@ __all__ = ["read_store", "StoreDatasource", "Sampling"]
 BLOCK_BYTES = 64 << 20
 
 
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Segment sampling done by each read task: the arguments of
-    :meth:`finegym_store.Store.gather` but the indices. Picklable; one value
-    travels with every read task."""
-
-    num_segments: int | None = None
-    mode: str = "test"
-    seed: int = 0
-    epoch: int = 0
-    clip_len: int = 1
-    dtype: str | None = None
-    sampling: str = "mmaction2"
-
-    def __post_init__(self) -> None:
-        check_sampling(self.mode, self.sampling)
-        if self.num_segments is not None:
-            check_count(self.num_segments, "num_segments", 1)
-        check_count(self.seed, "seed", 0)
-        check_count(self.epoch, "epoch", 0)
-        check_count(self.clip_len, "clip_len", 1)
-        if self.dtype is not None and np.dtype(self.dtype) not in (np.dtype(np.float32), np.dtype(np.float16)):
-            raise ValueError(f"dtype must be float32 or float16, got {self.dtype!r}")
-
-    def gather(self, store: Store, column: str, indices: np.ndarray, threads: int | None) -> np.ndarray:
-        return store.gather(column, indices, num_segments=self.num_segments, mode=self.mode, seed=self.seed,
-                            epoch=self.epoch, clip_len=self.clip_len, dtype=self.dtype, threads=threads,
-                            sampling=self.sampling)
-
-    def segments(self, store: Store, column: str) -> int:
-        """K * clip_len: the segments per instance a gather of ``column`` gives."""
-        if self.num_segments is None:
-            col = store.column(column)
-            if col.ragged:
-                raise ValueError(f"{store.path}: column {column!r} is ragged (T varies per instance); "
-                                 "a gather over it needs num_segments")
-            assert col.segments is not None
-            return col.segments * self.clip_len
-        return self.num_segments * self.clip_len
-
-
-# -- Arrow arrays over one range of instances -----------------------------------------
-
-
-def _buffer(view: np.ndarray) -> pa.Buffer:
-    import pyarrow as pa
-
-    return pa.foreign_buffer(view.ctypes.data, view.nbytes, base=view)
-
-
-def _primitive(view: np.ndarray, type_: pa.DataType) -> pa.Array:
-    import pyarrow as pa
-
-    return pa.Array.from_buffers(type_, len(view), [None, _buffer(np.ascontiguousarray(view))])
-
-
-def _strings(strings: Strings, start: int, stop: int) -> pa.Array:
-    import pyarrow as pa
-
-    offsets = strings.offsets[start : stop + 1]
-    first, last = int(offsets[0]), int(offsets[-1])
-    data = strings.data[first:last]
-    return pa.Array.from_buffers(pa.large_utf8(), stop - start,
-                                 [None, _buffer(offsets - first), _buffer(data)])
-
-
-def _value_type(dtype: np.dtype) -> pa.DataType:
-    import pyarrow as pa
-
-    return {np.dtype(np.float32): pa.float32(), np.dtype(np.float16): pa.float16()}[np.dtype(dtype)]
-
-
-def _tensor(values: np.ndarray) -> pa.Array:
-    """A (B, T, C) array as an arrow.fixed_shape_tensor array over its bytes."""
-    import pyarrow as pa
-
-    b, t, c = values.shape
-    vt = _value_type(values.dtype)
-    flat = pa.Array.from_buffers(vt, b * t * c, [None, _buffer(values)])
-    storage = pa.FixedSizeListArray.from_arrays(flat, t * c)
-    return pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(vt, [t, c]), storage)
-
-
-def _ragged(store: Store, name: str, start: int, stop: int) -> pa.Array:
-    import pyarrow as pa
-
-    col = store.column(name)
-    offsets = col.offsets
-    assert offsets is not None
-    offsets = offsets[start : stop + 1]
-    first, last = int(offsets[0]), int(offsets[-1])
-    vt = _value_type(col.dtype)
-    rows = col.values[first:last]
-    flat = pa.Array.from_buffers(vt, rows.size, [None, _buffer(rows)])
-    inner = pa.FixedSizeListArray.from_arrays(flat, col.channels)
-    return pa.Array.from_buffers(pa.large_list(inner.type), stop - start, [None, _buffer(offsets - first)],
-                                 children=[inner])
-
-
-def _field_type(store: Store, name: str, sampling: Sampling | None) -> pa.DataType:
-    import pyarrow as pa
-
-    if name in ("id", "video"):
-        return pa.large_utf8()
-    if name in INSTANCE_FIELDS:
-        return pa.int32()
-    col = store.column(name)
-    if sampling is not None:
-        dt = np.dtype(sampling.dtype) if sampling.dtype is not None else col.dtype
-        return pa.fixed_shape_tensor(_value_type(dt), [sampling.segments(store, name), col.channels])
-    vt = _value_type(col.dtype)
-    if col.ragged:
-        return pa.large_list(pa.list_(vt, col.channels))
-    assert col.segments is not None
-    return pa.fixed_shape_tensor(vt, [col.segments, col.channels])
-
-
-def schema(store: Store, names: Sequence[str], sampling: Sampling | None = None) -> pa.Schema:
-    """The Arrow schema of the blocks :func:`read_store` gives."""
-    import pyarrow as pa
-
-    return pa.schema([pa.field(n, _field_type(store, n, sampling), nullable=False) for n in names])
-
-
-def range_table(store: Store, names: Sequence[str], start: int, stop: int, sampling: Sampling | None = None,
-                threads: int | None = None) -> pa.Table:
-    """Instances [start, stop) of ``store`` as an Arrow table whose buffers
-    are exactly that range of the mapping (gathered when ``sampling``)."""
-    import pyarrow as pa
-
-    meta = store.meta
-    arrays = []
-    for n in names:
-        if n == "id":
-            arrays.append(_strings(store.ids, start, stop))
-        elif n == "video":
-            arrays.append(_strings(meta.video, start, stop))
-        elif n == "label":
-            arrays.append(_primitive(store.labels[start:stop], pa.int32()))
-        elif n in INSTANCE_FIELDS:
-            arrays.append(_primitive(getattr(meta, n)[start:stop], pa.int32()))
-        elif sampling is not None:
-            idx = np.arange(start, stop, dtype=np.int64)
-            arrays.append(_tensor(sampling.gather(store, n, idx, threads)))
-        elif store.column(n).ragged:
-            arrays.append(_ragged(store, n, start, stop))
-        else:
-            arrays.append(_tensor(store.column(n).values[start:stop]))
-    return pa.Table.from_arrays(arrays, schema=schema(store, names, sampling))
-
-
 def _task_threads() -> int:
     """The CPUs Ray assigned to the running task (at least 1)."""
-    import ray
-
     try:
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
     except Exception:  # noqa: BLE001 - outside a task: one thread
@@ -232,25 +74,6 @@ def _read(path: str, names: list[str], start: int, stop: int, sampling: Sampling
 # -- the datasource ---------------------------------------------------------------------
 
 
-def _select(store: Store, columns: Sequence[str] | str | None) -> list[str]:
-    available = list(INSTANCE_FIELDS) + list(store.columns)
-    clash = set(INSTANCE_FIELDS) & set(store.columns)
-    if clash:
-        raise ValueError(f"{store.path}: feature column {sorted(clash)[0]!r} has the name of an instance field "
-                         f"({', '.join(INSTANCE_FIELDS)}); it cannot be read beside it")
-    if columns is None:
-        return available
-    if isinstance(columns, str):
-        columns = [columns]
-    out: list[str] = []
-    for c in columns:
-        if c not in available:
-            raise KeyError(f"no column {c!r} in {store.path}; columns: {', '.join(available)}")
-        if c not in out:
-            out.append(c)
-    return out
-
-
 class StoreDatasource(ray.data.Datasource):
     """A ``ray.data.Datasource`` over one .fgs file; see :func:`read_store`."""
 
@@ -261,7 +84,7 @@ class StoreDatasource(ray.data.Datasource):
 
         store = open_store(path)
         self._path = os.path.abspath(store.path)
-        self._names = _select(store, columns)
+        self._names = select(store, columns)
         self._projection_map: dict[str, str] | None = None
         self._sampling = sampling
         self._num_rows = len(store)
@@ -271,21 +94,8 @@ class StoreDatasource(ray.data.Datasource):
                 if n in store.columns:
                     # Arguments the column can't serve fail here, not in a read task.
                     sampling.gather(store, n, np.zeros(0, np.int64), 1)
-        self._row_bytes = {n: self._bytes_per_row(store, n) for n in self._names}
+        self._row_bytes = {n: bytes_per_row(store, n, sampling) for n in self._names}
         self._schema = schema(store, self._names, sampling)
-
-    def _bytes_per_row(self, store: Store, name: str) -> int:
-        n = max(1, len(store))
-        if name in ("id", "video"):
-            s = store.ids if name == "id" else store.meta.video
-            return 8 + math.ceil(int(s.offsets[-1]) / n)
-        if name in INSTANCE_FIELDS:
-            return 4
-        col = store.column(name)
-        if self._sampling is not None:
-            dt = np.dtype(self._sampling.dtype) if self._sampling.dtype is not None else col.dtype
-            return self._sampling.segments(store, name) * col.channels * dt.itemsize
-        return math.ceil(col.values.nbytes / n) + (8 if col.ragged else 0)
 
     # -- Datasource API ------------------------------------------------------------
     def get_name(self) -> str:
