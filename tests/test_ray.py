@@ -198,7 +198,7 @@ def test_readme_ray_train_example(cluster, store, tmp_path):
     scope: dict = {"__name__": "readme_example"}
     exec(compile(code, "README.md (Ray Train example)", "exec"), scope)
     result = scope["result"]
-    assert result.error is None
+    assert result.error is None and result.checkpoint is not None
     # Each of the 2 workers took half the instances per epoch (Ray Train's equal split).
     assert result.metrics["instances"] == N // 2
     assert np.isfinite(result.metrics["loss"])
