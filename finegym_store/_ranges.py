@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import _args
 from .arrow import INSTANCE_FIELDS
-from .loader import check_count, check_sampling
+from .spec import SegmentSpec
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -28,43 +29,48 @@ __all__ = ["Sampling", "select", "schema", "range_table", "bytes_per_row"]
 
 @dataclass(frozen=True)
 class Sampling:
-    """Segment sampling done by each read task: the arguments of
-    :meth:`finegym_store.Store.gather` but the indices. Picklable; one value
+    """What a read task gathers: a :class:`~finegym_store.SegmentSpec` and
+    the epoch that keys its train-mode segments. Picklable; one value
     travels with every read task."""
 
-    num_segments: int | None = None
-    mode: str = "test"
-    seed: int = 0
+    spec: SegmentSpec
     epoch: int = 0
-    clip_len: int = 1
-    dtype: str | None = None
-    sampling: str = "mmaction2"
 
     def __post_init__(self) -> None:
-        check_sampling(self.mode, self.sampling)
-        if self.num_segments is not None:
-            check_count(self.num_segments, "num_segments", 1)
-        check_count(self.seed, "seed", 0)
-        check_count(self.epoch, "epoch", 0)
-        check_count(self.clip_len, "clip_len", 1)
-        if self.dtype is not None and np.dtype(self.dtype) not in (np.dtype(np.float32), np.dtype(np.float16)):
-            raise ValueError(f"dtype must be float32 or float16, got {self.dtype!r}")
+        if not isinstance(self.spec, SegmentSpec):
+            raise TypeError(f"spec must be a finegym_store.SegmentSpec, got {type(self.spec).__name__}")
+        object.__setattr__(self, "epoch", _args.count(self.epoch, "epoch"))
 
-    def gather(self, store: Store, column: str, indices: np.ndarray, threads: int | None) -> np.ndarray:
-        return store.gather(column, indices, num_segments=self.num_segments, mode=self.mode, seed=self.seed,
-                            epoch=self.epoch, clip_len=self.clip_len, dtype=self.dtype, threads=threads,
-                            sampling=self.sampling)
+    @staticmethod
+    def of(spec: SegmentSpec | None, epoch: int) -> Sampling | None:
+        """None when ``spec`` takes every segment as stored (no gather needed)."""
+        if spec is None:
+            _args.count(epoch, "epoch")
+            return None
+        if not isinstance(spec, SegmentSpec):
+            raise TypeError(f"spec must be a finegym_store.SegmentSpec, got {type(spec).__name__}")
+        if spec.num_segments is None and spec.dtype is None:
+            _args.count(epoch, "epoch")
+            return None
+        return Sampling(spec, epoch)
+
+    def gather(self, store: Store, column: str, indices: Any, threads: int | None) -> np.ndarray:
+        return store.gather(column, indices, spec=self.spec, epoch=self.epoch, threads=threads)
+
+    def dtype(self, store: Store, column: str) -> np.dtype:
+        return np.dtype(self.spec.dtype) if self.spec.dtype is not None else store.column(column).dtype
 
     def segments(self, store: Store, column: str) -> int:
-        """K * clip_len: the segments per instance a gather of ``column`` gives."""
-        if self.num_segments is None:
+        """Rows per instance a gather of ``column`` gives (K * clip_len, or T)."""
+        rows = self.spec.rows
+        if rows is None:
             col = store.column(column)
             if col.ragged:
                 raise ValueError(f"{store.path}: column {column!r} is ragged (T varies per instance); "
-                                 "a gather over it needs num_segments")
-            assert col.segments is not None
-            return col.segments * self.clip_len
-        return self.num_segments * self.clip_len
+                                 "gathering it needs spec.num_segments")
+            assert col.length is not None
+            return col.length
+        return rows
 
 
 # -- Arrow arrays over one range of instances -----------------------------------------
@@ -137,13 +143,13 @@ def _field_type(store: Store, name: str, sampling: Sampling | None, nested: bool
         return pa.int32()
     col = store.column(name)
     if sampling is not None:
-        dt = np.dtype(sampling.dtype) if sampling.dtype is not None else col.dtype
-        return _tensor_type(_value_type(dt), sampling.segments(store, name), col.channels, nested)
+        return _tensor_type(_value_type(sampling.dtype(store, name)), sampling.segments(store, name), col.channels,
+                            nested)
     vt = _value_type(col.dtype)
     if col.ragged:
         return pa.large_list(pa.list_(vt, col.channels))
-    assert col.segments is not None
-    return _tensor_type(vt, col.segments, col.channels, nested)
+    assert col.length is not None
+    return _tensor_type(vt, col.length, col.channels, nested)
 
 
 def _tensor_type(vt: pa.DataType, t: int, c: int, nested: bool) -> pa.DataType:
@@ -202,8 +208,7 @@ def bytes_per_row(store: Store, name: str, sampling: Sampling | None = None) -> 
         return 4
     col = store.column(name)
     if sampling is not None:
-        dt = np.dtype(sampling.dtype) if sampling.dtype is not None else col.dtype
-        return sampling.segments(store, name) * col.channels * dt.itemsize
+        return sampling.segments(store, name) * col.channels * sampling.dtype(store, name).itemsize
     return math.ceil(col.values.nbytes / n) + (8 if col.ragged else 0)
 
 

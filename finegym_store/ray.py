@@ -11,7 +11,7 @@ arrays over exactly its range of the mapping (no per-row work, no copy until
 Ray serialises the block into its object store). The path must therefore name
 the same file on every node of the cluster, as with any local file read by
 Ray. Feature columns are ``arrow.fixed_shape_tensor`` columns, which Ray turns
-into (B, T, C) ndarrays; with segment sampling (``num_segments``), the task
+into (B, T, C) ndarrays; with a :class:`~finegym_store.SegmentSpec`, the task
 gathers (B, K * clip_len, C) with the store's C++ gather instead.
 
 ray is imported here only: ``pip install "finegym-store[ray]"``.
@@ -35,13 +35,14 @@ try:
 except ImportError:  # pragma: no cover - depends on the environment
     raise ImportError('finegym_store.ray needs Ray Data: pip install "finegym-store[ray]"') from None
 
+from . import _args
 from ._ranges import Sampling, bytes_per_row, range_table, schema, select
-from .loader import check_count
+from .spec import SegmentSpec
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
-__all__ = ["read_store", "StoreDatasource", "Sampling"]
+__all__ = ["read_store", "StoreDatasource"]
 
 #: Most bytes of data per read task (and so per block) by default: large
 #: blocks keep Ray's fixed cost per block (scheduling, object store entries,
@@ -88,7 +89,7 @@ class StoreDatasource(ray.data.Datasource):
         self._projection_map: dict[str, str] | None = None
         self._sampling = sampling
         self._num_rows = len(store)
-        self._threads = None if threads is None else check_count(threads, "threads", 1)
+        self._threads = _args.optional_count(threads, "threads", 1)
         if sampling is not None:
             for n in self._names:
                 if n in store.columns:
@@ -142,13 +143,8 @@ def read_store(
     path: str | os.PathLike[str],
     *,
     columns: Sequence[str] | str | None = None,
-    num_segments: int | None = None,
-    mode: str = "test",
-    seed: int = 0,
+    spec: SegmentSpec | None = None,
     epoch: int = 0,
-    clip_len: int = 1,
-    dtype: Any = None,
-    sampling: str = "mmaction2",
     threads: int | None = None,
     **read_args: Any,
 ) -> ray.data.Dataset:
@@ -158,26 +154,22 @@ def read_store(
     ``columns`` selects and orders any of id, label, the parsed id fields and
     the feature columns (default: all); ``ds.select_columns(...)`` is pushed
     into the read as well. Feature columns come out of ``iter_batches(
-    batch_format="numpy")`` as (B, T, C) arrays. With ``num_segments`` (K),
-    each read task gathers (B, K * clip_len, C) instead, sampled as
-    :meth:`finegym_store.Store.gather` does with ``mode``, ``seed``,
-    ``epoch``, ``clip_len``, ``dtype`` and ``sampling``; a Dataset is one
-    epoch's sampling (iterating it again gives the same segments), so build
-    one per epoch for ``mode="train"``.
+    batch_format="numpy")`` as (B, T, C) arrays. With a ``spec``
+    (:class:`finegym_store.SegmentSpec` with num_segments K, or a dtype),
+    each read task gathers (B, K * clip_len, C) instead, exactly as
+    ``store.gather(column, indices, spec=spec, epoch=epoch)``; a Dataset is
+    one epoch's sampling (iterating it again gives the same segments), so
+    build one per epoch for train-mode specs.
 
     Read tasks cover contiguous instance ranges and each opens the file where
     it runs, so ``path`` must name the same file on every node; a task gives
     one block. ``threads`` is the gather's threads per task (default: the
-    CPUs Ray gave the task).
-    Everything else (``override_num_blocks``, ``concurrency``, ``num_cpus``,
-    ``ray_remote_args``, ...) goes to ``ray.data.read_datasource``; without
-    ``override_num_blocks`` there is one read task per cluster CPU, or more
-    where that makes blocks over 64 MiB."""
-    spec = None
-    if num_segments is not None or mode != "test" or clip_len != 1 or dtype is not None or sampling != "mmaction2":
-        spec = Sampling(num_segments=num_segments, mode=mode, seed=seed, epoch=epoch, clip_len=clip_len,
-                        dtype=None if dtype is None else str(np.dtype(dtype)), sampling=sampling)
-    source = StoreDatasource(path, columns, spec, threads)
+    CPUs Ray gave the task). Everything else (``override_num_blocks``,
+    ``concurrency``, ``num_cpus``, ``ray_remote_args``, ...) goes to
+    ``ray.data.read_datasource``; without ``override_num_blocks`` there is
+    one read task per cluster CPU, or more where that makes blocks over
+    64 MiB."""
+    source = StoreDatasource(path, columns, Sampling.of(spec, epoch), threads)
     if "override_num_blocks" not in read_args and "parallelism" not in read_args:
         if not ray.is_initialized():
             ray.init()

@@ -26,6 +26,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 from ._ranges import Sampling, bytes_per_row, range_table, select
 from .arrow import INSTANCE_FIELDS
+from .spec import SegmentSpec
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -68,15 +69,17 @@ def _option(options: Mapping[str, str], key: str, default: Any, kind: type = int
 
 
 def _sampling(options: Mapping[str, str]) -> Sampling | None:
-    """The gather the options ask for: numSegments, mode, seed, epoch,
-    clipLen, sampling; None when none is given."""
-    keys = ("numsegments", "mode", "seed", "epoch", "cliplen", "sampling")
-    if not any(options.get(k) is not None for k in keys):
+    """The gather the options ask for (numSegments, mode, clipLen, rule,
+    seed, epoch; float32, Spark's float), or None."""
+    if options.get("numsegments") is None:
+        for k in ("mode", "cliplen", "rule", "seed", "epoch"):
+            if options.get(k) is not None:
+                raise ValueError(f"option {k} needs numSegments (segment sampling)")
         return None
-    return Sampling(num_segments=_option(options, "numSegments", None), mode=_option(options, "mode", "test", str),
-                    seed=_option(options, "seed", 0), epoch=_option(options, "epoch", 0),
-                    clip_len=_option(options, "clipLen", 1), dtype="float32",
-                    sampling=_option(options, "sampling", "mmaction2", str))
+    spec = SegmentSpec(_option(options, "numSegments", None), mode=_option(options, "mode", None, str),
+                       clip_len=_option(options, "clipLen", 1), rule=_option(options, "rule", "mmaction2", str),
+                       dtype="float32", seed=_option(options, "seed", 0))
+    return Sampling(spec, _option(options, "epoch", 0))
 
 
 class RangePartition(InputPartition):
@@ -91,9 +94,9 @@ class RangePartition(InputPartition):
 class StoreDataSource(DataSource):
     """``spark.read.format("finegym_store")``: options ``path`` (what
     ``load`` is given), ``columns`` (comma-separated; default: all),
-    ``numPartitions``, and ``numSegments``/``mode``/``seed``/``epoch``/
-    ``clipLen``/``sampling`` for segment sampling at read time (README,
-    "Ray Data and Spark")."""
+    ``numPartitions``, and ``numSegments``/``mode``/``clipLen``/``rule``/
+    ``seed``/``epoch`` for segment sampling at read time (a SegmentSpec;
+    README, "Ray Data and Spark")."""
 
     @classmethod
     def name(cls) -> str:

@@ -120,21 +120,23 @@ def test_read_tasks_on_both_nodes_and_streaming_split_is_disjoint_and_complete(c
 
 
 def test_gather_spec_matches_store_gather(cluster, store):
-    kw = {"num_segments": 3, "mode": "train", "seed": 5}
-    ds = fr.read_store(store.path, columns=["id", "label", "x"], epoch=2, **kw)
+    spec = finegym_store.SegmentSpec(3, mode="train", seed=5)
+    ds = fr.read_store(store.path, columns=["id", "label", "x"], spec=spec, epoch=2)
     assert ds.schema().names == ["id", "label", "x"]
     rows = _all(ds)
     x, ids = _concat(rows, "x"), _concat(rows, "id").tolist()
     assert x.shape == (N, 3, 16) and x.dtype == np.float32
     idx = store.index_of(ids)
-    np.testing.assert_array_equal(x, store.gather("x", idx, epoch=2, **kw))
+    np.testing.assert_array_equal(x, store.gather("x", idx, spec=spec, epoch=2))
     # Another epoch samples other segments; the same epoch the same ones.
-    other = _concat(_all(fr.read_store(store.path, columns=["x"], epoch=3, **kw)), "x")
-    again = _concat(_all(fr.read_store(store.path, columns=["x"], epoch=2, **kw)), "x")
-    assert not np.array_equal(other, store.gather("x", np.arange(N), epoch=2, **kw))
-    np.testing.assert_array_equal(again, store.gather("x", np.arange(N), epoch=2, **kw))
-    half = _concat(_all(fr.read_store(store.path, columns=["x"], num_segments=4, dtype="float16")), "x")
-    assert half.dtype == np.float16 and half.shape == (N, 4, 16)
+    everything = np.arange(N)
+    other = _concat(_all(fr.read_store(store.path, columns=["x"], spec=spec, epoch=3)), "x")
+    again = _concat(_all(fr.read_store(store.path, columns=["x"], spec=spec, epoch=2)), "x")
+    assert not np.array_equal(np.sort(other, axis=0), np.sort(store.gather("x", everything, spec=spec, epoch=2), axis=0))
+    np.testing.assert_array_equal(np.sort(again, axis=0), np.sort(store.gather("x", everything, spec=spec, epoch=2), axis=0))
+    half = finegym_store.SegmentSpec(4, mode="test", dtype="float16")
+    h = _concat(_all(fr.read_store(store.path, columns=["x"], spec=half)), "x")
+    assert h.dtype == np.float16 and h.shape == (N, 4, 16)
 
 
 def test_projection_is_pushed_into_the_read(cluster, store):
@@ -150,7 +152,8 @@ def test_projection_is_pushed_into_the_read(cluster, store):
 
 def test_torch_batches_and_map_batches(cluster, store):
     torch = require("torch", "torch", "pip install torch")
-    ds = fr.read_store(store.path, columns=["label", "x"], num_segments=3)
+    spec = finegym_store.SegmentSpec(3, mode="test")
+    ds = fr.read_store(store.path, columns=["label", "x"], spec=spec)
     b = next(iter(ds.iter_torch_batches(batch_size=16)))
     assert b["x"].shape == (16, 3, 16) and b["x"].dtype == torch.float32
     assert b["label"].dtype == torch.int32
@@ -158,7 +161,7 @@ def test_torch_batches_and_map_batches(cluster, store):
     m = _concat(_all(means), "m")
     assert m.shape == (N, 16)
     np.testing.assert_allclose(np.sort(m, axis=0),
-                               np.sort(store.gather("x", np.arange(N), num_segments=3).mean(axis=1), axis=0),
+                               np.sort(store.gather("x", np.arange(N), spec=spec).mean(axis=1), axis=0),
                                rtol=1e-6)
 
 
@@ -173,10 +176,10 @@ def test_ray_read_arguments_pass_through(cluster, store):
 def test_bad_arguments(cluster, store):
     with pytest.raises(KeyError, match="no column 'nope'"):
         fr.read_store(store.path, columns=["nope"])
-    with pytest.raises(ValueError, match="mode must be"):
-        fr.read_store(store.path, num_segments=3, mode="eval")
-    with pytest.raises(ValueError, match="num_segments must be at least 1"):
-        fr.read_store(store.path, num_segments=0)
+    with pytest.raises(TypeError, match="spec must be a finegym_store.SegmentSpec"):
+        fr.read_store(store.path, spec={"num_segments": 3})
+    with pytest.raises(ValueError, match="epoch"):
+        fr.read_store(store.path, spec=finegym_store.SegmentSpec(3, mode="train"), epoch=-1)
     with pytest.raises(FileNotFoundError):
         fr.read_store(os.path.join(os.path.dirname(store.path), "missing.fgs"))
 

@@ -11,6 +11,8 @@ import pytest
 
 from conftest import require, synthetic_store
 
+import finegym_store
+
 require("pyspark.sql.datasource", "PySpark >= 4.0", 'pip install "finegym-store[spark]"; CI installs pyspark 4.3')
 fs = require("finegym_store.spark", "PySpark >= 4.0", 'pip install "finegym-store[spark]"')
 
@@ -111,6 +113,9 @@ def test_segment_sampling_options(spark, store):
     idx = store.index_of([r["id"] for r in rows])
     x = np.array([r["x"] for r in rows], dtype=np.float32)
     assert x.shape == (N, 3, 16)
-    np.testing.assert_array_equal(x, store.gather("x", idx, num_segments=3, mode="train", seed=4, epoch=1))
-    with pytest.raises(Exception, match="mode must be"):
+    spec = finegym_store.SegmentSpec(3, mode="train", seed=4)
+    np.testing.assert_array_equal(x, store.gather("x", idx, spec=spec, epoch=1))
+    with pytest.raises(Exception, match="mode"):
         _reader(spark, numSegments=3, mode="eval").load(store.path).collect()
+    with pytest.raises(Exception, match="option epoch needs numSegments"):
+        _reader(spark, epoch=2).load(store.path).collect()
