@@ -133,7 +133,7 @@ class StoreDatasource(ray.data.Datasource):
             if stop <= start and n:
                 continue
             meta = BlockMetadata(num_rows=stop - start, size_bytes=int((stop - start) * row_bytes),
-                                          exec_stats=None, input_files=(self._path,))
+                                 exec_stats=None, input_files=(self._path,))
             fn = partial(_read, self._path, names, start, stop, self._sampling, self._threads)
             out.append(ReadTask(fn, meta, schema=sch, per_task_row_limit=per_task_row_limit))
         return out
