@@ -205,3 +205,24 @@ def test_readme_ray_train_example(cluster, store, tmp_path):
     # Each of the 2 workers took half the instances per epoch (Ray Train's equal split).
     assert result.metrics["instances"] == N // 2
     assert np.isfinite(result.metrics["loss"])
+
+
+def test_ragged_and_float16_columns(cluster, tmp_path):
+    from arrow_fixtures import make_store
+
+    s = make_store(tmp_path, dtype="float16")
+    rows = _all(fr.read_store(s.path, columns=["id", "a", "r"]))
+    idx = s.index_of(_concat(rows, "id").tolist())
+    a = _concat(rows, "a")
+    assert a.dtype == np.float16 and a.shape == (len(s), 5, 6)
+    np.testing.assert_array_equal(a, s.column("a").values[idx])
+    # A ragged column gives each instance's (T_i, C) rows; a spec gathers it to (B, K, C).
+    ragged = [r for b in rows for r in b["r"]]
+    for i, r in zip(idx, ragged):
+        np.testing.assert_array_equal(np.stack(r) if r.dtype == object else r, s.features("r", i))
+    spec = finegym_store.SegmentSpec(2, mode="test", dtype="float32")
+    rows = _all(fr.read_store(s.path, columns=["id", "r"], spec=spec))
+    idx = s.index_of(_concat(rows, "id").tolist())
+    np.testing.assert_array_equal(_concat(rows, "r"), s.gather("r", idx, spec=spec))
+    with pytest.raises(ValueError, match="ragged"):
+        fr.read_store(s.path, columns=["r"], spec=finegym_store.SegmentSpec(dtype="float32"))

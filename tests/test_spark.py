@@ -119,3 +119,19 @@ def test_segment_sampling_options(spark, store):
         _reader(spark, numSegments=3, mode="eval").load(store.path).collect()
     with pytest.raises(Exception, match="option epoch needs numSegments"):
         _reader(spark, epoch=2).load(store.path).collect()
+
+
+def test_ragged_and_float16_columns(spark, tmp_path):
+    from arrow_fixtures import make_store
+
+    s = make_store(tmp_path, dtype="float16")
+    rows = _reader(spark, columns="id,a,r").load(s.path).collect()
+    for r in rows:
+        i = s.index_of(r["id"])
+        np.testing.assert_array_equal(np.array(r["a"], dtype=np.float32), s.features("a", i).astype(np.float32))
+        np.testing.assert_array_equal(np.array(r["r"], dtype=np.float32).reshape(-1, 4),
+                                      s.features("r", i).astype(np.float32))
+    rows = _reader(spark, columns="id,r", numSegments=2, mode="test").load(s.path).collect()
+    idx = s.index_of([r["id"] for r in rows])
+    spec = finegym_store.SegmentSpec(2, mode="test", dtype="float32")
+    np.testing.assert_array_equal(np.array([r["r"] for r in rows], dtype=np.float32), s.gather("r", idx, spec=spec))
