@@ -56,7 +56,7 @@ def build(folder: Path, n: int, channels: int) -> tuple[Path, Path, Path]:
     labels = synth.long_tailed_labels(n, 99, seed=0)
     table = synth.make_features(ids, labels, (12, channels, 1, 1), seed=0)
     synth.write_split(folder / "split.txt", ids, labels)
-    store = fgs.convert(folder / "s.fgs", {"x": table}, split=folder / "split.txt", progress=False)
+    store = fgs.convert({"x": table}, folder / "s.fgs", split=folder / "split.txt", progress=False)
     del table
     tensor = Path(store.to_parquet(folder / "tensor.parquet", columns=["id", "label", "x"],
                                    tensor_type="fixed_shape_tensor"))
