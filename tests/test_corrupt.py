@@ -165,8 +165,8 @@ HEADER_CASES = [
     ("magic", lambda b: b"FGSTORX\0", r"bad magic"),
     ("magic", lambda b: b"\0" * 8, r"bad magic"),
     ("magic", lambda b: b"FGSTORE1", r"bad magic"),
-    ("version", lambda b: 0, r"format version 0 is not supported; this build reads version 1"),
-    ("version", lambda b: 2, r"format version 2 is not supported"),
+    ("version", lambda b: 0, r"format version 0 is not supported; this build reads versions 1 to 2"),
+    ("version", lambda b: 3, r"format version 3 is not supported"),
     ("version", lambda b: 2**32 - 1, r"format version 4294967295 is not supported"),
     ("header_size", lambda b: 128, r"header_size is 128, expected 64"),
     ("header_size", lambda b: 0, r"header_size is 0, expected 64"),
@@ -806,7 +806,7 @@ def test_overlap_message(base, damaged):
 
 def test_store_without_feature_columns_is_refused(base, damaged):
     rows = [r for r in _table(base.data) if not _entry_name(r).startswith("features/")]
-    assert len(rows) == base.section_count - 3
+    assert len(rows) == base.section_count - 5  # two columns' features and blocks, one's offsets
     open_fails(damaged(_with_table(base.data, rows)),
                r"no feature column \(no 'features/NAME' section\); a store needs at least one")
 
@@ -959,9 +959,11 @@ def test_sections_dict_names_the_schema(base):
                 s["meta_video"] + s["offsets_suffix"], s["meta_video"] + s["data_suffix"], *s["meta_ints"],
                 *s["class_ints"], *(c + x for c in s["class_strings"] for x in (s["offsets_suffix"], s["data_suffix"])),
                 s["attrs"], s["feature_prefix"] + "fix", s["feature_prefix"] + "rag",
-                s["feature_prefix"] + "rag" + s["offsets_suffix"]}
+                s["feature_prefix"] + "rag" + s["offsets_suffix"],
+                *(s["feature_prefix"] + c + s["blocks_suffix"] for c in ("fix", "rag"))}
     assert set(base.sections) == expected
     # The spelling of docs/FORMAT.md, independently of the code.
     assert s["meta_ints"] == ("meta/event_start", "meta/event_end", "meta/element_start", "meta/element_end")
     assert s["class_ints"] == ("classes/label", "classes/glabel", "classes/set")
     assert (s["ids"], s["feature_prefix"], s["offsets_suffix"], s["attrs"]) == ("ids", "features/", "/offsets", "attrs")
+    assert s["blocks_suffix"] == "/blocks"
