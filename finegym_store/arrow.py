@@ -212,7 +212,7 @@ def _row_bytes(store: Store, names: Sequence[str]) -> float:
     for n in names:
         if n in store.columns:
             c = store.column(n)
-            total += c.values.nbytes / max(1, len(store))
+            total += c.nbytes / max(1, len(store))
     return total + 64.0  # id, label and parsed fields
 
 

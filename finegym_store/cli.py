@@ -180,7 +180,7 @@ def _info(path: str) -> dict:
             name: {
                 "dtype": str(col.dtype),
                 "shape": list(col.shape),
-                "bytes": int(col.values.nbytes),
+                "bytes": col.nbytes,
             }
             for name, col in ((n, store.column(n)) for n in store.columns)
         },

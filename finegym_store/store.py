@@ -114,7 +114,8 @@ class Column:
     an (n, T, C) view and an integer array gives a copy (numpy fancy indexing).
     """
 
-    def __init__(self, reader: _core.Reader, name: str, dtype: str, segments: int | None, channels: int) -> None:
+    def __init__(self, reader: _core.Reader, name: str, dtype: str, segments: int | None, channels: int,
+                 remote: Any = None) -> None:
         # The reader, not the Store: no reference cycle, so dropping the last
         # reference to a Store unmaps the file at once (not at the next GC).
         self._reader = reader
@@ -122,6 +123,24 @@ class Column:
         self.dtype = np.dtype(dtype)
         self.segments = segments
         self.channels = channels
+        # A remote store's row map (finegym_store.remote.RowMap): every read of
+        # feature bytes fetches them into the cache first. None when local.
+        self._remote = remote
+
+    def _fetch(self, indices: Any = None) -> None:
+        """Remote stores: fetch the rows of ``indices`` (all when None) into the cache."""
+        if self._remote is not None:
+            cache = self._remote.cache
+            if indices is None:
+                cache.ensure_blocks(cache.column_blocks(self.name))
+            else:
+                cache.ensure_blocks(self._remote.blocks(indices))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the column's feature section (nothing is read)."""
+        name = _S["feature_prefix"] + self.name
+        return next(int(s["length"]) for s in self._reader.sections() if s["name"] == name)
 
     @property
     def ragged(self) -> bool:
@@ -135,7 +154,9 @@ class Column:
 
     @property
     def values(self) -> np.ndarray:
-        """The whole column buffer: (N, T, C), or (total rows, C) when ragged."""
+        """The whole column buffer: (N, T, C), or (total rows, C) when ragged.
+        A remote store fetches the whole column first."""
+        self._fetch()
         return self._reader.section(_S["feature_prefix"] + self.name)
 
     @property
@@ -157,12 +178,21 @@ class Column:
 
     def __getitem__(self, index: Any) -> np.ndarray | list[np.ndarray]:
         if isinstance(index, (int, np.integer)):
+            if self._remote is not None:
+                n = len(self)
+                if -n <= int(index) < n:
+                    self._fetch(np.array([int(index) % n]))
             return self._reader.features(self.name, int(index))
         if self.ragged:
             if isinstance(index, slice):
                 index = range(*index.indices(len(self)))
-            return [self._reader.features(self.name, int(i)) for i in np.asarray(index).ravel()]
-        return self.values[index]
+            index = np.asarray(index).ravel()
+            if self._remote is not None:
+                self._fetch(as_indices(index, len(self)) % max(1, len(self)))
+            return [self._reader.features(self.name, int(i)) for i in index]
+        if self._remote is not None:
+            self._fetch(np.arange(len(self), dtype=np.int64)[index].ravel())
+        return self._reader.section(_S["feature_prefix"] + self.name)[index]
 
     def __repr__(self) -> str:
         t = "T" if self.ragged else self.segments
@@ -172,20 +202,51 @@ class Column:
 class Store:
     """A finegym-store file, memory-mapped. Open with :func:`finegym_store.open`."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, _remote: Any = None) -> None:
+        # _remote: a finegym_store.remote.RemoteCache; `path` is then its cache file.
+        self._remote = _remote
         self._reader = _core.Reader(os.fspath(path))
         # Resolved now: a later chdir must not change which file a pickled
         # Store (a spawn worker, say) reopens.
         self._abspath = os.path.abspath(self._reader.path)
-        self._columns = {
-            name: Column(self._reader, name, dtype, t, c) for name, dtype, t, c in self._reader.columns()
-        }
+        self._columns = {name: Column(self._reader, name, dtype, t, c, self._row_map(name, dtype, t, c))
+                         for name, dtype, t, c in self._reader.columns()}
         self._index: dict[str, int] | None = None
+
+    def _row_map(self, name: str, dtype: str, t: int | None, c: int) -> Any:
+        if self._remote is None:
+            return None
+        from .remote import RowMap
+
+        offsets = None if t is not None else self._reader.section(_S["feature_prefix"] + name + _S["offsets_suffix"])
+        return RowMap(self._remote, name, np.dtype(dtype).itemsize * c, t, offsets)
+
+    def _ensure_rows(self, column: str, indices: np.ndarray, ahead: Any = None) -> None:
+        """Remote stores: fetch the rows of ``indices`` (valid, non-negative or
+        negative instance indices) of ``column`` into the cache before they are
+        read, and start fetching the rows of ``ahead`` (the next batches) in the
+        background. Nothing for a local store."""
+        if self._remote is None:
+            return
+        col = self.column(column)
+        n = len(self)
+        if len(indices):
+            col._fetch(np.asarray(indices, dtype=np.int64) % n)
+        if ahead is not None and len(ahead):
+            self._remote.prefetch(column, col._remote.blocks(np.asarray(ahead, dtype=np.int64) % n))
 
     # -- identity -------------------------------------------------------------
     @property
     def path(self) -> str:
-        return self._reader.path
+        """The file's path, or a remote store's URL."""
+        return self._remote.url if self._remote is not None else self._reader.path
+
+    @property
+    def cache_path(self) -> str | None:
+        """A remote store's local cache file (None for a local store). Only
+        the bytes this store has fetched are valid there: read it through the
+        Store, never as a store of its own."""
+        return self._reader.path if self._remote is not None else None
 
     @property
     def format_version(self) -> int:
@@ -202,9 +263,13 @@ class Store:
         cols = ", ".join(repr(c) for c in self._columns.values())
         return f"<Store {self.path!r}: {len(self)} instances; {cols}>"
 
-    def __reduce__(self) -> tuple[Any, tuple[str]]:
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         # Crosses process boundaries by absolute path: the receiver maps the
-        # file itself, whatever its working directory.
+        # file itself, whatever its working directory. A remote store by URL,
+        # options and cache folder: the receiver shares the same cache.
+        if self._remote is not None:
+            r = self._remote
+            return (_open_remote, (r.url, r.storage_options, r.cache_root))
         return (Store, (self._abspath,))
 
     # -- instances -------------------------------------------------------------
@@ -314,6 +379,8 @@ class Store:
 
     def features(self, column: str, index: int) -> np.ndarray:
         """Read-only (T_i, C) view of instance ``index`` in ``column``; no copy."""
+        if self._remote is not None:
+            return self.column(column)[int(index)]  # type: ignore[return-value]
         return self._reader.features(column, int(index))
 
     # -- batches -----------------------------------------------------------------
@@ -367,6 +434,7 @@ class Store:
         if num_segments is not None:
             num_segments = check_count(num_segments, "num_segments", 1)
         idx = as_indices(indices, len(self))
+        self._ensure_rows(column, idx)
         return _core.gather(
             self._reader, column, idx, num_segments, mode, check_count(seed, "seed", 0),
             check_count(epoch, "epoch", 0), check_count(clip_len, "clip_len", 1), out,
@@ -410,7 +478,10 @@ class Store:
         """Checksum every section; returns the names of damaged ones (empty:
         intact). Raises FormatError when the checksums match but two
         instances share an id, and OSError when the file was truncated or
-        rewritten since it was opened."""
+        rewritten since it was opened. A remote store fetches every byte
+        first."""
+        if self._remote is not None:
+            self._remote.ensure_all()
         return self._reader.verify()
 
     def sections(self) -> list[dict[str, Any]]:
@@ -469,10 +540,36 @@ class Store:
         return arrow.arrow_schema(self).__arrow_c_schema__()
 
 
-def open(path: str | os.PathLike[str]) -> Store:  # noqa: A001 - the natural name
+def open(path: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None,  # noqa: A001
+         cache_dir: str | os.PathLike[str] | None = None) -> Store:
     """Open a store read-only. The file is mapped, not read: opening reads the
     header, section table, padding and the int64 offsets arrays (8 bytes per
     instance per string or ragged column), never feature bytes. Raises
     FormatError for a damaged or foreign file and OSError
-    (FileNotFoundError, ...) when it cannot be opened or read."""
+    (FileNotFoundError, ...) when it cannot be opened or read.
+
+    ``path`` may be a URL: ``s3://BUCKET/KEY``, ``https://...``,
+    ``http://...`` (a remote store, README "Remote stores": needs the
+    ``remote`` extra) or ``file://PATH``. A remote store fetches its
+    non-feature bytes at open and feature rows on first use into a cache
+    under ``cache_dir`` (default ``$XDG_CACHE_HOME/finegym-store``);
+    ``storage_options`` configure the client (credentials, region, endpoint,
+    timeouts) on top of the standard AWS environment variables."""
+    from .remote import is_url
+
+    if isinstance(path, str) and is_url(path):
+        if path.lower().startswith("file://"):
+            from urllib.parse import unquote, urlparse
+
+            return Store(unquote(urlparse(path).path))
+        return _open_remote(path, storage_options, cache_dir)
+    if storage_options is not None or cache_dir is not None:
+        raise ValueError(f"storage_options and cache_dir are for remote stores (URLs), not the local file {path!r}")
     return Store(path)
+
+
+def _open_remote(url: str, storage_options: dict[str, Any] | None, cache_dir: str | os.PathLike[str] | None) -> Store:
+    from .remote import open_remote
+
+    cache = open_remote(url, storage_options, cache_dir)
+    return Store(cache.data_path, _remote=cache)
