@@ -142,12 +142,6 @@ def shard(order: np.ndarray, rank: int, world_size: int, drop_last: bool) -> np.
     return order[rank:total:world_size]
 
 
-def _ahead(batches: list[np.ndarray], start: int, count: int) -> np.ndarray | None:
-    """The indices of batches[start : start + count] together (None when none)."""
-    rest = batches[start : start + count]
-    return np.concatenate(rest) if rest else None
-
-
 class Loader:
     """Iterate to get :class:`Batch` es; each new iteration is the next epoch.
     Made by :meth:`finegym_store.Store.loader`, which documents the arguments."""
@@ -227,9 +221,8 @@ class Loader:
             while len(pending) < jobs and b + len(pending) < len(batches):
                 k = b + len(pending)
                 chunk = batches[k]
-                if self.store._remote is not None:
-                    # A remote store: this batch's rows into the cache, the next ones' in the background.
-                    self.store._ensure_rows(self.column, chunk, ahead=_ahead(batches, k + 1, self.prefetch + 2))
+                # A remote store: this batch's rows into the cache, the next ones' in the background.
+                self.store._ensure_rows(self.column, chunk, ahead=batches[k + 1 : k + 3 + self.prefetch])
                 out = None
                 if free and free[-1].shape[0] == len(chunk):
                     out = free.pop()

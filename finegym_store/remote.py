@@ -299,6 +299,7 @@ class RemoteCache:
         # This process's view: 1 = checked (version 2) or fetched here; served without further checks.
         self.ok = np.zeros(max(1, self.nblocks), dtype=bool)
         self._mutex = threading.Lock()
+        self._ready: set[str] = set()  # columns whose every block is ok here
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._ahead: concurrent.futures.Future[None] | None = None
         _LIVE.add(self)
@@ -536,6 +537,17 @@ class RemoteCache:
             counts = span + 1
             ids = np.unique(np.repeat(lo - np.cumsum(counts) + counts, counts) + np.arange(int(counts.sum())))
         return ids + first_id
+
+    def column_ready(self, column: str) -> bool:
+        """True once every block of `column` is checked in this process: reads
+        of it then need nothing more (the fast path of a warm cache)."""
+        if column in self._ready:
+            return True
+        first_id, _offset, length = self.columns[column]
+        if self.ok[first_id : first_id + -(-length // _B)].all():
+            self._ready.add(column)
+            return True
+        return False
 
     def column_blocks(self, column: str) -> np.ndarray:
         first_id, _offset, length = self.columns[column]

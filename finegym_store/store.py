@@ -221,19 +221,20 @@ class Store:
         offsets = None if t is not None else self._reader.section(_S["feature_prefix"] + name + _S["offsets_suffix"])
         return RowMap(self._remote, name, np.dtype(dtype).itemsize * c, t, offsets)
 
-    def _ensure_rows(self, column: str, indices: np.ndarray, ahead: Any = None) -> None:
+    def _ensure_rows(self, column: str, indices: np.ndarray, ahead: Sequence[np.ndarray] = ()) -> None:
         """Remote stores: fetch the rows of ``indices`` (valid, non-negative or
         negative instance indices) of ``column`` into the cache before they are
-        read, and start fetching the rows of ``ahead`` (the next batches) in the
-        background. Nothing for a local store."""
-        if self._remote is None:
+        read, and start fetching the rows of ``ahead`` (the next batches'
+        indices) in the background. Nothing for a local store, or once every
+        block of the column is in the cache and checked."""
+        if self._remote is None or self._remote.column_ready(column):
             return
         col = self.column(column)
         n = len(self)
         if len(indices):
             col._fetch(np.asarray(indices, dtype=np.int64) % n)
-        if ahead is not None and len(ahead):
-            self._remote.prefetch(column, col._remote.blocks(np.asarray(ahead, dtype=np.int64) % n))
+        if ahead:
+            self._remote.prefetch(column, col._remote.blocks(np.concatenate(ahead) % n))
 
     # -- identity -------------------------------------------------------------
     @property
