@@ -275,10 +275,26 @@ def _atomic_target(path: str) -> tuple[int, str]:
 
 
 def _write_streaming(store: Store, path: str | os.PathLike[str], columns: Any, rows: int, tensor_type: str,
-                     progress: bool, open_writer: Any, write: Any) -> str:
+                     progress: bool, open_writer: Any, write: Any, overwrite: bool = True,
+                     storage_options: Any = None) -> str:
     from tqdm.auto import tqdm
 
+    from .remote import is_url
+
+    if isinstance(path, str) and is_url(path) and not path.lower().startswith("file://"):
+        # Object storage: written locally, then uploaded in one atomic put.
+        from .remote import upload
+
+        with upload(path, storage_options, overwrite) as local:
+            _write_streaming(store, local, columns, rows, tensor_type, progress, open_writer, write)
+        return path
+    if isinstance(path, str) and path.lower().startswith("file://"):
+        from urllib.parse import unquote, urlparse
+
+        path = unquote(urlparse(path).path)
     path = os.fspath(path)
+    if not overwrite and os.path.exists(path):
+        raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
     table = to_arrow(store, columns, tensor_type)
     fd, tmp = _atomic_target(path)
     os.close(fd)
@@ -306,7 +322,8 @@ def _umask() -> int:
 
 def to_parquet(store: Store, path: str | os.PathLike[str], columns: Sequence[str] | str | None = None,
                row_group_size: int | None = None, compression: str = "none", byte_stream_split: bool = False,
-               compression_level: int | None = None, tensor_type: str = "nested", progress: bool = False) -> str:
+               compression_level: int | None = None, tensor_type: str = "nested", progress: bool = False,
+               overwrite: bool = True, storage_options: Any = None) -> str:
     """Write a Parquet file one row group at a time (see Store.to_parquet)."""
     import pyarrow.parquet as pq
 
@@ -316,13 +333,13 @@ def to_parquet(store: Store, path: str | os.PathLike[str], columns: Sequence[str
     return _write_streaming(
         store, path, columns, rows, tensor_type, progress,
         lambda p, s: pq.ParquetWriter(p, s, **options),
-        lambda w, t: w.write_table(t, row_group_size=rows),
+        lambda w, t: w.write_table(t, row_group_size=rows), overwrite, storage_options,
     )
 
 
 def to_ipc(store: Store, path: str | os.PathLike[str], columns: Sequence[str] | str | None = None,
            batch_size: int | None = None, compression: str = "none", tensor_type: str = "nested",
-           progress: bool = False) -> str:
+           progress: bool = False, overwrite: bool = True, storage_options: Any = None) -> str:
     """Write an Arrow IPC file (Feather v2, ``.arrow``), one record batch per
     ``batch_size`` rows; ``compression`` is none, lz4 or zstd."""
     pa = _pa()
@@ -333,5 +350,5 @@ def to_ipc(store: Store, path: str | os.PathLike[str], columns: Sequence[str] | 
     return _write_streaming(
         store, path, columns, rows, tensor_type, progress,
         lambda p, s: pa.ipc.new_file(p, s, options=options),
-        lambda w, t: w.write_table(t, max_chunksize=rows),
+        lambda w, t: w.write_table(t, max_chunksize=rows), overwrite, storage_options,
     )

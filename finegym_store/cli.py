@@ -221,19 +221,24 @@ def _export(args: argparse.Namespace) -> None:
     from . import arrow
     from .store import open as open_store
 
-    if os.path.exists(args.out) and not args.overwrite:
+    from .remote import RemoteFile, exists, is_url
+
+    remote = is_url(args.out) and not args.out.lower().startswith("file://")
+    if not args.overwrite and (exists(args.out) if remote else os.path.exists(args.out)):
         raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
     store = open_store(args.store)
     ext = os.path.splitext(args.out)[1].lower()
     if ext in (".arrow", ".feather", ".ipc"):
         arrow.to_ipc(store, args.out, args.columns, args.row_group_size, args.compression, args.tensor_type,
-                     progress=not args.quiet)
+                     progress=not args.quiet, overwrite=args.overwrite)
         kind = "Arrow IPC"
     else:
         arrow.to_parquet(store, args.out, args.columns, args.row_group_size, args.compression,
-                         args.byte_stream_split, None, args.tensor_type, progress=not args.quiet)
+                         args.byte_stream_split, None, args.tensor_type, progress=not args.quiet,
+                         overwrite=args.overwrite)
         kind = "Parquet"
-    print(f"wrote {args.out}: {kind}, {len(store)} rows, {os.path.getsize(args.out) / 2**20:.1f} MiB")
+    size = RemoteFile(args.out).size if remote else os.path.getsize(args.out)
+    print(f"wrote {args.out}: {kind}, {len(store)} rows, {size / 2**20:.1f} MiB")
 
 
 def _import(args: argparse.Namespace) -> None:

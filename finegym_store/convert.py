@@ -147,6 +147,7 @@ def convert(
     overwrite: bool = False,
     progress: bool = True,
     trust_pickle: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Store:
     """Convert feature tables into a store at ``out`` and open it.
 
@@ -157,8 +158,25 @@ def convert(
     split file) instances follow the split's order and carry its labels;
     without, they are sorted by id and labelled -1. ``categories`` adds the
     label hierarchy. Pickles are loaded through an allow-list unless
-    ``trust_pickle``. The file appears only once complete.
+    ``trust_pickle``. The file appears only once complete. ``out`` may be
+    an ``s3://`` URL: the store is written to a local temporary file, then
+    uploaded in one atomic put (``storage_options`` as for
+    :func:`finegym_store.open`), and the remote store is returned.
     """
+    from .remote import is_url
+
+    if isinstance(out, str) and is_url(out) and not out.lower().startswith("file://"):
+        from .remote import upload
+        from .store import open as open_store
+
+        with upload(out, storage_options, overwrite) as local:
+            convert(local, features, split=split, categories=categories, dtype=dtype, progress=progress,
+                    trust_pickle=trust_pickle)
+        return open_store(out, storage_options=dict(storage_options or {}))
+    if isinstance(out, str) and out.lower().startswith("file://"):
+        from urllib.parse import unquote, urlparse
+
+        out = unquote(urlparse(out).path)
     out = os.fspath(out)
     stored_as = store_dtype(dtype, "convert")
     if not isinstance(features, Mapping) or not features:

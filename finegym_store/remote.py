@@ -36,14 +36,18 @@ any store, so gathers run the same memory-mapped code as for a local file.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import fcntl
 import hashlib
 import os
+import shutil
 import struct
+import tempfile
 import threading
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -52,7 +56,7 @@ import numpy as np
 from . import _core
 from .errors import FormatError
 
-__all__ = ["is_url", "default_cache_dir", "RemoteFile", "open_remote"]
+__all__ = ["is_url", "default_cache_dir", "RemoteFile", "open_remote", "upload", "exists"]
 
 SCHEMES = ("s3", "s3a", "http", "https", "file")
 _S = _core.SECTIONS
@@ -100,70 +104,15 @@ class RemoteFile:
     Every request either returns or raises OSError naming the URL."""
 
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
-        obstore = _obstore()
-        from obstore.store import HTTPStore, S3Store
-
         self.url = url
-        opts = dict(storage_options or {})
-        own = {k: opts.pop(k, _DEFAULTS[k]) for k in _OWN_OPTIONS}
-        timeout = _seconds(own["timeout"], "timeout")
-        connect = _seconds(own["connect_timeout"], "connect_timeout")
-        retry_timeout = _seconds(own["retry_timeout"], "retry_timeout")
-        max_retries = own["max_retries"]
-        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-            raise ValueError(f"storage_options['max_retries'] must be an integer >= 0, got {max_retries!r}")
-        client = {"timeout": timedelta(seconds=timeout), "connect_timeout": timedelta(seconds=connect)}
-        retry = {"max_retries": max_retries, "retry_timeout": timedelta(seconds=retry_timeout),
-                 "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=5),
-                             "base": 2.0}}
-        parsed = urlparse(url)
-        scheme = parsed.scheme.lower()
-        try:
-            if scheme in ("s3", "s3a"):
-                bucket, key = parsed.netloc, parsed.path.lstrip("/")
-                if not bucket or not key or key.endswith("/"):
-                    raise ValueError(f"{url}: expected s3://BUCKET/KEY naming an object")
-                endpoint = opts.get("endpoint") or opts.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL_S3") \
-                    or os.environ.get("AWS_ENDPOINT_URL") or ""
-                if "endpoint_url" in opts:
-                    opts["endpoint"] = opts.pop("endpoint_url")
-                if str(endpoint).startswith("http://"):
-                    client["allow_http"] = True
-                self._store = S3Store(bucket, client_options=client, retry_config=retry, **opts)
-                self._path = key
-            elif scheme in ("http", "https"):
-                head, _, name = parsed.path.rpartition("/")
-                if not parsed.netloc or not name:
-                    raise ValueError(f"{url}: expected {scheme}://HOST/PATH naming a file")
-                if scheme == "http":
-                    client["allow_http"] = True
-                self._store = HTTPStore.from_url(f"{scheme}://{parsed.netloc}{head}", client_options=client,
-                                                 retry_config=retry, **opts)
-                self._path = name
-            else:
-                raise ValueError(f"{url}: unsupported scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
-        except (ValueError, TypeError):
-            raise
-        except Exception as e:  # obstore's configuration errors (unknown option, ...)
-            raise ValueError(f"{url}: bad storage_options: {e}") from None
-        self._obstore = obstore
+        self._obstore = _obstore()
+        self._store, self._path = _client(url, storage_options)
         self.requests = 0  # range requests made by this object (for tests and the bench)
         self.bytes_fetched = 0
         self.size, self.etag, self.modified = self._head()
 
     def _error(self, e: BaseException, what: str) -> OSError:
-        msg = f"{self.url}: {what} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-        name = type(e).__name__
-        if isinstance(e, FileNotFoundError) or name == "NotFoundError":
-            return FileNotFoundError(msg)
-        if isinstance(e, PermissionError) or name in ("PermissionDeniedError", "UnauthenticatedError"):
-            return PermissionError(msg)
-        text = str(e)
-        if "403" in text.split("Debug source")[0] or "401" in text.split("Debug source")[0]:
-            return PermissionError(msg)
-        if "404" in text.split("Debug source")[0]:
-            return FileNotFoundError(msg)
-        return OSError(msg)
+        return _as_oserror(self.url, e, what)
 
     def _head(self) -> tuple[int, str, str]:
         try:
@@ -191,6 +140,120 @@ class RemoteFile:
         self.requests += len(starts)
         self.bytes_fetched += sum(e - s for s, e in zip(starts, ends))
         return views
+
+
+def _client(url: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, str]:
+    """(obstore store, path in it) for `url`; ValueError for a bad URL or option."""
+    from obstore.store import HTTPStore, S3Store
+
+    opts = dict(storage_options or {})
+    own = {k: opts.pop(k, _DEFAULTS[k]) for k in _OWN_OPTIONS}
+    timeout = _seconds(own["timeout"], "timeout")
+    connect = _seconds(own["connect_timeout"], "connect_timeout")
+    retry_timeout = _seconds(own["retry_timeout"], "retry_timeout")
+    max_retries = own["max_retries"]
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+        raise ValueError(f"storage_options['max_retries'] must be an integer >= 0, got {max_retries!r}")
+    client = {"timeout": timedelta(seconds=timeout), "connect_timeout": timedelta(seconds=connect)}
+    retry = {"max_retries": max_retries, "retry_timeout": timedelta(seconds=retry_timeout),
+             "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=5),
+                         "base": 2.0}}
+    parsed = urlparse(url)
+    scheme = parsed.scheme.lower()
+    try:
+        if scheme in ("s3", "s3a"):
+            bucket, key = parsed.netloc, parsed.path.lstrip("/")
+            if not bucket or not key or key.endswith("/"):
+                raise ValueError(f"{url}: expected s3://BUCKET/KEY naming an object")
+            endpoint = opts.get("endpoint") or opts.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL_S3") \
+                or os.environ.get("AWS_ENDPOINT_URL") or ""
+            if "endpoint_url" in opts:
+                opts["endpoint"] = opts.pop("endpoint_url")
+            if str(endpoint).startswith("http://"):
+                client["allow_http"] = True
+            store = S3Store(bucket, client_options=client, retry_config=retry, **opts)
+            path = key
+        elif scheme in ("http", "https"):
+            head, _, name = parsed.path.rpartition("/")
+            if not parsed.netloc or not name:
+                raise ValueError(f"{url}: expected {scheme}://HOST/PATH naming a file")
+            if scheme == "http":
+                client["allow_http"] = True
+            store = HTTPStore.from_url(f"{scheme}://{parsed.netloc}{head}", client_options=client,
+                                             retry_config=retry, **opts)
+            path = name
+        else:
+            raise ValueError(f"{url}: unsupported scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
+    except (ValueError, TypeError):
+        raise
+    except Exception as e:  # obstore's configuration errors (unknown option, ...)
+        raise ValueError(f"{url}: bad storage_options: {e}") from None
+    return store, path
+
+
+def _as_oserror(url: str, e: BaseException, what: str) -> OSError:
+    msg = f"{url}: {what} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    name = type(e).__name__
+    if isinstance(e, FileNotFoundError) or name == "NotFoundError":
+        return FileNotFoundError(msg)
+    if isinstance(e, PermissionError) or name in ("PermissionDeniedError", "UnauthenticatedError"):
+        return PermissionError(msg)
+    text = str(e)
+    if "403" in text.split("Debug source")[0] or "401" in text.split("Debug source")[0]:
+        return PermissionError(msg)
+    if "404" in text.split("Debug source")[0]:
+        return FileNotFoundError(msg)
+    return OSError(msg)
+
+
+# ---- writing: local temporary file, then one atomic upload ---------------------------
+def _writable(url: str) -> None:
+    scheme = url.split("://", 1)[0].lower()
+    if scheme not in ("s3", "s3a"):
+        raise ValueError(f"{url}: cannot write to a {scheme}:// URL; remote writes go to s3:// "
+                         "(HTTP(S) stores are read-only)")
+
+
+def exists(url: str, storage_options: Mapping[str, Any] | None = None) -> bool:
+    """Whether the object at `url` exists (a HEAD request); OSError naming the URL if it cannot tell."""
+    obstore = _obstore()
+    store, path = _client(url, storage_options)
+    try:
+        obstore.head(store, path)
+    except Exception as e:
+        err = _as_oserror(url, e, "HEAD")
+        if isinstance(err, FileNotFoundError):
+            return False
+        raise err from None
+    return True
+
+
+@contextlib.contextmanager
+def upload(url: str, storage_options: Mapping[str, Any] | None = None, overwrite: bool = False) -> Iterator[str]:
+    """A local temporary path to write a file to; when the block ends without
+    an exception the file is uploaded to `url` in one put (multipart for large
+    files), which S3 makes atomic: the object appears whole or not at all.
+    Without `overwrite` an existing object is refused (FileExistsError) both
+    before the work and at the upload (a conditional put: one that appeared
+    meanwhile is not replaced). The temporary file is removed in any case."""
+    _writable(url)
+    obstore = _obstore()
+    store, path = _client(url, storage_options)
+    if not overwrite and exists(url, storage_options):
+        raise FileExistsError(f"{url} exists; pass overwrite=True (--overwrite) to replace it")
+    folder = tempfile.mkdtemp(prefix="finegym-upload-")
+    local = os.path.join(folder, os.path.basename(path) or "upload")
+    try:
+        yield local
+        try:
+            obstore.put(store, path, Path(local), mode="overwrite" if overwrite else "create")
+        except Exception as e:
+            if type(e).__name__ in ("AlreadyExistsError", "PreconditionError"):
+                raise FileExistsError(f"{url} exists (created while this was written); pass overwrite=True "
+                                      "(--overwrite) to replace it") from None
+            raise _as_oserror(url, e, "upload") from None
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # ---- the section table, parsed just enough to plan the fetches -------------------

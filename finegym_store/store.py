@@ -513,15 +513,19 @@ class Store:
     def to_parquet(self, path: str | os.PathLike[str], columns: Sequence[str] | str | None = None,
                    row_group_size: int | None = None, compression: str = "none", byte_stream_split: bool = False,
                    compression_level: int | None = None, tensor_type: str = "nested",
-                   progress: bool = False) -> str:
+                   progress: bool = False, overwrite: bool = True,
+                   storage_options: dict[str, Any] | None = None) -> str:
         """Write a Parquet file one row group at a time (memory: one row
         group; default about 128 MiB of features), atomically. No dictionary
         pages for floats; ``byte_stream_split=True`` with
-        ``compression="zstd"`` shrinks float data. Returns the path."""
+        ``compression="zstd"`` shrinks float data. ``path`` may be an
+        ``s3://`` URL (written locally, then uploaded in one atomic put;
+        ``storage_options`` as for :func:`open`). ``overwrite=False`` refuses
+        an existing file or object (FileExistsError). Returns the path."""
         from . import arrow
 
         return arrow.to_parquet(self, path, columns, row_group_size, compression, byte_stream_split,
-                                compression_level, tensor_type, progress)
+                                compression_level, tensor_type, progress, overwrite, storage_options)
 
     def classes_table(self) -> Any:
         """The label hierarchy as a pyarrow.Table (label, glabel, set, event,

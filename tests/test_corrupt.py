@@ -967,3 +967,27 @@ def test_sections_dict_names_the_schema(base):
     assert s["class_ints"] == ("classes/label", "classes/glabel", "classes/set")
     assert (s["ids"], s["feature_prefix"], s["offsets_suffix"], s["attrs"]) == ("ids", "features/", "/offsets", "attrs")
     assert s["blocks_suffix"] == "/blocks"
+
+
+# -- format version 2: block checksums ------------------------------------------------
+
+
+def test_block_checksum_section_of_the_wrong_length_is_refused(base, damaged):
+    buf = bytearray(base.data)
+    at = entries(buf)["features/fix/blocks"]
+    put(buf, "length", 16, ENTRY, at)
+    struct.pack_into("<Q", buf, at + 96, 2)  # shape (2,): one block of features/fix needs (1,)
+    rehash(buf)
+    open_fails(damaged(buf), r"section 'features/fix/blocks' is int64\(2,\), expected int64\(1,\)")
+
+
+def test_missing_block_checksums_are_refused_in_version_2(base, damaged):
+    rows = [r for r in _table(base.data) if _entry_name(r) != "features/rag/blocks"]
+    open_fails(damaged(_with_table(base.data, rows)), r"required section 'features/rag/blocks' is missing")
+
+
+def test_block_checksums_in_a_version_1_file_are_refused(base, damaged):
+    buf = bytearray(base.data)
+    put(buf, "version", 1)
+    rehash(buf)
+    open_fails(damaged(buf), r"section 'features/fix/blocks': column name must be")

@@ -328,3 +328,58 @@ def test_dataloader_workers_over_a_remote_store(served, tmp_path):
                                      multiprocessing_context="spawn")
     got = torch.cat([b.features for b in dl]).numpy()
     np.testing.assert_array_equal(got, local.gather("fix", np.arange(N), 4))
+
+
+# -- writing to object storage ---------------------------------------------------------
+
+
+def _s3_bytes(endpoint: str, key: str) -> bytes:
+    import obstore
+    from obstore.store import S3Store
+
+    store = S3Store("bkt", client_options={"allow_http": True}, **s3_options(endpoint))
+    return bytes(obstore.get(store, key).bytes())
+
+
+def test_to_parquet_and_convert_write_to_s3(served, moto, tmp_path):
+    pq = require("pyarrow.parquet", "pyarrow", 'pip install "finegym-store[arrow]"')
+    _server, local, root = served
+    opts = {**s3_options(moto), **FAST}
+    url = "s3://bkt/out/s.parquet"
+    assert local.to_parquet(url, storage_options=opts) == url
+    (tmp_path / "got.parquet").write_bytes(_s3_bytes(moto, "out/s.parquet"))
+    assert pq.read_table(tmp_path / "got.parquet").equals(pq.read_table(local.to_parquet(tmp_path / "want.parquet")))
+    with pytest.raises(FileExistsError, match=r"s3://bkt/out/s\.parquet exists; pass overwrite=True"):
+        local.to_parquet(url, storage_options=opts, overwrite=False)
+    local.to_parquet(url, storage_options=opts, columns=["id", "label"])  # overwrite=True: replaced
+    (tmp_path / "small.parquet").write_bytes(_s3_bytes(moto, "out/s.parquet"))
+    assert pq.read_table(tmp_path / "small.parquet").column_names == ["id", "label"]
+
+    table = {k: local.features("fix", i).copy() for i, k in enumerate(local.ids)}
+    store = fgs.convert("s3://bkt/out/c.fgs", {"fix": table}, progress=False, storage_options=opts)
+    assert store.path == "s3://bkt/out/c.fgs" and store.format_version == fgs.FORMAT_VERSION
+    order = store.index_of(local.ids.to_list())  # without a split, a conversion sorts by id
+    np.testing.assert_array_equal(store.gather("fix", order, 12), local.gather("fix", np.arange(N), 12))
+    assert store.verify() == []
+    with pytest.raises(FileExistsError, match=r"s3://bkt/out/c\.fgs exists"):
+        fgs.convert("s3://bkt/out/c.fgs", {"fix": table}, progress=False, storage_options=opts)
+    assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob("finegym-upload-*/c.fgs"))
+
+
+def test_cli_export_to_s3_uses_the_aws_environment(served, moto, tmp_path, monkeypatch):
+    require("pyarrow", "pyarrow", 'pip install "finegym-store[arrow]"')
+    from finegym_store.cli import main
+
+    for k, v in {"AWS_ENDPOINT_URL": moto, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    src = str(served[2] / "s.fgs")
+    assert main(["export", src, "s3://bkt/cli/e.parquet", "-q"]) == 0
+    assert _s3_bytes(moto, "cli/e.parquet")[:4] == b"PAR1"
+    assert main(["export", src, "s3://bkt/cli/e.parquet", "-q"]) == 2  # exists, no --overwrite
+    assert main(["export", "s3://bkt/data/s.fgs", "s3://bkt/cli/e.parquet", "-q", "--overwrite"]) == 0
+
+
+def test_http_urls_are_read_only(served, tmp_path):
+    with pytest.raises(ValueError, match=r"cannot write to a http:// URL"):
+        served[1].to_parquet(f"{served[0].url}/x.parquet")
