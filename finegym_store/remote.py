@@ -688,9 +688,3 @@ def open_remote(url: str, storage_options: Mapping[str, Any] | None = None,
     return cache
 
 
-def describe(cache: RemoteCache) -> dict[str, Any]:
-    """What the cache holds (for `finegym-store info` and tests)."""
-    return {"url": cache.url, "cache": cache.dir, "blocks": cache.nblocks,
-            "present": int(np.count_nonzero(cache.present[: cache.nblocks])),
-            "version": cache.version}
-

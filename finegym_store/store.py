@@ -191,7 +191,8 @@ class Column:
                 self._fetch(as_indices(index, len(self)) % max(1, len(self)))
             return [self._reader.features(self.name, int(i)) for i in index]
         if self._remote is not None:
-            self._fetch(np.arange(len(self), dtype=np.int64)[index].ravel())
+            first = index[0] if isinstance(index, tuple) and index else index  # col[i, t, c]: instances from i
+            self._fetch(np.arange(len(self), dtype=np.int64)[first].ravel())
         return self._reader.section(_S["feature_prefix"] + self.name)[index]
 
     def __repr__(self) -> str:

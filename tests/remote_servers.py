@@ -131,10 +131,10 @@ def s3_options(endpoint: str) -> dict[str, Any]:
 
 def s3_put(endpoint: str, bucket: str, key: str, data: bytes | os.PathLike[str]) -> None:
     """Create `bucket` (if needed) and put one object, with obstore."""
+    import urllib.request
+
     import obstore
     from obstore.store import S3Store
-
-    import urllib.request
 
     req = urllib.request.Request(f"{endpoint}/{bucket}", method="PUT")
     try:

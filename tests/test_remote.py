@@ -220,7 +220,7 @@ def test_a_damaged_cache_block_is_refetched(served, tmp_path):
 
 
 def test_a_changed_object_gets_a_fresh_cache(served, tmp_path):
-    server, _local, root = served
+    _server, _local, root = served
     other = _make(tmp_path, "v.fgs", seed=7)
     shutil.copyfile(root / "s.fgs", root / "changing.fgs")
     old = _open_http(served, tmp_path / "c", "changing.fgs")
@@ -234,7 +234,7 @@ def test_a_changed_object_gets_a_fresh_cache(served, tmp_path):
 
 
 def test_damaged_remote_feature_bytes_raise_format_error(served, tmp_path):
-    server, local, root = served
+    _server, local, root = served
     data = bytearray((root / "s.fgs").read_bytes())
     lo, _ = _feature_ranges(local)[0]
     data[lo + 10] ^= 0xFF
@@ -248,7 +248,7 @@ def test_damaged_remote_feature_bytes_raise_format_error(served, tmp_path):
 
 
 def test_a_version_1_store_opens_remotely(served, tmp_path):
-    server, _local, root = served
+    _server, _local, root = served
     golden = Path(__file__).resolve().parent / "data" / "golden_v1.fgs"
     shutil.copyfile(golden, root / "golden_v1.fgs")
     store = _open_http(served, tmp_path, "golden_v1.fgs")
@@ -341,9 +341,20 @@ def _s3_bytes(endpoint: str, key: str) -> bytes:
     return bytes(obstore.get(store, key).bytes())
 
 
-def test_to_parquet_and_convert_write_to_s3(served, moto, tmp_path):
+@pytest.fixture
+def local_scratch(tmp_path, monkeypatch):
+    """Upload staging and the default cache folder under tmp_path."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    return tmp_path / "tmp"
+
+
+def test_to_parquet_and_convert_write_to_s3(served, moto, tmp_path, local_scratch):
     pq = require("pyarrow.parquet", "pyarrow", 'pip install "finegym-store[arrow]"')
-    _server, local, root = served
+    _server, local, _root = served
     opts = {**s3_options(moto), **FAST}
     url = "s3://bkt/out/s.parquet"
     assert local.to_parquet(url, storage_options=opts) == url
@@ -363,10 +374,10 @@ def test_to_parquet_and_convert_write_to_s3(served, moto, tmp_path):
     assert store.verify() == []
     with pytest.raises(FileExistsError, match=r"s3://bkt/out/c\.fgs exists"):
         fgs.convert("s3://bkt/out/c.fgs", {"fix": table}, progress=False, storage_options=opts)
-    assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob("finegym-upload-*/c.fgs"))
+    assert list(local_scratch.iterdir()) == []  # staging files removed, after success and failure
 
 
-def test_cli_export_to_s3_uses_the_aws_environment(served, moto, tmp_path, monkeypatch):
+def test_cli_export_to_s3_uses_the_aws_environment(served, moto, tmp_path, monkeypatch, local_scratch):
     require("pyarrow", "pyarrow", 'pip install "finegym-store[arrow]"')
     from finegym_store.cli import main
 
@@ -380,6 +391,6 @@ def test_cli_export_to_s3_uses_the_aws_environment(served, moto, tmp_path, monke
     assert main(["export", "s3://bkt/data/s.fgs", "s3://bkt/cli/e.parquet", "-q", "--overwrite"]) == 0
 
 
-def test_http_urls_are_read_only(served, tmp_path):
+def test_http_urls_are_read_only(served, tmp_path, local_scratch):
     with pytest.raises(ValueError, match=r"cannot write to a http:// URL"):
         served[1].to_parquet(f"{served[0].url}/x.parquet")
