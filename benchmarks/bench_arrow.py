@@ -1,11 +1,11 @@
 """Arrow and Parquet interop at FineGym I3D size, each beside its baseline.
 
-    python benchmarks/bench_arrow.py [--instances N] [--repeat R] [--dir DIR] [--keep] [--json out.json]
+    python benchmarks/bench_arrow.py [--instances N] [--repeat R] [--dir DIR] [--json out.json]
 
-Default N = 20484 instances of 12 x 2048 float32 (2 GB). The store is built
-once into DIR (default $FINEGYM_BENCH_DIR or /tmp/finegym-bench) by
-``from_arrow`` from a generated stream (256 distinct blocks cycled, as in
-common.py) and, unless --keep, every file is deleted at the end.
+Default N = 20484 instances of 12 x 2048 float32 (2 GB): the generated I3D
+store of ``finegym_store.bench.inputs``, built once into its cache folder
+(DIR, default as ``finegym-store bench --data``) and kept there; every file
+this script writes beside it is deleted at the end.
 
 1. ``store.to_arrow()`` in a fresh process: time (median of R calls on one
    store) and the RSS growth of the first call. Zero copy: nothing is read.
@@ -42,41 +42,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import finegym_store as fgs
+from finegym_store import arrow as fga
+from finegym_store.bench import inputs
 
-import finegym_store as fgs  # noqa: E402
-from finegym_store import arrow as fga  # noqa: E402
-from finegym_store import synth  # noqa: E402
-
-T, C = common.I3D_SHAPE[0], common.I3D_SHAPE[1]
-
-
-def build_store(n: int, folder: Path) -> Path:
-    out = folder / f"arrow_i3d_{n}.fgs"
-    if out.exists():
-        return out
-    ids, labels = common.make_ids_labels(n)
-    k = min(n, common.DISTINCT_BLOCKS)
-    blocks = np.stack([v.reshape(T, C) for v in
-                       synth.make_features(ids[:k], labels[:k], common.I3D_SHAPE).values()]).astype(np.float32)
-    row_type = pa.list_(pa.list_(pa.float32(), C), T)
-    schema = pa.schema([("id", pa.large_utf8()), ("label", pa.int32()), ("i3d", row_type)])
-
-    def batches():
-        step = 512
-        for s in range(0, n, step):
-            e = min(n, s + step)
-            vals = blocks[np.arange(s, e) % k].ravel()
-            arr = pa.FixedSizeListArray.from_arrays(pa.FixedSizeListArray.from_arrays(pa.array(vals), C), T)
-            yield pa.record_batch([pa.array(ids[s:e], pa.large_utf8()), pa.array(labels[s:e], pa.int32()), arr],
-                                  schema=schema)
-
-    t0 = time.perf_counter()
-    fgs.from_arrow(pa.RecordBatchReader.from_batches(schema, batches()), out, categories=common.categories_path(),
-                   progress=False)
-    print(f"[build] {out} ({out.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t0:.1f} s", flush=True)
-    return out
+T, C = inputs.I3D_SHAPE[0], inputs.I3D_SHAPE[1]
 
 
 def timed(fn) -> float:
@@ -92,23 +62,23 @@ def drop(path: Path) -> None:
 
 _TO_ARROW_CHILD = r"""
 import json, sys, time
-sys.path.insert(0, sys.argv[2])
-import common, finegym_store as fgs
+import finegym_store as fgs
+from finegym_store.bench.pagecache import rss_bytes
 import pyarrow  # imported before measuring: its import is not to_arrow's cost
 s = fgs.open(sys.argv[1])
-r0 = common.rss_bytes()
+r0 = rss_bytes()
 t0 = time.perf_counter(); t = s.to_arrow(); first = time.perf_counter() - t0
-r1 = common.rss_bytes()
+r1 = rss_bytes()
 times = []
-for _ in range(int(sys.argv[3])):
+for _ in range(int(sys.argv[2])):
     t0 = time.perf_counter(); s.to_arrow(); times.append(time.perf_counter() - t0)
 print(json.dumps({"first_s": first, "rss_growth": r1 - r0, "times": times, "rows": t.num_rows}))
 """
 
 
 def bench_to_arrow(store: Path, repeat: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", _TO_ARROW_CHILD, str(store), str(Path(__file__).parent),
-                          str(max(repeat, 5))], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", _TO_ARROW_CHILD, str(store), str(max(repeat, 5))],
+                         capture_output=True, text=True, check=True)
     r = json.loads(out.stdout)
     return {"first_ms": r["first_s"] * 1e3, "median_ms": statistics.median(r["times"]) * 1e3,
             "rss_growth_mb": r["rss_growth"] / 2**20}
@@ -257,17 +227,16 @@ def bench_sizes(store_path: Path, folder: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--instances", type=int, default=common.I3D_INSTANCES)
+    ap.add_argument("--instances", type=int, default=inputs.I3D_INSTANCES)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--dir", default=None)
-    ap.add_argument("--keep", action="store_true", help="keep the generated store")
+    ap.add_argument("--dir", default=None, help="the inputs' cache folder (finegym_store.bench.inputs)")
     ap.add_argument("--sizes", action="store_true", help="also the file size of each compression option")
     ap.add_argument("--only", nargs="+", choices=("to_arrow", "stream", "to_parquet", "from_parquet", "peak"),
                     help="run only these parts (from_parquet needs to_parquet's file: it is written if missing)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    folder = common.bench_dir(args.dir)
-    store = build_store(args.instances, folder)
+    store = inputs.ensure_inputs(args.instances, args.dir, pickle=False).store
+    folder = store.parent
     res: dict = {"instances": args.instances, "feature_gb": args.instances * T * C * 4 / 1e9,
                  "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "pyarrow": pa.__version__}
     parts = set(args.only or ("to_arrow", "stream", "to_parquet", "from_parquet", "peak"))
@@ -295,8 +264,6 @@ def main() -> None:
     finally:
         for p in (folder / "ours.parquet", folder / "base.parquet", folder / "imported.fgs", folder / "raw.bin"):
             p.unlink(missing_ok=True)
-        if not args.keep:
-            store.unlink(missing_ok=True)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
 

@@ -26,8 +26,9 @@ What it measures (defaults: N = 20484 instances of 12 x 2048 float32, 2 GB):
 Python-side work and the C++ writer's calls (hash + write, commit = fsync),
 plus the raw XXH64 speed on the same bytes.
 
-Inputs are built once into $FINEGYM_BENCH_DIR (default /tmp/finegym-bench);
-see common.py. Nothing here asserts a timing: it prints a table (and JSON).
+Inputs are built once into the cache folder of ``finegym_store.bench.inputs``
+(``--dir``; default as ``finegym-store bench --data``). Nothing here asserts a
+timing: it prints a table (and JSON).
 """
 
 from __future__ import annotations
@@ -46,10 +47,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-
-import finegym_store  # noqa: E402
+import finegym_store
+from finegym_store.bench import inputs as cache
+from finegym_store.bench.pagecache import peak_rss_bytes, rss_bytes, rss_detail, warm
 
 TARGET_OPEN_MS = 5.0
 TARGET_OPEN_RSS_MB = 50.0
@@ -63,11 +63,11 @@ def _child_open(path: str, opens: int, keep: int) -> dict[str, Any]:
     # The caller's first open (timed on its own) took first-call costs out of
     # the way. One open, RSS before/after:
     out: dict[str, Any] = {}
-    rss0, det0 = common.rss_bytes(), common.rss_detail()
+    rss0, det0 = rss_bytes(), rss_detail()
     t0 = time.perf_counter()
     s = finegym_store.open(path)
     out["single_open_s"] = time.perf_counter() - t0
-    rss1, det1 = common.rss_bytes(), common.rss_detail()
+    rss1, det1 = rss_bytes(), rss_detail()
     out["single_rss_bytes"] = rss1 - rss0
     out["single_rss_detail"] = {k: det1.get(k, 0) - det0.get(k, 0) for k in det1}
     assert len(s) > 0
@@ -83,9 +83,9 @@ def _child_open(path: str, opens: int, keep: int) -> dict[str, Any]:
     out["open_s"] = times
 
     gc.collect()
-    rss0, det0 = common.rss_bytes(), common.rss_detail()
+    rss0, det0 = rss_bytes(), rss_detail()
     stores = [finegym_store.open(path) for _ in range(keep)]
-    rss1, det1 = common.rss_bytes(), common.rss_detail()
+    rss1, det1 = rss_bytes(), rss_detail()
     out["keep"] = len(stores)
     out["keep_rss_bytes"] = rss1 - rss0
     out["keep_rss_detail"] = {k: det1.get(k, 0) - det0.get(k, 0) for k in det1}
@@ -104,13 +104,13 @@ def _child_pickle(path: str) -> dict[str, Any]:
     import pickle
 
     gc.collect()
-    rss0 = common.rss_bytes()
+    rss0 = rss_bytes()
     t0 = time.perf_counter()
     with open(path, "rb") as f:
         table = pickle.load(f)
     dt = time.perf_counter() - t0
-    rss1 = common.rss_bytes()
-    return {"pickle_load_s": dt, "rss_bytes": rss1 - rss0, "n": len(table), "peak_rss_bytes": common.peak_rss_bytes()}
+    rss1 = rss_bytes()
+    return {"pickle_load_s": dt, "rss_bytes": rss1 - rss0, "n": len(table), "peak_rss_bytes": peak_rss_bytes()}
 
 
 def _run_child(mode: str, path: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -137,12 +137,8 @@ def _child_main(mode: str, path: str, opens: int, keep: int) -> None:
 # -- helpers ------------------------------------------------------------------------
 
 
-def _warm(path: Path) -> None:
-    """Read a file once so that it sits in the page cache (untimed)."""
-    with open(path, "rb", buffering=0) as f:
-        buf = bytearray(16 << 20)
-        while f.readinto(buf):
-            pass
+def _mb(n: float) -> float:
+    return n / 1e6
 
 
 def _median(xs: list[float]) -> float:
@@ -184,7 +180,7 @@ def _convert(out: Path, table: dict[str, np.ndarray], stacked: np.ndarray, split
     # form a reference cycle, so the mapping goes only at the next gc run; if
     # the file is deleted by then, that run also frees its 2 GB of page
     # cache, which must not land inside another timed call.)
-    return common.convert_table(out, table, split)
+    return cache.convert_table(out, table, split)
 
 
 def _tofile(out: Path, table: dict[str, np.ndarray], stacked: np.ndarray, split: Path) -> None:
@@ -206,10 +202,10 @@ CONVERSION_METHODS = {
 
 
 def _convert_with_staging(mb: float) -> Any:
-    """convert with finegym_store.convert.STAGING_BYTES set to ``mb`` MiB."""
+    """convert with finegym_store._write.STAGING_BYTES set to ``mb`` MiB."""
 
     def run(out: Path, table: dict[str, np.ndarray], stacked: np.ndarray, split: Path) -> Any:
-        module = sys.modules["finegym_store.convert"]
+        module = sys.modules["finegym_store._write"]
         saved = module.STAGING_BYTES
         module.STAGING_BYTES = int(mb * 2**20)
         try:
@@ -220,15 +216,15 @@ def _convert_with_staging(mb: float) -> Any:
     return run
 
 
-def bench_conversion(inputs: common.Inputs, repeat: int, staging_mb: tuple[float, ...] = (),
+def bench_conversion(inputs: cache.Inputs, repeat: int, staging_mb: tuple[float, ...] = (),
                      echo: Any = print) -> dict[str, Any]:
     t0 = time.perf_counter()
-    ids, _, table = common.make_table(inputs.n)
-    stacked = common.stack_table(table, ids)
+    ids, _, table = cache.make_table(inputs.n)
+    stacked = cache.stack_table(table, ids)
     assert stacked.flags.c_contiguous and stacked.nbytes == inputs.feature_bytes
     echo(f"[convert] built the dict and the stacked array in {time.perf_counter() - t0:.1f} s")
 
-    out_dir = common.bench_dir(inputs.folder) / "out"
+    out_dir = cache.bench_dir(inputs.folder) / "out"
     out_dir.mkdir(exist_ok=True)
     methods = dict(CONVERSION_METHODS)
     for mb_ in staging_mb:
@@ -303,12 +299,12 @@ class _TimingWriter:
 _REAL_WRITER = finegym_store._core.Writer
 
 
-def bench_phases(inputs: common.Inputs, echo: Any = print) -> dict[str, Any]:
+def bench_phases(inputs: cache.Inputs, echo: Any = print) -> dict[str, Any]:
     """One conversion with the writer's calls timed, and the raw cost of the
     pieces the writer does on every byte (XXH64, write to the page cache)."""
-    ids, _, table = common.make_table(inputs.n)
-    stacked = common.stack_table(table, ids)
-    out_dir = common.bench_dir(inputs.folder) / "out"
+    ids, _, table = cache.make_table(inputs.n)
+    stacked = cache.stack_table(table, ids)
+    out_dir = cache.bench_dir(inputs.folder) / "out"
     out_dir.mkdir(exist_ok=True)
     out = out_dir / "phases.fgs"
     _remove(out)
@@ -319,7 +315,7 @@ def bench_phases(inputs: common.Inputs, echo: Any = print) -> dict[str, Any]:
     try:
         gc.collect()
         t0 = time.perf_counter()
-        store = common.convert_table(out, table, inputs.split)
+        store = cache.convert_table(out, table, inputs.split)
         res["convert_s"] = time.perf_counter() - t0
         del store
     finally:
@@ -331,7 +327,8 @@ def bench_phases(inputs: common.Inputs, echo: Any = print) -> dict[str, Any]:
     res["python_s"] = res["convert_s"] - sum(_TimingWriter.totals.values())
 
     # The Python-side pieces of _write_column alone, without the writer.
-    from finegym_store.convert import STAGING_BYTES, _instance_shape
+    from finegym_store._write import STAGING_BYTES
+    from finegym_store.convert import _instance_shape
 
     t0 = time.perf_counter()
     shapes = [_instance_shape("x", k, table[k]) for k in ids]
@@ -420,7 +417,7 @@ def report(res: dict[str, Any], echo: Any = print) -> None:
         echo("")
         echo(f"2. Conversion of the in-memory dict, pickle loading excluded (median of {res['repeat']})")
         echo(f"   {'':<34}{'median':>10}{'GB/s':>8}{'convert / this':>16}")
-        default_mb = sys.modules["finegym_store.convert"].STAGING_BYTES / 2**20
+        default_mb = sys.modules["finegym_store._write"].STAGING_BYTES / 2**20
         rows = [("convert", f"finegym_store.convert ({default_mb:g} MiB)")]
         rows += [(k, f"  convert, staging {k.split('@')[1]}") for k in med if k.startswith("convert@")]
         rows += [("tofile", "ndarray.tofile  [baseline]"), ("tofile+fsync", "tofile + fsync  [baseline 2]")]
@@ -452,13 +449,13 @@ def report(res: dict[str, Any], echo: Any = print) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--instances", "-n", type=int, default=common.I3D_INSTANCES,
+    ap.add_argument("--instances", "-n", type=int, default=cache.I3D_INSTANCES,
                     help="instances (default %(default)s: FineGym I3D, 2 GB)")
     ap.add_argument("--repeat", "-r", type=int, default=5, help="rounds / processes per measurement (default %(default)s)")
     ap.add_argument("--opens", type=int, default=1000, help="timed opens per process (default %(default)s)")
     ap.add_argument("--keep", type=int, default=100, help="stores kept alive for the RSS reading (default %(default)s)")
     ap.add_argument("--json", metavar="OUT", help="also write every measurement to this JSON file")
-    ap.add_argument("--dir", help="cache folder (default $FINEGYM_BENCH_DIR or /tmp/finegym-bench)")
+    ap.add_argument("--dir", help="cache folder (default: finegym_store.bench.inputs.default_folder())")
     ap.add_argument("--rebuild", action="store_true", help="rebuild the cached inputs")
     ap.add_argument("--phases", action="store_true", help="also break one conversion down into its parts")
     ap.add_argument("--staging-mb", type=float, action="append", default=[], metavar="MIB",
@@ -475,7 +472,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ap.error("--instances and --repeat must be >= 1")
 
     res: dict[str, Any] = {"instances": args.instances, "repeat": args.repeat, "machine": _machine()}
-    inputs = common.ensure_inputs(args.instances, args.dir, rebuild=args.rebuild)
+    inputs = cache.ensure_inputs(args.instances, args.dir, rebuild=args.rebuild)
     res["feature_bytes"] = inputs.feature_bytes
     res["store_bytes"] = inputs.store.stat().st_size
     res["pickle_bytes"] = inputs.pickle.stat().st_size
@@ -483,7 +480,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # RSS is read in fresh processes, before this one holds the 4 GB it needs
     # for the conversion benchmark.
     if "open" not in args.skip:
-        _warm(inputs.store)
+        warm(inputs.store)
         runs = [_run_child("first_open", inputs.store, args) for _ in range(args.repeat)]
         all_times = [t for r in runs for t in r["open_s"]]
         res["open"] = {
@@ -494,23 +491,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "first_s": [r["first_open_s"] for r in runs],
             "first_median_s": _median([r["first_open_s"] for r in runs]),
             "first_max_s": max(r["first_open_s"] for r in runs),
-            "single_rss_mb": _median([common.mb(r["single_rss_bytes"]) for r in runs]),
-            "single_rss_detail_mb": {k: common.mb(v) for k, v in runs[0]["single_rss_detail"].items()},
+            "single_rss_mb": _median([_mb(r["single_rss_bytes"]) for r in runs]),
+            "single_rss_detail_mb": {k: _mb(v) for k, v in runs[0]["single_rss_detail"].items()},
             "keep": args.keep,
-            "keep_rss_mb_per_store": _median([common.mb(r["keep_rss_bytes"]) / max(r["keep"], 1) for r in runs]),
-            "keep_rss_detail_mb": {k: common.mb(v) for k, v in runs[0]["keep_rss_detail"].items()},
+            "keep_rss_mb_per_store": _median([_mb(r["keep_rss_bytes"]) / max(r["keep"], 1) for r in runs]),
+            "keep_rss_detail_mb": {k: _mb(v) for k, v in runs[0]["keep_rss_detail"].items()},
             "p99_s": float(np.percentile(all_times, 99)),
         }
         print(f"[open] median {res['open']['median_s'] * 1e3:.3f} ms, max {res['open']['max_s'] * 1e3:.3f} ms")
     if "pickle" not in args.skip:
-        _warm(inputs.pickle)
+        warm(inputs.pickle)
         runs = [_run_child("pickle", inputs.pickle, args) for _ in range(args.repeat)]
         res["pickle"] = {
             "times_s": [r["pickle_load_s"] for r in runs],
             "median_s": _median([r["pickle_load_s"] for r in runs]),
             "max_s": max(r["pickle_load_s"] for r in runs),
-            "rss_mb": _median([common.mb(r["rss_bytes"]) for r in runs]),
-            "child_peak_rss_mb": max(common.mb(r["peak_rss_bytes"]) for r in runs),
+            "rss_mb": _median([_mb(r["rss_bytes"]) for r in runs]),
+            "child_peak_rss_mb": max(_mb(r["peak_rss_bytes"]) for r in runs),
         }
         print(f"[pickle] median {res['pickle']['median_s']:.3f} s, RSS +{res['pickle']['rss_mb']:.0f} MB")
         if "open" in res:
@@ -525,7 +522,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         gc.collect()
         res["phases"] = bench_phases(inputs)
     res["loadavg_end"] = os.getloadavg()
-    res["peak_rss_mb"] = common.mb(common.peak_rss_bytes())
+    res["peak_rss_mb"] = _mb(peak_rss_bytes())
     report(res)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n")

@@ -50,7 +50,7 @@ def build(folder: Path, mib: int) -> fgs.Store:
     pool = rng.standard_normal((64, T, C)).astype(np.float32)
     table = {k: pool[i % 64] + np.float32(i) for i, k in enumerate(ids)}
     synth.write_split(folder / "split.txt", ids, synth.long_tailed_labels(n, 99))
-    return fgs.convert(folder / "bench.fgs", {"tsn": table}, split=folder / "split.txt", progress=False)
+    return fgs.convert({"tsn": table}, folder / "bench.fgs", split=folder / "split.txt", progress=False)
 
 
 def epoch(loader: fgs.Loader) -> float:

@@ -1,5 +1,5 @@
-"""pytest-benchmark versions of the cold steady state (issue 8), each group
-with its baselines:
+"""pytest-benchmark versions of the cold steady state, each group with its
+baselines:
 
     pytest benchmarks/test_bench_cold.py --benchmark-only
     FINEGYM_BENCH_INSTANCES=20484 pytest benchmarks/test_bench_cold.py --benchmark-only   # I3D size
@@ -18,38 +18,37 @@ Nothing here asserts a timing.
 from __future__ import annotations
 
 import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from finegym_store import bench
+from finegym_store.bench.inputs import Data, ensure_store
+from finegym_store.bench.pagecache import residency
+from finegym_store.bench.runner import Runner, segments_for
 
 N = int(os.environ.get("FINEGYM_BENCH_INSTANCES", "2048"))
 B, BATCHES = 256, 20
-FOLDER = Path(os.environ.get("FINEGYM_BENCH_DIR") or "/tmp/finegym-bench")
 
 
 @pytest.fixture(scope="module")
-def data() -> bench.Data:
-    return bench.ensure_store(FOLDER, "i3d", N)
+def data() -> Data:
+    return ensure_store(None, "i3d", N)  # the inputs' cache folder (finegym_store.bench.inputs)
 
 
 @pytest.mark.parametrize("k", [12, 3])
 @pytest.mark.parametrize("method", ["gather:auto", "gather:on", "gather:off", "pread QD32", "pread QD64"])
 def test_cold_steady_state(benchmark, data, k, method):
     benchmark.group = f"cold K={k}"
-    runner = bench.Runner(data, k, bench_threads())
+    runner = Runner(data, k, bench_threads())
     order = np.random.default_rng(0).permutation(data.n)
     try:
         def setup():
             runner.evict_mapped()
-            assert bench.residency(data.store, data.base, data.n * data.instance_bytes) < 0.05
+            assert residency(data.store, data.base, data.n * data.instance_bytes) < 0.05
 
         benchmark.pedantic(lambda: runner.stream(method, order, B, BATCHES), setup=setup, rounds=3, iterations=1)
         if method.startswith("gather"):
             idx = order[:8]
-            want = np.stack([runner.store.features(data.column, int(i))[bench.test_segments(k)] for i in idx])
+            want = np.stack([runner.store.features(data.column, int(i))[segments_for(data.t, k)] for i in idx])
             np.testing.assert_array_equal(runner.gather(idx, method.split(":")[1]), want)
     finally:
         runner.close()

@@ -15,8 +15,8 @@ to the fastest in brackets):
 Default size 2000 instances (200 MB), so that the whole file runs in well
 under a minute; ``FINEGYM_BENCH_ROUNDS`` sets the rounds of the pickle and
 conversion benchmarks (5; conversions add one untimed warm-up round).
-Inputs are cached like the script's (``$FINEGYM_BENCH_DIR``, default
-/tmp/finegym-bench). Nothing here asserts a timing; the asserts only check
+Inputs are cached like the script's (``finegym_store.bench.inputs``).
+Nothing here asserts a timing; the asserts only check
 that each benchmark did its job.
 """
 
@@ -25,30 +25,28 @@ from __future__ import annotations
 import gc
 import os
 import pickle
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-
-import finegym_store  # noqa: E402
+import finegym_store
+from finegym_store.bench import inputs as cache
+from finegym_store.bench.pagecache import rss_bytes
 
 N = int(os.environ.get("FINEGYM_BENCH_INSTANCES", "2000"))
 ROUNDS = int(os.environ.get("FINEGYM_BENCH_ROUNDS", "5"))
 
 
 @pytest.fixture(scope="module")
-def inputs() -> common.Inputs:
-    return common.ensure_inputs(N)
+def inputs() -> cache.Inputs:
+    return cache.ensure_inputs(N)
 
 
 @pytest.fixture(scope="module")
 def feature_table() -> tuple[list[str], dict[str, np.ndarray]]:
     """The dict a conversion starts from, built once per module."""
-    ids, _, table = common.make_table(N)
+    ids, _, table = cache.make_table(N)
     return ids, table
 
 
@@ -56,7 +54,7 @@ def feature_table() -> tuple[list[str], dict[str, np.ndarray]]:
 def stacked(feature_table: tuple[list[str], dict[str, np.ndarray]]) -> np.ndarray:
     """The same bytes as the store's feature section, already contiguous."""
     ids, table = feature_table
-    return common.stack_table(table, ids)
+    return cache.stack_table(table, ids)
 
 
 def _clean(path: Path) -> None:
@@ -70,16 +68,16 @@ def _clean(path: Path) -> None:
 
 
 @pytest.mark.benchmark(group="open")
-def test_open_store(benchmark, inputs: common.Inputs) -> None:
-    rss0 = common.rss_bytes()
+def test_open_store(benchmark, inputs: cache.Inputs) -> None:
+    rss0 = rss_bytes()
     kept = finegym_store.open(inputs.store)
-    benchmark.extra_info["rss_growth_mb_one_open"] = common.mb(common.rss_bytes() - rss0)
+    benchmark.extra_info["rss_growth_mb_one_open"] = (rss_bytes() - rss0) / 1e6
     store = benchmark(finegym_store.open, inputs.store)
     assert len(store) == len(kept) == N
 
 
 @pytest.mark.benchmark(group="open")
-def test_open_baseline_pickle_load(benchmark, inputs: common.Inputs) -> None:
+def test_open_baseline_pickle_load(benchmark, inputs: cache.Inputs) -> None:
     def load() -> dict[str, np.ndarray]:
         with open(inputs.pickle, "rb") as f:
             return pickle.load(f)
@@ -88,9 +86,9 @@ def test_open_baseline_pickle_load(benchmark, inputs: common.Inputs) -> None:
     # one process reuse the memory the previous one freed, so they run faster
     # than the first load of a fresh process: bench_open_convert.py times that.)
     gc.collect()
-    rss0 = common.rss_bytes()
+    rss0 = rss_bytes()
     table = load()
-    benchmark.extra_info["rss_growth_mb_one_load"] = common.mb(common.rss_bytes() - rss0)
+    benchmark.extra_info["rss_growth_mb_one_load"] = (rss_bytes() - rss0) / 1e6
     del table
     gc.collect()
     table = benchmark.pedantic(load, rounds=ROUNDS, iterations=1)
@@ -101,12 +99,12 @@ def test_open_baseline_pickle_load(benchmark, inputs: common.Inputs) -> None:
 
 
 @pytest.mark.benchmark(group="convert")
-def test_convert(benchmark, inputs: common.Inputs, feature_table, tmp_path: Path) -> None:
+def test_convert(benchmark, inputs: cache.Inputs, feature_table, tmp_path: Path) -> None:
     _, table = feature_table
     out = tmp_path / "store.fgs"
-    store = benchmark.pedantic(common.convert_table, args=(out, table, inputs.split),
+    store = benchmark.pedantic(cache.convert_table, args=(out, table, inputs.split),
                                setup=lambda: _clean(out), rounds=ROUNDS, warmup_rounds=1, iterations=1)
-    assert len(store) == N and store.column(common.COLUMN).shape == (N, 12, 2048)
+    assert len(store) == N and store.column(cache.COLUMN).shape == (N, 12, 2048)
     del store
     out.unlink()
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from ._core import FORMAT_VERSION
-from .errors import ConversionError, ForkedJobError, FormatError, UnsafePickleError
+from .errors import ConversionError, ForkedJobError, FormatError, LabelSpaceError, UnsafePickleError
+from .labelspace import LabelSpace
 from .loader import Batch, Loader
+from .spec import SegmentSpec
 from .store import Classes, Column, Meta, Store, Strings, open
 from .convert import convert  # noqa: E402 (needs __version__)
-from .ingest import from_arrow, from_parquet  # noqa: E402 (pyarrow imported on first call)
+from .ingest import ImportOptions, from_arrow, from_parquet  # noqa: E402 (pyarrow imported on first call)
 
 __all__ = [
     "__version__",
@@ -24,15 +26,19 @@ __all__ = [
     "convert",
     "from_arrow",
     "from_parquet",
+    "ImportOptions",
     "Store",
     "Column",
     "Strings",
     "Meta",
     "Classes",
+    "SegmentSpec",
     "Batch",
     "Loader",
     "FormatError",
     "ConversionError",
+    "LabelSpaceError",
+    "LabelSpace",
     "UnsafePickleError",
     "ForkedJobError",
 ]

@@ -1,6 +1,6 @@
 """Type stubs for the C++ extension (internal API; use finegym_store)."""
 
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 from numpy.typing import NDArray
@@ -57,30 +57,53 @@ class Writer:
 
 def default_threads() -> int: ...
 def max_threads() -> int: ...
+class GatherSpec:
+    """The native form of finegym_store.SegmentSpec, validated when built."""
+    def __init__(
+        self,
+        num_segments: int | None,
+        mode: str | None,
+        clip_len: int,
+        rule: str,
+        dtype: Any,
+        seed: int,
+    ) -> None: ...
+    @property
+    def num_segments(self) -> int | None: ...
+    @property
+    def mode(self) -> str | None: ...
+    @property
+    def clip_len(self) -> int: ...
+    @property
+    def rule(self) -> str: ...
+    @property
+    def dtype(self) -> np.dtype[Any] | None: ...
+    @property
+    def seed(self) -> int: ...
+
+@overload
+def sample_segments(T: int, spec: GatherSpec, *, epoch: int = 0, index: int = 0) -> NDArray[np.int64]: ...
+@overload
 def sample_segments(
     T: int,
-    K: int,
-    L: int,
+    num_segments: int,
+    clip_len: int,
     mode: str,
+    *,
     seed: int = 0,
     epoch: int = 0,
     index: int = 0,
-    sampling: str = "mmaction2",
+    rule: str = "mmaction2",
 ) -> NDArray[np.int64]: ...
 def gather(
     reader: Reader,
     column: str,
     indices: Any,
-    num_segments: int | None,
-    mode: str,
-    seed: int,
+    spec: GatherSpec,
     epoch: int,
-    clip_len: int,
     out: NDArray[Any] | None,
-    dtype: np.dtype[Any],
     threads: int,
-    prefetch: str = "auto",
-    sampling: str = "mmaction2",
+    readahead: str = "auto",
 ) -> NDArray[Any]: ...
 
 class ForkedJobError(RuntimeError): ...
@@ -91,15 +114,11 @@ class GatherJob:
         reader: Reader,
         column: str,
         indices: Any,
-        num_segments: int | None,
-        mode: str,
-        seed: int,
+        spec: GatherSpec,
         epoch: int,
-        clip_len: int,
         out: NDArray[Any] | None,
-        dtype: np.dtype[Any],
         threads: int,
-        sampling: str = "mmaction2",
+        readahead: str = "auto",
     ) -> None: ...
     def wait(self) -> NDArray[Any]: ...
     @property

@@ -17,11 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__, _core
+from . import __version__, _core, labelspace
 from .errors import ConversionError
 from .finegym import Categories, parse_element_id
+from .labelspace import LabelSpace
 
-__all__ = ["STAGING_BYTES", "STORE_DTYPES", "ColumnWriter", "StoreWriter", "labels_without_class", "store_dtype"]
+__all__ = ["STAGING_BYTES", "STORE_DTYPES", "ColumnWriter", "StoreWriter", "store_dtype"]
 
 #: Bytes staged before each write to the C++ writer. Small enough to stay in
 #: the CPU caches between the copy in, the writer's XXH64 pass and write();
@@ -42,13 +43,6 @@ def store_dtype(dtype: Any, where: str) -> np.dtype:
     if dt is None or dt.name not in STORE_DTYPES or isinstance(dtype, bool):
         raise ConversionError(f"{where}: dtype={dtype!r} is not supported; use 'float32' or 'float16'")
     return dt
-
-
-def labels_without_class(labels: np.ndarray | None, cats: Categories | None) -> list[int]:
-    """Up to 10 labels (other than -1) that the hierarchy has no class for."""
-    if labels is None or cats is None:
-        return []
-    return sorted(set(np.unique(labels).tolist()) - set(cats.label.tolist()) - {-1})[:10]
 
 
 class ColumnWriter:
@@ -151,10 +145,26 @@ class StoreWriter:
         return self._column
 
     def finish(self, ids: list[str], labels: np.ndarray | None, cats: Categories | None,
-               attrs: dict[str, Any]) -> None:
+               attrs: dict[str, Any], *, labels_from: str = "the labels", categories_from: str = "the categories",
+               name: str | None = None, allow_label_mismatch: bool = False, override: str | None = None,
+               label_space: LabelSpace | None = None) -> None:
         """Everything after the feature columns: ids, labels (None: all -1),
         parsed fields, the hierarchy, the provenance JSON (``attrs``, with
-        ``created_by``); then commit."""
+        ``created_by`` and ``label_space``); then commit.
+
+        First the labels must fit the hierarchy (labelspace.check_fit:
+        ``labels_from`` and ``categories_from`` name the two in the
+        LabelSpaceError, ``name`` is the split's or source's file name); with
+        ``allow_label_mismatch`` a misfit is recorded in attrs
+        (``label_mismatch_allowed``) instead. Without a hierarchy the label
+        space recorded is ``label_space``, else the one the labels and
+        ``name`` suggest."""
+        mismatch = labelspace.check_fit(labels, cats, labels_from, categories_from, name, allow_label_mismatch,
+                                        override)
+        if cats is not None:
+            space = labelspace.of_categories(cats)
+        else:
+            space = label_space or labelspace.of_labels(labels, name)
         raw, names = self.raw, _core.SECTIONS  # section names are spelled once, in format.hpp
         n = len(ids)
         raw.add_strings(names["ids"], ids)
@@ -173,6 +183,8 @@ class StoreWriter:
             raw.add_array(set_, cats.set)
             raw.add_strings(name, cats.name)
             raw.add_strings(event, cats.event)
-        doc = {"created_by": f"finegym-store {__version__}", **attrs}
+        doc = {"created_by": f"finegym-store {__version__}", **attrs, "label_space": space.to_dict()}
+        if mismatch is not None:
+            doc["label_mismatch_allowed"] = mismatch
         raw.add_array(names["attrs"], np.frombuffer(json.dumps(doc).encode("utf-8"), dtype=np.uint8))
         raw.commit()

@@ -1,9 +1,14 @@
 """Arrow export of a store: zero-copy tables, record batch streams, the Arrow
 PyCapsule stream, and streaming Parquet / Arrow IPC files.
 
-Every buffer handed to Arrow is a ``pyarrow.foreign_buffer`` over the mapped
-bytes whose base is the reader's numpy view, so tables keep the mapping alive
-after the :class:`~finegym_store.Store` is gone and cost nothing per row.
+:func:`to_arrow` hands Arrow ``pyarrow.foreign_buffer`` s over the mapped
+bytes whose base is the reader's numpy view, so its tables keep the mapping
+alive after the :class:`~finegym_store.Store` is gone and cost nothing per
+row; like a numpy view, such a table reads the mapping directly (a file
+truncated under it is a SIGBUS). :func:`to_batches`, the PyCapsule stream
+and the Parquet / IPC writers instead build each record batch from buffers
+the C++ core copied out of the mapping under its SIGBUS guard, one batch at
+a time: a file truncated meanwhile raises OSError naming it.
 pyarrow is imported here only: ``pip install "finegym-store[arrow]"``.
 """
 
@@ -11,13 +16,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Sequence
+import secrets
+import stat
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import __version__
+from . import __version__, _args, _core
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -25,7 +31,7 @@ if TYPE_CHECKING:
     from .store import Store, Strings
 
 __all__ = ["METADATA_KEY", "to_arrow", "to_batches", "to_parquet", "to_ipc", "classes_table", "arrow_schema",
-           "default_batch_rows"]
+           "default_batch_rows", "check_target"]
 
 #: Schema metadata key holding the JSON that lets a Parquet/Arrow file rebuild
 #: a store (columns' T, C and dtype, hierarchy, format version, provenance).
@@ -81,8 +87,8 @@ def _feature_type(store: Store, name: str, tensor_type: str) -> pa.DataType:
     if col.ragged:
         return pa.large_list(row)
     if tensor_type == "fixed_shape_tensor":
-        return pa.fixed_shape_tensor(vt, [col.segments, col.channels])
-    return pa.list_(row, col.segments)
+        return pa.fixed_shape_tensor(vt, [col.length, col.channels])
+    return pa.list_(row, col.length)
 
 
 def _feature_array(store: Store, name: str, tensor_type: str) -> pa.Array:
@@ -95,12 +101,12 @@ def _feature_array(store: Store, name: str, tensor_type: str) -> pa.Array:
         offsets = col.offsets
         assert offsets is not None
         return pa.Array.from_buffers(pa.large_list(rows.type), len(col), [None, _buffer(offsets)], children=[rows])
-    assert col.segments is not None  # a fixed-T column from here on
+    assert col.length is not None  # a fixed-T column from here on
     if tensor_type == "fixed_shape_tensor":
-        storage = pa.FixedSizeListArray.from_arrays(flat, col.segments * col.channels)
+        storage = pa.FixedSizeListArray.from_arrays(flat, col.length * col.channels)
         return pa.ExtensionArray.from_storage(_feature_type(store, name, tensor_type), storage)
     rows = pa.FixedSizeListArray.from_arrays(flat, col.channels)
-    return pa.FixedSizeListArray.from_arrays(rows, col.segments)
+    return pa.FixedSizeListArray.from_arrays(rows, col.length)
 
 
 def _select(store: Store, columns: Sequence[str] | str | None) -> list[str]:
@@ -132,13 +138,14 @@ def store_metadata(store: Store, names: Sequence[str], tensor_type: str = "neste
     classes = store.classes
     hierarchy = None
     if classes is not None:
-        hierarchy = {"label": classes.label.tolist(), "glabel": classes.glabel.tolist(), "set": classes.set.tolist(),
+        label, glabel, set_ = (store._copy_section(n).tolist() for n in _core.SECTIONS["class_ints"])
+        hierarchy = {"label": label, "glabel": glabel, "set": set_,
                      "event": classes.event.to_list(), "name": classes.name.to_list()}
     cols = {}
     for n in names:
         if n in store.columns:
             c = store.column(n)
-            cols[n] = {"dtype": str(c.dtype), "segments": c.segments, "channels": c.channels}
+            cols[n] = {"dtype": str(c.dtype), "length": c.length, "channels": c.channels}
     return {
         "format_version": store.format_version,
         "exported_by": f"finegym-store {__version__}",
@@ -164,7 +171,7 @@ def arrow_schema(store: Store, columns: Sequence[str] | str | None = None, tenso
             fields.append(pa.field(n, pa.int32(), nullable=False))
         else:
             c = store.column(n)
-            meta = {FIELD_KEY: json.dumps({"dtype": str(c.dtype), "segments": c.segments,
+            meta = {FIELD_KEY: json.dumps({"dtype": str(c.dtype), "length": c.length,
                                            "channels": c.channels}).encode("utf-8")}
             fields.append(pa.field(n, _feature_type(store, n, tensor_type), nullable=False, metadata=meta))
     meta = {METADATA_KEY: json.dumps(store_metadata(store, names, tensor_type)).encode("utf-8")}
@@ -226,26 +233,84 @@ def default_batch_rows(store: Store, columns: Sequence[str] | str | None = None)
 def _rows(value: int | None, store: Store, columns: Any, what: str) -> int:
     if value is None:
         return default_batch_rows(store, columns)
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{what} must be a positive number of rows, got {value!r}")
-    return int(value)
+    return _args.count(value, what, 1)
+
+
+def _guarded_batches(store: Store, schema: pa.Schema, tensor_type: str, rows: int) -> Iterator[pa.RecordBatch]:
+    """Record batches of ``rows`` rows whose every buffer was copied out of
+    the mapping by the C++ core under the SIGBUS guard (OSError naming the
+    file if it shrank); offsets come from the reader's copies validated at
+    open. One batch is built per step: memory stays about one batch."""
+    pa = _pa()
+    sec = _core.SECTIONS
+    reader = store._reader
+    ints = dict(zip(("event_start", "event_end", "element_start", "element_end"), sec["meta_ints"]))
+    strings = {"id": sec["ids"], "video": sec["meta_video"]}
+    n = len(store)
+
+    def copy(name: str, begin: int, end: int) -> pa.Buffer:
+        return pa.py_buffer(reader.read_bytes(name, begin, end))
+
+    def string_array(name: str, s: int, e: int) -> pa.Array:
+        o = reader.section(name + sec["offsets_suffix"])[s : e + 1]
+        data = copy(name + sec["data_suffix"], int(o[0]), int(o[-1]))
+        return pa.Array.from_buffers(pa.large_utf8(), e - s, [None, pa.py_buffer(o - o[0]), data])
+
+    def feature_array(field: pa.Field, s: int, e: int) -> pa.Array:
+        col = store.column(field.name)
+        col._fetch(np.arange(s, e, dtype=np.int64))  # a remote store: these rows into its cache first
+        name = sec["feature_prefix"] + field.name
+        row = col.channels * col.dtype.itemsize
+        vt = _value_type(col.dtype)
+        if col.ragged:
+            o = col.offsets[s : e + 1]  # type: ignore[index]
+            flat = pa.Array.from_buffers(vt, int(o[-1] - o[0]) * col.channels,
+                                         [None, copy(name, int(o[0]) * row, int(o[-1]) * row)])
+            rows_ = pa.FixedSizeListArray.from_arrays(flat, col.channels)
+            return pa.Array.from_buffers(field.type, e - s, [None, pa.py_buffer(o - o[0])], children=[rows_])
+        assert col.length is not None
+        per = col.length * row
+        flat = pa.Array.from_buffers(vt, (e - s) * col.length * col.channels, [None, copy(name, s * per, e * per)])
+        if tensor_type == "fixed_shape_tensor":
+            storage = pa.FixedSizeListArray.from_arrays(flat, col.length * col.channels)
+            return pa.ExtensionArray.from_storage(field.type, storage)
+        rows_ = pa.FixedSizeListArray.from_arrays(flat, col.channels)
+        return pa.FixedSizeListArray.from_arrays(rows_, col.length)
+
+    for s in range(0, n, rows):
+        e = min(n, s + rows)
+        arrays = []
+        for field in schema:
+            if field.name in strings:
+                arrays.append(string_array(strings[field.name], s, e))
+            elif field.name == "label":
+                arrays.append(pa.Array.from_buffers(pa.int32(), e - s, [None, copy(sec["labels"], 4 * s, 4 * e)]))
+            elif field.name in ints:
+                arrays.append(pa.Array.from_buffers(pa.int32(), e - s, [None, copy(ints[field.name], 4 * s, 4 * e)]))
+            else:
+                arrays.append(feature_array(field, s, e))
+        yield pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
 def to_batches(store: Store, batch_size: int | None = None, columns: Sequence[str] | str | None = None,
                tensor_type: str = "nested") -> pa.RecordBatchReader:
-    """A RecordBatchReader of zero-copy slices of :func:`to_arrow`."""
-    table = to_arrow(store, columns, tensor_type)
-    return table.to_reader(max_chunksize=_rows(batch_size, store, columns, "batch_size"))
+    """A RecordBatchReader of ``batch_size``-row batches, each copied out of
+    the mapping under the SIGBUS guard when it is read (see the module doc):
+    the stream behind ``Store.__arrow_c_stream__``. For zero-copy slices of
+    the mapping (unguarded) use ``to_arrow(store).to_reader()``."""
+    pa = _pa()
+    rows = _rows(batch_size, store, columns, "batch_size")
+    schema = arrow_schema(store, columns, tensor_type)
+    return pa.RecordBatchReader.from_batches(schema, _guarded_batches(store, schema, tensor_type, rows))
 
 
 _CODECS = ("none", "snappy", "zstd", "gzip", "brotli", "lz4")
 
 
-def _parquet_options(schema: pa.Schema, compression: str, byte_stream_split: bool,
+def _parquet_options(schema: pa.Schema, compression: str | None, byte_stream_split: bool,
                      compression_level: int | None) -> dict[str, Any]:
     pa = _pa()
-    if compression not in _CODECS:
-        raise ValueError(f"compression={compression!r}; use one of {', '.join(_CODECS)}")
+    compression = _args.choice(compression, "compression", (None, *_CODECS)) or "none"  # None: as pyarrow
     features, others = [], []
     for f in schema:
         if f.name in INSTANCE_FIELDS:
@@ -269,13 +334,83 @@ def _parquet_options(schema: pa.Schema, compression: str, byte_stream_split: boo
     }
 
 
-def _atomic_target(path: str) -> tuple[int, str]:
-    folder = os.path.dirname(os.path.abspath(path))
-    return tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+def check_target(store: Store, path: str, overwrite: bool, flag: str = "overwrite=True",
+                 storage_options: Any = None) -> None:
+    """Refuse an export target that must not be replaced: ValueError for the
+    store's own file (same st_dev/st_ino, also through a symlink or hard link)
+    and for anything but a regular file (a directory, FIFO, device, or a
+    symlink to one); FileExistsError for an existing file unless
+    ``overwrite``. ``flag`` is how the message spells the fix. An ``s3://``
+    target: FileExistsError for an existing object unless ``overwrite``."""
+    from .remote import exists, is_url
+
+    if isinstance(path, str) and is_url(path):
+        if not path.lower().startswith("file://"):
+            if not overwrite and exists(path, storage_options):
+                raise FileExistsError(f"{path} exists; pass {flag} to replace it")
+            return
+        from urllib.parse import unquote, urlparse
+
+        path = unquote(urlparse(path).path)
+    try:
+        target = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):  # a dangling symlink: replacing it replaces the link only
+            if not overwrite:
+                raise FileExistsError(f"{path} exists (a symlink); pass {flag} to replace it") from None
+        return
+    own = {store._identity}
+    try:
+        now = os.stat(store._abspath)
+        own.add((now.st_dev, now.st_ino))
+    except OSError:
+        pass
+    if (target.st_dev, target.st_ino) in own:
+        raise ValueError(f"{path} is the store being exported ({store.path}); choose another target")
+    if not stat.S_ISREG(target.st_mode):
+        kind = ("a directory" if stat.S_ISDIR(target.st_mode) else "a FIFO" if stat.S_ISFIFO(target.st_mode)
+                else "a device" if stat.S_ISCHR(target.st_mode) or stat.S_ISBLK(target.st_mode)
+                else "a socket" if stat.S_ISSOCK(target.st_mode) else "not a regular file")
+        via = " (through a symlink)" if os.path.islink(path) else ""
+        raise ValueError(f"{path} is {kind}{via}; an export writes a regular file and never replaces anything "
+                         "else, even with overwrite: choose another target")
+    if not overwrite:
+        raise FileExistsError(f"{path} exists; pass {flag} to replace it")
+
+
+def _create_temporary(path: str) -> tuple[int, str]:
+    """A new, hidden, uniquely named file beside ``path``, created with
+    O_CREAT | O_EXCL and mode 0o666, so the kernel applies the umask."""
+    folder, base = os.path.split(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"cannot write {path}: its folder {folder} does not exist")
+    while True:
+        tmp = os.path.join(folder, f".{base}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0), 0o666), tmp
+        except FileExistsError:
+            continue
+
+
+def _publish(tmp: str, path: str, overwrite: bool) -> None:
+    """Give the finished temporary file its name. Without ``overwrite`` a
+    hard link, which fails rather than replace a file that appeared since
+    the target was checked (a rename where the file system has no links)."""
+    if not overwrite:
+        try:
+            os.link(tmp, path, follow_symlinks=False)
+        except FileExistsError:
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it") from None
+        except OSError:
+            pass  # no hard links here (EPERM, ENOTSUP, ...): the rename below
+        else:
+            os.unlink(tmp)
+            return
+    os.replace(tmp, path)
 
 
 def _write_streaming(store: Store, path: str | os.PathLike[str], columns: Any, rows: int, tensor_type: str,
-                     progress: bool, open_writer: Any, write: Any, overwrite: bool = True,
+                     progress: bool, overwrite: bool, open_writer: Any, write: Any,
                      storage_options: Any = None) -> str:
     from tqdm.auto import tqdm
 
@@ -286,69 +421,72 @@ def _write_streaming(store: Store, path: str | os.PathLike[str], columns: Any, r
         from .remote import upload
 
         with upload(path, storage_options, overwrite) as local:
-            _write_streaming(store, local, columns, rows, tensor_type, progress, open_writer, write)
+            _write_streaming(store, local, columns, rows, tensor_type, progress, overwrite, open_writer, write)
         return path
     if isinstance(path, str) and path.lower().startswith("file://"):
         from urllib.parse import unquote, urlparse
 
         path = unquote(urlparse(path).path)
     path = os.fspath(path)
-    if not overwrite and os.path.exists(path):
-        raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
-    table = to_arrow(store, columns, tensor_type)
-    fd, tmp = _atomic_target(path)
-    os.close(fd)
+    schema = arrow_schema(store, columns, tensor_type)
+    check_target(store, path, overwrite)
+    fd, tmp = _create_temporary(path)
     try:
-        with open_writer(tmp, table.schema) as w, \
-                tqdm(total=len(table), unit="inst", desc=f"export {os.path.basename(path)}",
-                     disable=not progress, leave=False) as bar:
-            for start in range(0, len(table), rows):
-                write(w, table.slice(start, rows))
-                bar.update(min(rows, len(table) - start))
-        os.chmod(tmp, 0o644 & ~_umask())
-        os.replace(tmp, path)
+        with os.fdopen(fd, "wb") as f:
+            with open_writer(f, schema) as w, \
+                    tqdm(total=len(store), unit="inst", desc=f"export {os.path.basename(path)}",
+                         disable=not progress, leave=False) as bar:
+                for batch in _guarded_batches(store, schema, tensor_type, rows):
+                    write(w, batch)
+                    bar.update(batch.num_rows)
+        check_target(store, path, overwrite)  # again: the target may have appeared or changed meanwhile
+        _publish(tmp, path, overwrite)
     except BaseException:
-        if os.path.exists(tmp):
+        try:
             os.unlink(tmp)
+        except FileNotFoundError:
+            pass
         raise
     return path
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def to_parquet(store: Store, path: str | os.PathLike[str], columns: Sequence[str] | str | None = None,
-               row_group_size: int | None = None, compression: str = "none", byte_stream_split: bool = False,
+               row_group_size: int | None = None, compression: str | None = "none", byte_stream_split: bool = False,
                compression_level: int | None = None, tensor_type: str = "nested", progress: bool = False,
-               overwrite: bool = True, storage_options: Any = None) -> str:
-    """Write a Parquet file one row group at a time (see Store.to_parquet)."""
+               overwrite: bool = False, storage_options: Any = None) -> str:
+    """Write a Parquet file one row group at a time (see Store.to_parquet)
+    from batches copied out of the mapping under the SIGBUS guard: a store
+    truncated meanwhile raises OSError naming it. Atomic: written to a hidden
+    temporary file in the target folder, renamed over ``path`` at the end,
+    removed on any failure. FileExistsError if ``path`` exists unless
+    ``overwrite``; ValueError, even with it, if ``path`` is not a regular file
+    (a directory, FIFO, device, or a symlink to one) or is the store itself.
+    An ``s3://`` path is written locally, then uploaded in one atomic put
+    (remote.upload)."""
     import pyarrow.parquet as pq
 
     rows = _rows(row_group_size, store, columns, "row_group_size")
     schema = arrow_schema(store, columns, tensor_type)
     options = _parquet_options(schema, compression, byte_stream_split, compression_level)
     return _write_streaming(
-        store, path, columns, rows, tensor_type, progress,
-        lambda p, s: pq.ParquetWriter(p, s, **options),
-        lambda w, t: w.write_table(t, row_group_size=rows), overwrite, storage_options,
+        store, path, columns, rows, tensor_type, progress, overwrite,
+        lambda f, s: pq.ParquetWriter(f, s, **options),
+        lambda w, b: w.write_batch(b, row_group_size=rows), storage_options,
     )
 
 
 def to_ipc(store: Store, path: str | os.PathLike[str], columns: Sequence[str] | str | None = None,
-           batch_size: int | None = None, compression: str = "none", tensor_type: str = "nested",
-           progress: bool = False, overwrite: bool = True, storage_options: Any = None) -> str:
+           batch_size: int | None = None, compression: str | None = "none", tensor_type: str = "nested",
+           progress: bool = False, overwrite: bool = False, storage_options: Any = None) -> str:
     """Write an Arrow IPC file (Feather v2, ``.arrow``), one record batch per
-    ``batch_size`` rows; ``compression`` is none, lz4 or zstd."""
+    ``batch_size`` rows; ``compression`` is none, lz4 or zstd. Guarded,
+    atomic and refusing targets as :func:`to_parquet`."""
     pa = _pa()
-    if compression not in ("none", "lz4", "zstd"):
-        raise ValueError(f"compression={compression!r}; an Arrow IPC file takes none, lz4 or zstd")
+    compression = _args.choice(compression, "compression", (None, "none", "lz4", "zstd")) or "none"
     rows = _rows(batch_size, store, columns, "batch_size")
     options = pa.ipc.IpcWriteOptions(compression=None if compression == "none" else compression)
     return _write_streaming(
-        store, path, columns, rows, tensor_type, progress,
-        lambda p, s: pa.ipc.new_file(p, s, options=options),
-        lambda w, t: w.write_table(t, max_chunksize=rows), overwrite, storage_options,
+        store, path, columns, rows, tensor_type, progress, overwrite,
+        lambda f, s: pa.ipc.new_file(f, s, options=options),
+        lambda w, b: w.write_batch(b), storage_options,
     )

@@ -1,4 +1,4 @@
-"""The ``finegym-store`` command: convert, info, verify, demo, export, import."""
+"""The ``finegym-store`` command: convert, info, verify, demo, export, import, select."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from . import __version__
+from ._args import cli_count as count, cli_real as real
 from .errors import ConversionError, FormatError
+from .labelspace import LabelSpace
 
 
 def _feature_arg(text: str) -> tuple[str, str]:
@@ -40,6 +42,24 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--trust-pickle", action="store_true",
                    help="unpickle without the allow-list (only for files you trust)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    c.add_argument("--drop-missing", action="store_true",
+                   help="leave out split ids a pickle lacks (with several pickles: keep the ids all have)")
+    c.add_argument("--ignore-extra", action="store_true", help="skip pickle ids that are not in the split")
+    c.add_argument("--allow-label-mismatch", action="store_true",
+                   help="accept split labels that do not fit --categories (recorded in the provenance)")
+
+    sl = sub.add_parser("select", help="write some rows of a store into a new store",
+                        description="Write the instances of STORE that --ids, --split or --rows selects, in "
+                                    "that order, into a new store OUT (every column, the hierarchy and the "
+                                    "provenance, with a selected_from entry).")
+    sl.add_argument("store")
+    sl.add_argument("out", help="path of the store to write")
+    which = sl.add_mutually_exclusive_group(required=True)
+    which.add_argument("--ids", metavar="FILE", help="element ids, one per line")
+    which.add_argument("--split", metavar="FILE",
+                       help="a FineGym split file: its ids (e.g. train v1.0 from a v1.1 store; labels must agree)")
+    which.add_argument("--rows", metavar="A:B", help="rows A to B-1, in store order")
+    sl.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
     i = sub.add_parser("info", help="schema, counts, class histogram and size of a store")
     i.add_argument("store")
@@ -57,11 +77,13 @@ def _parser() -> argparse.ArgumentParser:
     from . import bench as _bench_cli
 
     bn = sub.add_parser("bench", help="benchmark gather, the loader and what users do instead, side by side",
+                        usage="%(prog)s [options]",
                         description=(_bench_cli.__doc__ or "").split("\n\n")[0])
     _bench_cli.add_arguments(bn)
 
     pr = sub.add_parser(
         "probe", help="train and evaluate a classifier on stored features (FineGym's protocol)",
+        usage="%(prog)s TRAIN VAL [TRAIN VAL ...] [options]",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a linear (or MLP) classifier over the TSN consensus (the mean of K sampled\n"
                     "segments) of a feature column of TRAIN, evaluate it on VAL, and print Mean Class Acc and\n"
@@ -73,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="a train store and its val store; repeat the pair for more datasets")
     pr.add_argument("--column", action="append", metavar="NAME",
                     help="feature column to probe; repeat for several (default: every column of the first TRAIN)")
-    pr.add_argument("--num-segments", type=int, default=3, metavar="K",
+    pr.add_argument("--num-segments", type=count(0, 1024), default=3, metavar="K",
                     help="segments sampled per instance and averaged (default 3); 0 = all stored segments")
     pr.add_argument("--head", choices=("linear", "mlp"), default="linear",
                     help="linear softmax classifier, or one hidden ReLU layer (default linear)")
@@ -81,14 +103,17 @@ def _parser() -> argparse.ArgumentParser:
                     help="trainer: torch when installed (auto, default), or the numpy one")
     pr.add_argument("--level", action="append", choices=("element", "set", "event"), dest="levels",
                     help="hierarchy level(s) to evaluate (default element); set and event need a stored hierarchy")
-    pr.add_argument("--epochs", type=int, default=20, help="passes over TRAIN (default 20)")
-    pr.add_argument("--batch-size", type=int, default=256, help="default 256")
-    pr.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate, cosine-decayed to 0 (default 1e-3)")
-    pr.add_argument("--weight-decay", type=float, default=1e-4, help="L2 on weights (default 1e-4)")
-    pr.add_argument("--hidden", type=int, default=512, help="hidden units of --head mlp (default 512)")
-    pr.add_argument("--seed", type=int, default=0, help="initial weights, shuffling and sampling (default 0)")
-    pr.add_argument("--threads", type=int, help="C++ threads gathering batches (default: all cores)")
-    pr.add_argument("--compute-threads", type=int, metavar="N",
+    pr.add_argument("--epochs", type=count(1, 10**6), default=20, help="passes over TRAIN (default 20)")
+    pr.add_argument("--batch-size", type=count(1, 2**24), default=256, help="default 256")
+    pr.add_argument("--lr", type=real(0.0), default=1e-3, help="Adam learning rate, cosine-decayed to 0 (default 1e-3)")
+    pr.add_argument("--weight-decay", type=real(0.0, inclusive=True), default=1e-4, help="L2 on weights (default 1e-4)")
+    pr.add_argument("--hidden", type=count(1, 2**24), default=512,
+                    help="hidden units of --head mlp (default 512; refused when the weights would not fit "
+                         "in memory)")
+    pr.add_argument("--seed", type=count(0, 2**63 - 1), default=0,
+                    help="initial weights, shuffling and sampling (default 0)")
+    pr.add_argument("--threads", type=count(1, 1024), help="C++ threads gathering batches (default: all cores)")
+    pr.add_argument("--compute-threads", type=count(1, 1024), metavar="N",
                     help="classifier threads: torch, numpy's BLAS (with threadpoolctl); default: cores - 1, "
                          "leaving a core to the loader")
     pr.add_argument("--json", metavar="FILE", help="also write every result as JSON ('-': stdout, no table)")
@@ -120,7 +145,7 @@ def _parser() -> argparse.ArgumentParser:
     im.add_argument("--id-column", default="id")
     im.add_argument("--label-column", default="label", help="integer labels (default 'label'; -1 when absent)")
     im.add_argument("--columns", nargs="+", metavar="NAME", help="feature columns (default: all)")
-    im.add_argument("--segments", type=int, help="T, for columns whose type does not fix it")
+    im.add_argument("--length", type=int, metavar="T", help="rows per instance (T), for columns whose type does not fix it")
     im.add_argument("--channels", type=int, help="C, for flat list<float> columns")
     im.add_argument("--dtype", choices=("float32", "float16"), help="stored dtype (default: as in the file)")
     im.add_argument("--categories", help="FineGym categories file (default: the hierarchy in the file's metadata)")
@@ -134,8 +159,6 @@ def _probe(args: argparse.Namespace) -> None:
 
     if len(args.stores) % 2:
         raise ValueError(f"stores come in TRAIN VAL pairs; got {len(args.stores)} paths: {' '.join(args.stores)}")
-    if args.num_segments < 0:
-        raise ValueError(f"--num-segments must be >= 0, got {args.num_segments}")
     if args.plot:  # fail before training, not after
         try:
             import matplotlib  # noqa: F401
@@ -159,6 +182,27 @@ def _probe(args: argparse.Namespace) -> None:
                 f.write(table.to_json() + "\n")
     if args.plot:
         table.plot(args.plot)
+
+
+def _select(args: argparse.Namespace) -> None:
+    import os
+
+    from . import select as sel
+    from .store import open as open_store
+
+    for option, path in (("--ids", args.ids), ("--split", args.split)):
+        if path is not None and not os.path.isfile(path):
+            raise FileNotFoundError(f"{option}: no such file: {path}")
+    store = open_store(args.store)
+    if args.rows is not None:
+        rows, how = sel.parse_rows(args.rows, len(store)), f"rows {args.rows}"
+    elif args.split is not None:
+        rows, how = sel.split_ids(store, args.split), f"split {os.path.abspath(args.split)}"
+    else:
+        rows, how = sel.ids_file(args.ids), f"ids {os.path.abspath(args.ids)}"
+    out = sel.select(store, rows, args.out, overwrite=args.overwrite, how=how)
+    print(f"wrote {out.path}: {len(out)} of the {len(store)} instances of {store.path}, "
+          f"{out.file_size / 2**20:.1f} MiB")
 
 
 def _info(path: str) -> dict:
@@ -185,6 +229,7 @@ def _info(path: str) -> dict:
             for name, col in ((n, store.column(n)) for n in store.columns)
         },
         "classes_in_hierarchy": len(store.classes.label) if store.classes is not None else None,
+        "label_space": store.label_space.to_dict(),
         "classes_present": int(len(present)),
     }
     if len(present):
@@ -206,6 +251,7 @@ def _print_info(info: dict) -> None:
         print(f"  {name:<16} {c['dtype']:<8} {shape:<22} {c['bytes'] / 2**20:10.1f} MiB")
     if info["classes_in_hierarchy"] is not None:
         print(f"label hierarchy: {info['classes_in_hierarchy']} classes")
+    print(f"label space: {LabelSpace(**info['label_space']).describe()}")
     if "class_sizes" in info:
         s = info["class_sizes"]
         print(f"classes present: {info['classes_present']}; instances per class: min {s['min']}, "
@@ -221,12 +267,8 @@ def _export(args: argparse.Namespace) -> None:
     from . import arrow
     from .store import open as open_store
 
-    from .remote import RemoteFile, exists, is_url
-
-    remote = is_url(args.out) and not args.out.lower().startswith("file://")
-    if not args.overwrite and (exists(args.out) if remote else os.path.exists(args.out)):
-        raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
     store = open_store(args.store)
+    arrow.check_target(store, args.out, args.overwrite, "--overwrite")  # messages that name the CLI's flag
     ext = os.path.splitext(args.out)[1].lower()
     if ext in (".arrow", ".feather", ".ipc"):
         arrow.to_ipc(store, args.out, args.columns, args.row_group_size, args.compression, args.tensor_type,
@@ -237,6 +279,9 @@ def _export(args: argparse.Namespace) -> None:
                          args.byte_stream_split, None, args.tensor_type, progress=not args.quiet,
                          overwrite=args.overwrite)
         kind = "Parquet"
+    from .remote import RemoteFile, is_url
+
+    remote = is_url(args.out) and not args.out.lower().startswith("file://")
     size = RemoteFile(args.out).size if remote else os.path.getsize(args.out)
     print(f"wrote {args.out}: {kind}, {len(store)} rows, {size / 2**20:.1f} MiB")
 
@@ -245,7 +290,7 @@ def _import(args: argparse.Namespace) -> None:
     from .ingest import from_parquet
 
     store = from_parquet(args.source, args.out, id_column=args.id_column, label_column=args.label_column,
-                         feature_columns=args.columns, segments=args.segments, channels=args.channels,
+                         feature_columns=args.columns, length=args.length, channels=args.channels,
                          dtype=args.dtype, categories=args.categories, overwrite=args.overwrite,
                          progress=not args.quiet)
     print(f"wrote {store.path}: {len(store)} instances, columns {', '.join(store.columns)}, "
@@ -256,14 +301,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "convert":
-            from .convert import convert
+            from .convert import check_inputs, convert
 
             names = [n for n, _ in args.features]
             if len(set(names)) != len(names):
                 raise ConversionError(f"a column name is given twice: {names}")
-            store = convert(args.out, dict(args.features), split=args.split, categories=args.categories,
+            check_inputs(dict(args.features), args.split, args.categories, cli=True)
+            store = convert(dict(args.features), args.out, split=args.split, categories=args.categories,
                             dtype=args.dtype, overwrite=args.overwrite, progress=not args.quiet,
-                            trust_pickle=args.trust_pickle)
+                            trust_pickle=args.trust_pickle, missing="drop" if args.drop_missing else "error",
+                            extra="ignore" if args.ignore_extra else "error",
+                            allow_label_mismatch=args.allow_label_mismatch)
             print(f"wrote {store.path}: {len(store)} instances, columns {', '.join(store.columns)}, "
                   f"{store.file_size / 2**20:.1f} MiB")
         elif args.command == "info":
@@ -296,13 +344,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             _export(args)
         elif args.command == "import":
             _import(args)
+        elif args.command == "select":
+            _select(args)
     except FormatError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 1
     except (ConversionError, ValueError, KeyError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except TypeError as e:  # an argument of the wrong type reaching the import
+        if args.command != "import":
+            raise
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     return 0
+
+
+#: Python spellings in library messages, and what the command line calls them.
+_CLI_WORDS = (("pass overwrite=True", "use --overwrite"), ("overwrite=True", "--overwrite"),
+              ("pass trust_pickle=True", "use --trust-pickle"), ("trust_pickle=True", "--trust-pickle"))
+
+
+def _one_line(e: BaseException) -> str:
+    """The message on one line (pyarrow's span several), in the command line's words."""
+    text = " ".join(str(e).split())
+    for python, cli in _CLI_WORDS:
+        text = text.replace(python, cli)
+    return text
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any, Union
 
@@ -16,12 +17,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import _core, safe_pickle
-from ._write import ColumnWriter, StoreWriter, labels_without_class, store_dtype
+from ._write import ColumnWriter, StoreWriter, store_dtype
 from .errors import ConversionError
 from .finegym import Categories, read_categories, read_split
+from .labelspace import check_fit
 from .store import Store
 
-__all__ = ["convert"]
+__all__ = ["convert", "check_inputs", "MISSING", "EXTRA"]
 
 FeatureSource = Union[str, os.PathLike, Mapping[str, Any]]
 
@@ -106,7 +108,10 @@ def _write_column(
             "channels": c}
 
 
-def _check_keys(where: str, table: Mapping[str, Any], expected: set[str], against: str) -> None:
+def _check_keys(where: str, table: Mapping[str, Any], expected: set[str], against: str, missing: str = "error",
+                extra: str = "error") -> tuple[set[str], set[str]]:
+    """(ids of ``expected`` the table lacks, its ids outside ``expected``);
+    ConversionError unless ``missing="drop"`` / ``extra="ignore"`` allow them."""
     if not table:
         raise ConversionError(f"{where}: the feature dict is empty")
     keys = set(table)
@@ -128,41 +133,93 @@ def _check_keys(where: str, table: Mapping[str, Any], expected: set[str], agains
                 "element ids must be encodable as UTF-8"
             ) from None
     if keys == expected:
-        return
-    missing, extra = expected - keys, keys - expected
+        return set(), set()
+    lacking, outside = expected - keys, keys - expected
     parts = []
-    if missing:
-        parts.append(f"{len(missing)} ids of {against} are missing: {_examples(missing)}")
-    if extra:
-        parts.append(f"{len(extra)} ids are not in {against}: {_examples(extra)}")
-    raise ConversionError(f"{where}: " + "; ".join(parts))
+    if lacking and missing != "drop":
+        parts.append(f"{len(lacking)} ids of {against} are missing: {_examples(lacking)} "
+                     "(missing='drop', --drop-missing, leaves them out of the store)")
+    if outside and extra != "ignore":
+        parts.append(f"{len(outside)} ids are not in {against}: {_examples(outside)} "
+                     "(extra='ignore', --ignore-extra, skips them)")
+    if parts:
+        raise ConversionError(f"{where}: " + "; ".join(parts))
+    return lacking, outside
+
+
+#: What ``convert(missing=...)`` and ``convert(extra=...)`` accept.
+MISSING = ("error", "drop")
+EXTRA = ("error", "ignore")
+_OVERRIDE = "allow_label_mismatch=True (--allow-label-mismatch)"
+#: Ids recorded in the provenance per list (the counts are always complete).
+RECORDED_IDS = 100
+
+
+def check_inputs(features: Mapping[str, Any], split: Any, categories: Any, cli: bool = False) -> None:
+    """Every input path exists and is a file, before the first pickle is read.
+    FileNotFoundError / IsADirectoryError name the option (``--split`` on the
+    command line, ``split`` in Python) and the path."""
+    named = [("--split" if cli else "split", split), ("--categories" if cli else "categories", categories)]
+    named += [(f"-f {name}=" if cli else f"features[{name!r}]", source) for name, source in features.items()
+              if isinstance(source, (str, os.PathLike))]
+    for option, path in named:
+        if path is None:
+            continue
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{option}: no such file: {path}")
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"{option}: {path} is a folder, not a file")
+
+
+def _recorded(ids: set[str] | list[str]) -> dict[str, Any]:
+    return {"count": len(ids), "ids": sorted(ids)[:RECORDED_IDS]}
 
 
 def convert(
-    out: str | os.PathLike[str],
     features: Mapping[str, FeatureSource],
+    out: str | os.PathLike[str],
+    *,
     split: str | os.PathLike[str] | None = None,
     categories: str | os.PathLike[str] | None = None,
     dtype: str = "float32",
     overwrite: bool = False,
     progress: bool = True,
     trust_pickle: bool = False,
+    missing: str = "error",
+    extra: str = "error",
+    allow_label_mismatch: bool = False,
     storage_options: Mapping[str, Any] | None = None,
 ) -> Store:
-    """Convert feature tables into a store at ``out`` and open it.
+    """Convert feature tables into a store at ``out`` and open it
+    (``convert(features, out)``: what is read first, where it goes second,
+    as in :func:`from_arrow`).
 
     ``features`` maps a column name (``[A-Za-z0-9_-]``, at most 40 characters)
     to the path of a FineGym feature pickle or to an in-memory dict
     ``{element_id: array}``; arrays are (T, C, 1, ..., 1) or (C,), any float
     dtype, stored as ``dtype`` (float32 or float16). With ``split`` (a FineGym
     split file) instances follow the split's order and carry its labels;
-    without, they are sorted by id and labelled -1. ``categories`` adds the
-    label hierarchy. Pickles are loaded through an allow-list unless
-    ``trust_pickle``. The file appears only once complete. ``out`` may be
-    an ``s3://`` URL: the store is written to a local temporary file, then
-    uploaded in one atomic put (``storage_options`` as for
-    :func:`finegym_store.open`), and the remote store is returned.
+    without, they are sorted by the first column's ids and labelled -1.
+    ``categories`` adds the label hierarchy; the split's labels must fit it
+    (README, "Label spaces") unless ``allow_label_mismatch``. Pickles are
+    loaded through an allow-list unless ``trust_pickle``. The file appears
+    only once complete. ``out`` may be an ``s3://`` URL: the store is
+    written to a local temporary file, then uploaded in one atomic put
+    (``storage_options`` as for :func:`finegym_store.open`), and the remote
+    store is returned.
+
+    Every table must hold exactly the split's ids (without a split: the first
+    column's). ``missing="drop"`` leaves out the ids some table lacks (across
+    several tables: their intersection); ``extra="ignore"`` skips a table's
+    ids outside the split. What was left out is printed on stderr (when
+    ``progress``) and recorded in ``attrs["alignment"]``. A table that lacks
+    ids the columns before it were written for makes the conversion start
+    over without them (reading those tables again).
     """
+    if isinstance(features, (str, os.PathLike)) and isinstance(out, Mapping):
+        raise TypeError("convert(features, out): the features mapping comes first and the output path second "
+                        "(as in from_arrow(source, out)); swap the two arguments")
     from .remote import is_url
 
     if isinstance(out, str) and is_url(out) and not out.lower().startswith("file://"):
@@ -170,8 +227,9 @@ def convert(
         from .store import open as open_store
 
         with upload(out, storage_options, overwrite) as local:
-            convert(local, features, split=split, categories=categories, dtype=dtype, progress=progress,
-                    trust_pickle=trust_pickle)
+            convert(features, local, split=split, categories=categories, dtype=dtype, progress=progress,
+                    trust_pickle=trust_pickle, missing=missing, extra=extra,
+                    allow_label_mismatch=allow_label_mismatch)
         return open_store(out, storage_options=dict(storage_options or {}))
     if isinstance(out, str) and out.lower().startswith("file://"):
         from urllib.parse import unquote, urlparse
@@ -179,52 +237,107 @@ def convert(
         out = unquote(urlparse(out).path)
     out = os.fspath(out)
     stored_as = store_dtype(dtype, "convert")
+    if missing not in MISSING:
+        raise ValueError(f"missing must be one of {MISSING}, got {missing!r}")
+    if extra not in EXTRA:
+        raise ValueError(f"extra must be one of {EXTRA}, got {extra!r}")
+    if not isinstance(allow_label_mismatch, bool):
+        raise ValueError(f"allow_label_mismatch must be True or False, got {allow_label_mismatch!r}")
     if not isinstance(features, Mapping) or not features:
         raise ValueError("features must be a non-empty mapping of column name -> pickle path or dict")
     for name in features:
         if not isinstance(name, str) or not _core.valid_column_name(name):
             raise ConversionError(f"column name {name!r} must be 1..40 characters of [A-Za-z0-9_-] and not 'offsets'")
     if os.path.exists(out) and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+        raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
+    check_inputs(features, split, categories)
 
-    ids: list[str] | None = None
-    labels: np.ndarray | None = None
+    reference: list[str] | None = None  # the split's ids, else the first column's
+    split_labels: np.ndarray | None = None
     split_path = os.fspath(split) if split is not None else None
+    categories_path = os.fspath(categories) if categories is not None else None
     if split_path is not None:
-        ids, labels = read_split(split_path)
-    cats: Categories | None = read_categories(categories) if categories is not None else None
-    unknown = labels_without_class(labels, cats)
-    if unknown:
-        raise ConversionError(f"{split_path}: labels {unknown} have no class in {os.fspath(categories)}")  # type: ignore[arg-type]
+        reference, split_labels = read_split(split_path)
+    cats: Categories | None = read_categories(categories_path) if categories_path is not None else None
+    # Before any pickle is read (the write path checks the final labels again).
+    check_fit(split_labels, cats, split_path or "", categories_path or "", split_path, allow_label_mismatch,
+              _OVERRIDE)
 
-    columns_attrs: dict[str, Any] = {}
-    with contextlib.ExitStack() as stack:
-        writer: StoreWriter | None = None  # created once the first column says how many instances there are
-        for name, source in features.items():
-            where, table = _load(name, source, trust_pickle, progress)
-            if ids is None:
-                _check_keys(where, table, set(table), where)  # empty table, non-str keys
-                ids = sorted(table)
-            else:
-                _check_keys(where, table, set(ids), split_path or "the first column")
-            if writer is None:
-                writer = stack.enter_context(StoreWriter.create(out, len(ids), overwrite=overwrite))
-            columns_attrs[name] = _write_column(writer, name, where, table, ids, stored_as, progress)
-            del table
+    lacking: dict[str, set[str]] = {}  # column -> reference ids its table lacks (dropped)
+    ignored: dict[str, set[str]] = {}  # column -> its ids outside the reference (skipped)
+    while True:  # one pass, again when a later table lacks ids the columns written so far hold
+        columns_attrs: dict[str, Any] = {}
+        restart = False
+        with contextlib.ExitStack() as stack:
+            writer: StoreWriter | None = None  # created once the ids are known
+            ids: list[str] | None = None
+            labels: np.ndarray | None = None
+            against = split_path
+            for name, source in features.items():
+                where, table = _load(name, source, trust_pickle, progress)
+                if against is None:
+                    against = "the first column"
+                if reference is None:
+                    _check_keys(where, table, set(table), where)  # empty table, non-str keys
+                    reference = sorted(table)
+                    lacks, outside = set(), set()
+                else:
+                    lacks, outside = _check_keys(where, table, set(reference), against, missing, extra)
+                if lacks:
+                    lacking[name] = lacks
+                if outside:
+                    ignored[name] = outside
+                drop = set().union(*lacking.values())
+                if ids is not None and any(k in drop for k in ids):
+                    restart = True  # the columns written so far hold ids this table lacks
+                    if progress:
+                        print(f"convert: {name} ({_source_name(source)}) lacks {len(lacks)} ids the columns "
+                              "written so far hold; starting over without them", file=sys.stderr)
+                    break
+                if ids is None:
+                    keep = [k not in drop for k in reference]
+                    ids = [k for k, kept in zip(reference, keep) if kept]
+                    if not ids:
+                        raise ConversionError(
+                            f"{where}: no id is left: each of the {len(reference)} ids of {against} is missing "
+                            f"from some table ({where} lacks {len(lacks)} of them)")
+                    labels = split_labels[np.asarray(keep)] if split_labels is not None else None
+                    writer = stack.enter_context(StoreWriter.create(out, len(ids), overwrite=overwrite))
+                assert writer is not None
+                columns_attrs[name] = _write_column(writer, name, where, table, ids, stored_as, progress)
+                del table
+            if restart:
+                continue
 
-        assert ids is not None and writer is not None
-        writer.finish(ids, labels, cats, {
-            "split": split_path,
-            "categories": os.fspath(categories) if categories is not None else None,
-            "columns": columns_attrs,
-        })
+            assert ids is not None and writer is not None
+            alignment: dict[str, Any] = {"missing": missing, "extra": extra}
+            if lacking:
+                alignment["dropped"] = {**_recorded(set().union(*lacking.values())),
+                                        "by_column": {k: _recorded(v) for k, v in lacking.items()}}
+            if ignored:
+                alignment["ignored"] = {k: _recorded(v) for k, v in ignored.items()}
+            writer.finish(ids, labels, cats, {
+                "split": split_path,
+                "categories": categories_path,
+                "columns": columns_attrs,
+                "alignment": alignment,
+            }, labels_from=split_path or "", categories_from=categories_path or "", name=split_path,
+                allow_label_mismatch=allow_label_mismatch, override=_OVERRIDE)
+        break
+    if progress:
+        _report_alignment(features, lacking, ignored, split_path or "the first column")
     return Store(out)
 
 
-def _labels_without_class(labels: np.ndarray | None, cats: Categories | None) -> list[int]:
-    return labels_without_class(labels, cats)
+def _report_alignment(features: Mapping[str, Any], lacking: dict[str, set[str]], ignored: dict[str, set[str]],
+                      against: str) -> None:
+    for name, ids in lacking.items():
+        print(f"convert: dropped {len(ids)} ids of {against} that {name} ({_source_name(features[name])}) lacks: "
+              f"{_examples(ids)}", file=sys.stderr)
+    for name, ids in ignored.items():
+        print(f"convert: ignored {len(ids)} ids of {name} ({_source_name(features[name])}) not in {against}: "
+              f"{_examples(ids)}", file=sys.stderr)
 
 
-def _finish(writer: Any, ids: list[str], labels: np.ndarray | None, cats: Categories | None,
-            attrs: dict[str, Any]) -> None:
-    StoreWriter(writer).finish(ids, labels, cats, attrs)
+def _source_name(source: Any) -> str:
+    return os.fspath(source) if isinstance(source, (str, os.PathLike)) else "in-memory dict"

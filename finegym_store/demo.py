@@ -71,7 +71,7 @@ def _run(n: int, work: str, batch_size: int, batches: int, seed: int, progress: 
     out = os.path.join(work, "sample.fgs")
     with resources.as_file(categories) as cat_path:
         _, report["convert_s"] = _timed(lambda: convert(
-            out, pickles, split=split, categories=cat_path, overwrite=True, progress=progress))
+            pickles, out, split=split, categories=cat_path, overwrite=True, progress=progress))
     echo(f"  converted to {out} ({os.path.getsize(out) / 2**20:.0f} MiB) in {report['convert_s']:.2f} s")
 
     # 3. Open the store vs load the pickle a training script would load.
@@ -91,7 +91,8 @@ def _run(n: int, work: str, batch_size: int, batches: int, seed: int, progress: 
         return [store.gather("i3d", idx, num_segments=3, mode="train", seed=seed) for idx in batch_idx]
 
     def from_pickle() -> list[np.ndarray]:
-        return [np.stack([table[keys[i]].reshape(12, 2048)[_core.sample_segments(12, 3, 1, "train", seed, 0, int(i))]
+        return [np.stack([table[keys[i]].reshape(12, 2048)[_core.sample_segments(12, 3, 1, "train", seed=seed,
+                                                                                 index=int(i))]
                           for i in idx]) for idx in batch_idx]
 
     got, report["gather_store_s"] = _timed(from_store)

@@ -11,7 +11,7 @@ import pickle
 
 from ._core import ForkedJobError, FormatError
 
-__all__ = ["FormatError", "ConversionError", "UnsafePickleError", "ForkedJobError"]
+__all__ = ["FormatError", "ConversionError", "LabelSpaceError", "UnsafePickleError", "ForkedJobError"]
 
 FormatError.__doc__ = (
     "A store file is corrupt, truncated, foreign or of an unsupported format "
@@ -33,3 +33,9 @@ class ConversionError(ValueError):
 class UnsafePickleError(ConversionError, pickle.UnpicklingError):
     """A pickle asked for a global outside the allow-list (numpy arrays and
     plain containers). Pass ``trust_pickle=True`` only for files you trust."""
+
+
+class LabelSpaceError(ConversionError):
+    """Labels do not fit a label space: a split's labels against the
+    categories converted with them (gym99 labels with gym288 names), or a
+    train store against a val store in the probe. The message names both."""

@@ -12,35 +12,40 @@ created, so even a killed import leaves nothing behind) and then read column
 by column through a memory map. Everything is checked while
 it streams; a ConversionError (naming the column and the row) discards the
 temporary file, so nothing ever appears under the target name.
+
+The input is untrusted: every record batch passes Arrow's full validation
+before anything is copied from it, stream batches must have the declared
+schema, Parquet footers' row counts are checked before any page is read and
+against the rows each row group yields, each Parquet file must be unchanged
+(device, inode, size, mtime) from open to the end, and the ``finegym_store``
+metadata is type- and range-checked (ConversionError naming the key).
 """
 
 from __future__ import annotations
 
-import glob
+import contextlib
+import dataclasses
 import json
 import mmap
 import os
+import stat
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import _core
-from .arrow import FIELD_KEY, INSTANCE_FIELDS, METADATA_KEY, _pa
-from .convert import _finish, _labels_without_class
+from . import _args, _core
+from .arrow import BATCH_BYTES, FIELD_KEY, INSTANCE_FIELDS, METADATA_KEY, _pa
+from ._write import STORE_DTYPES, ColumnWriter, StoreWriter, store_dtype
 from .errors import ConversionError
 from .finegym import Categories, read_categories
 from .store import Store
 
-__all__ = ["from_arrow", "from_parquet"]
+__all__ = ["ImportOptions", "from_arrow", "from_parquet"]
 
-#: Bytes of feature data per batch read from the source.
-BATCH_BYTES = 64 << 20
-_STORE_DTYPES = ("float32", "float16")
 
 
 # -- sources ------------------------------------------------------------------
@@ -63,52 +68,209 @@ class _TableSource(_Source):
         self.table, self.where, self.schema, self.num_rows = table, where, table.schema, table.num_rows
 
     def batches(self, columns: list[str], batch_rows: int) -> Iterator[Any]:
-        yield from self.table.select(columns).to_batches(max_chunksize=batch_rows)
+        row0 = 0
+        for b in self.table.select(columns).to_batches(max_chunksize=batch_rows):
+            yield _valid(self.where, b, row0)
+            row0 += b.num_rows
+
+
+#: Largest T, C or row count taken from an argument or a file's metadata.
+MAX_DIM = 2**31 - 1
+
+
+def _kind(mode: int) -> str:
+    return ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else
+            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+
+
+def _parquet_files(path: str) -> list[str]:
+    """The files of a Parquet source: ``path`` itself, or every regular file
+    under the folder ``path`` (sorted; symbolic links to folders are not
+    followed; names starting with '.' or '_' skipped at every depth, so Spark's
+    ``_temporary/`` and ``_SUCCESS`` are). FIFOs, sockets and devices are
+    refused without being opened."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file or folder") from None
+    if stat.S_ISREG(st.st_mode):
+        return [path]
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConversionError(f"{path}: {_kind(st.st_mode)}, not a Parquet file or folder")
+    files = []
+    for root, dirs, names in os.walk(path, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "_")))
+        for name in names:
+            if name.startswith((".", "_")):
+                continue
+            f = os.path.join(root, name)
+            try:
+                mode = os.stat(f).st_mode
+            except OSError as e:
+                raise ConversionError(f"{f}: cannot be read ({e.strerror})") from None
+            if not stat.S_ISREG(mode):
+                raise ConversionError(f"{f}: {_kind(mode)}, not a Parquet file")
+            files.append(f)
+    if not files:
+        raise ConversionError(f"{path}: the folder holds no Parquet files")
+    return sorted(files)
+
+
+def _identity(f: str) -> tuple[int, int, int, int]:
+    try:
+        st = os.stat(f)
+    except OSError:
+        return (-1, -1, -1, -1)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 class _ParquetSource(_Source):
     def __init__(self, path: str) -> None:
         import pyarrow.parquet as pq
 
-        if os.path.isdir(path):
-            files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
-                           if os.path.isfile(f) and not os.path.basename(f).startswith((".", "_")))
-            if not files:
-                raise ConversionError(f"{path}: the folder holds no Parquet files")
-        elif os.path.exists(path):
-            files = [path]
-        else:
-            raise FileNotFoundError(f"{path}: no such file or folder")
+        files = _parquet_files(path)
         self.where, self.files = path, files
         self._open: list[Any] = []
+        self._ids: list[tuple[int, int, int, int]] = []
         try:
             for f in files:
+                ident = _identity(f)
                 try:
-                    self._open.append(pq.ParquetFile(f))
+                    pf = pq.ParquetFile(f)
                 except Exception as e:  # pyarrow raises ArrowInvalid/OSError for non-Parquet files
-                    raise ConversionError(f"{f}: not a readable Parquet file ({e})") from None
+                    raise ConversionError(f"{f}: not a readable Parquet file ({_one_line(e)})") from None
+                self._open.append(pf)
+                self._ids.append(ident)
+                self._check_footer(f, pf)
+            self.check()
         except BaseException:
             self.close()
             raise
         self.schema = self._open[0].schema_arrow
         for f, pf in zip(files[1:], self._open[1:]):
             if not pf.schema_arrow.equals(self.schema, check_metadata=False):
+                self.close()
                 raise ConversionError(f"{f}: its schema differs from {files[0]}'s; every file of a dataset "
                                       "must have the same columns and types")
         self.num_rows = sum(pf.metadata.num_rows for pf in self._open)
+        if self.num_rows > MAX_DIM:
+            self.close()
+            raise ConversionError(f"{path}: the footers claim {self.num_rows} rows in all; a store holds at "
+                                  f"most {MAX_DIM}")
+
+    @staticmethod
+    def _check_footer(f: str, pf: Any) -> None:
+        """The footer's row counts, before any page is read. (Column chunk
+        metadata is left to the reader, which checks each chunk's extent
+        against the file: pyarrow's ``RowGroupMetaData.column`` aborts the
+        process on some malformed chunks instead of raising.)"""
+        try:
+            md = pf.metadata
+            pf.schema_arrow  # noqa: B018 - the embedded Arrow schema is parsed here
+            total, groups = md.num_rows, md.num_row_groups
+            rows = 0
+            for g in range(groups):
+                rg = md.row_group(g)
+                if not 0 <= rg.num_rows <= MAX_DIM:
+                    raise ConversionError(f"{f}: row group {g}: the footer claims {rg.num_rows} rows")
+                rows += rg.num_rows
+        except ConversionError:
+            raise
+        except Exception as e:
+            raise ConversionError(f"{f}: unreadable Parquet footer ({_one_line(e)})") from None
+        if total != rows:
+            raise ConversionError(f"{f}: the footer claims {total} rows, but its row groups hold {rows}")
+
+    def check(self) -> None:
+        """ConversionError when a file is not the one opened (replaced, rewritten, resized)."""
+        for f, ident in zip(self.files, self._ids):
+            if _identity(f) != ident:
+                raise ConversionError(f"{f}: the file changed while it was imported; import it again")
 
     def batches(self, columns: list[str], batch_rows: int) -> Iterator[Any]:
-        for pf in self._open:
+        self.check()
+        for f, pf in zip(self.files, self._open):
+            row0 = 0
             # One row group per call: iter_batches over the whole file pre-buffers
             # every row group's bytes up front (2.2 GB of RAM for the 2 GB I3D
             # file; 0.44 GB peak this way, with 134 MB row groups).
             for g in range(pf.num_row_groups):
-                yield from pf.iter_batches(batch_size=batch_rows, row_groups=[g], columns=columns)
+                expected = pf.metadata.row_group(g).num_rows
+                got = 0
+                it = pf.iter_batches(batch_size=batch_rows, row_groups=[g], columns=columns)
+                while True:
+                    try:
+                        b = next(it)
+                    except StopIteration:
+                        break
+                    except Exception as e:  # ArrowInvalid, OSError, ...: a damaged page
+                        raise ConversionError(f"{f}: row group {g}: unreadable data ({_one_line(e)})") from None
+                    got += b.num_rows
+                    if got > expected:
+                        break
+                    yield _valid(f"{f}: row group {g}", b, row0)
+                    row0 += b.num_rows
+                if got != expected:
+                    raise ConversionError(f"{f}: row group {g}: the footer claims {expected} rows, "
+                                          f"the pages hold {'more' if got > expected else got}")
+        self.check()
 
     def close(self) -> None:
         for pf in self._open:
             pf.close()
         self._open = []
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def _valid(where: str, batch: Any, row0: int) -> Any:
+    """``batch`` (rows ``row0``...) after Arrow's full validation (offsets,
+    lengths, UTF-8); ConversionError naming ``where`` otherwise. Nothing is
+    copied from data that has not passed it."""
+    try:
+        batch.validate(full=True)
+    except Exception as e:
+        _bad_utf8(where, batch, row0)
+        raise ConversionError(f"{where}: rows {row0}..{row0 + batch.num_rows - 1}: invalid Arrow data "
+                              f"({_one_line(e)})") from None
+    return batch
+
+
+def _bad_utf8(where: str, batch: Any, row0: int) -> None:
+    """ConversionError naming the column and row of a string that is not
+    UTF-8, when that is why a string column failed full validation: its
+    buffers passed basic validation and its offsets are checked here
+    (ascending, inside the data buffer) before any value is sliced."""
+    pa = _pa()
+    for name, col in zip(batch.schema.names, batch.columns):
+        large = pa.types.is_large_string(col.type)
+        if not (large or pa.types.is_string(col.type)) or len(col) == 0:
+            continue
+        try:
+            col.validate()
+        except Exception:
+            continue
+        try:
+            col.validate(full=True)
+            continue
+        except Exception:
+            pass
+        _, obuf, dbuf = col.buffers()
+        offs = np.frombuffer(obuf, np.int64 if large else np.int32)[col.offset:col.offset + len(col) + 1]
+        data = memoryview(dbuf) if dbuf is not None else memoryview(b"")
+        if len(offs) != len(col) + 1 or offs[0] < 0 or np.any(np.diff(offs) < 0) or offs[-1] > len(data):
+            continue
+        valid = col.is_valid().to_numpy(zero_copy_only=False)
+        for j in range(len(col)):
+            if valid[j]:
+                try:
+                    str(data[offs[j]:offs[j + 1]], "utf-8")
+                except UnicodeDecodeError:
+                    v = bytes(data[offs[j]:min(offs[j + 1], offs[j] + 40)])
+                    raise ConversionError(f"{where}: column {name!r}: row {row0 + j}: not valid UTF-8 "
+                                          f"({v!r})") from None
 
 
 class _StreamSource(_Source):
@@ -123,10 +285,36 @@ class _StreamSource(_Source):
             raise RuntimeError("a stream can be read once")
         self.used = True
         pa = _pa()
-        for b in self.reader:
+        for b in _checked_stream(self):
             b = pa.RecordBatch.from_arrays([b.column(c) for c in columns], names=columns)
             for start in range(0, b.num_rows, batch_rows):
                 yield b.slice(start, batch_rows)
+
+
+def _checked_stream(source: _StreamSource) -> Iterator[Any]:
+    """The stream's batches, each fully validated and with the declared schema."""
+    it = iter(source.reader)
+    k = row0 = 0
+    while True:
+        try:
+            b = next(it)
+        except StopIteration:
+            return
+        except Exception as e:  # a reader over a damaged IPC stream raises ArrowInvalid, OSError
+            raise ConversionError(f"{source.where}: batch {k}: unreadable ({_one_line(e)})") from None
+        if not b.schema.equals(source.schema, check_metadata=False):
+            raise ConversionError(f"{source.where}: batch {k}: its schema ({_schema_str(b.schema)}) differs "
+                                  f"from the one the stream declared ({_schema_str(source.schema)})")
+        yield _valid(f"{source.where}: batch {k}", b, row0)
+        k += 1
+        row0 += b.num_rows
+
+
+def _schema_str(schema: Any) -> str:
+    try:
+        return ", ".join(f"{f.name}: {f.type}" for f in schema)
+    except UnicodeDecodeError:
+        return "a field name that is not UTF-8"
 
 
 def _anonymous_file(out: str, suffix: str) -> Any:
@@ -143,7 +331,7 @@ def _spill(source: _StreamSource, out: str) -> _TableSource:
     pa = _pa()
     with _anonymous_file(out, ".spill.arrow") as f:
         with pa.ipc.new_file(f, source.schema) as w:
-            for b in source.reader:
+            for b in _checked_stream(source):
                 w.write_batch(b)
         f.flush()
         # The table's buffers hold the mapping, which outlives the descriptor.
@@ -173,7 +361,7 @@ class _Layout:
 
     name: str
     dtype: np.dtype          # stored dtype
-    segments: int | None     # T, or None (ragged)
+    length: int | None     # T, or None (ragged)
     channels: int
     kind: str                # "nested", "tensor", "list_rows", "list_list", "flat"
 
@@ -195,18 +383,31 @@ def _value_dtype(where: str, t: Any) -> np.dtype:
     raise ConversionError(f"{where}: values must be floating-point (float16, float32 or float64), got {t}")
 
 
-def _layout(where: str, field: Any, dtype: str | None, segments: int | None, channels: int | None,
+def _layout(where: str, field: Any, dtype: str | None, length: int | None, channels: int | None,
             meta: Mapping[str, Any] | None) -> _Layout:
-    pa = _pa()
-    name = field.name
-    here = f"{where}: column {name!r}"
+    here = f"{where}: column {field.name!r}"
     if meta:  # our own export: T, C and dtype recorded per column
-        segments = meta.get("segments") if segments is None else segments
+        recorded = meta.get("length", meta.get("segments"))  # 0.1 exports wrote "segments"
+        length = recorded if length is None else length
         channels = meta.get("channels") if channels is None else channels
         dtype = meta.get("dtype") if dtype is None else dtype
-    for what, v in (("segments", segments), ("channels", channels)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1):
-            raise ValueError(f"{here}: {what} must be a positive integer, got {v!r}")
+    for what, v in (("length", length), ("channels", channels)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 1 <= v <= MAX_DIM):
+            raise ValueError(f"{here}: {what} must be a positive integer, got {v!r} (at most {MAX_DIM})")
+    length = None if length is None else int(length)  # numpy integers become Python ints
+    channels = None if channels is None else int(channels)
+    lay = _layout_of(here, field, dtype, length, channels)
+    for what, v in (("length", lay.length), ("channels", lay.channels)):
+        if v is not None and not (what == "channels" and lay.kind == "list_list" and v == 0) \
+                and not 1 <= v <= MAX_DIM:
+            raise ConversionError(f"{here}: {what} = {v} from the type {field.type}; "
+                                  f"expected 1..{MAX_DIM}")
+    return lay
+
+
+def _layout_of(here: str, field: Any, dtype: str | None, length: int | None, channels: int | None) -> _Layout:
+    pa = _pa()
+    name = field.name
     t = field.type
     if isinstance(t, pa.BaseExtensionType):
         if t.extension_name != "arrow.fixed_shape_tensor":
@@ -220,7 +421,7 @@ def _layout(where: str, field: Any, dtype: str | None, segments: int | None, cha
             raise ConversionError(f"{here}: expected a (T, C) tensor, got shape {shape}")
         vd = _value_dtype(here, t.value_type)
         return _checked(here, _Layout(name, _store_dtype(here, dtype, vd), shape[0], shape[1], "tensor"),
-                        segments, channels)
+                        length, channels)
     if not _is_list(t):
         raise ConversionError(f"{here}: expected a list, fixed_size_list or fixed_shape_tensor of floats, got {t}")
     inner = t.value_type
@@ -231,42 +432,42 @@ def _layout(where: str, field: Any, dtype: str | None, segments: int | None, cha
             if channels is not None and channels != c:
                 raise ConversionError(f"{here}: rows hold {c} values but channels={channels} was given")
             if pa.types.is_fixed_size_list(t):
-                if segments is not None and segments != t.list_size:
-                    raise ConversionError(f"{here}: instances hold {t.list_size} rows but segments={segments}")
+                if length is not None and length != t.list_size:
+                    raise ConversionError(f"{here}: instances hold {t.list_size} rows but length={length}")
                 return _Layout(name, _store_dtype(here, dtype, vd), t.list_size, c, "nested")
-            return _Layout(name, _store_dtype(here, dtype, vd), segments, c, "list_rows")
+            return _Layout(name, _store_dtype(here, dtype, vd), length, c, "list_rows")
         # list<list<float>> (a nested column written by DuckDB or Polars to Parquet):
         # inner lengths must all equal C (given, or the first row's).
-        seg = t.list_size if pa.types.is_fixed_size_list(t) else segments
+        seg = t.list_size if pa.types.is_fixed_size_list(t) else length
         return _Layout(name, _store_dtype(here, dtype, vd), seg, channels or 0, "list_list")
     vd = _value_dtype(here, inner)
     # A flat list of floats per instance: T * C values.
     if pa.types.is_fixed_size_list(t):
         n = t.list_size
-        if channels is None and segments is None:
-            segments, channels = 1, n  # (C,) is T = 1, as in convert
+        if channels is None and length is None:
+            length, channels = 1, n  # (C,) is T = 1, as in convert
         elif channels is None:
-            if n % segments:
-                raise ConversionError(f"{here}: {n} values per instance are not a multiple of segments={segments}")
-            channels = n // segments
-        elif segments is None:
+            if n % length:
+                raise ConversionError(f"{here}: {n} values per instance are not a multiple of length={length}")
+            channels = n // length
+        elif length is None:
             if n % channels:
                 raise ConversionError(f"{here}: {n} values per instance are not a multiple of channels={channels}")
-            segments = n // channels
-        assert segments is not None and channels is not None
-        if segments * channels != n:
-            raise ConversionError(f"{here}: {n} values per instance, but segments x channels = "
-                                  f"{segments} x {channels}")
-        return _Layout(name, _store_dtype(here, dtype, vd), segments, channels, "flat")
+            length = n // channels
+        assert length is not None and channels is not None
+        if length * channels != n:
+            raise ConversionError(f"{here}: {n} values per instance, but length x channels = "
+                                  f"{length} x {channels}")
+        return _Layout(name, _store_dtype(here, dtype, vd), length, channels, "flat")
     if channels is None:
         raise ConversionError(f"{here}: a {t} column needs channels=C (or the finegym_store schema metadata) "
                               "to cut its values into (T, C) rows")
-    return _Layout(name, _store_dtype(here, dtype, vd), segments, channels, "flat")
+    return _Layout(name, _store_dtype(here, dtype, vd), length, channels, "flat")
 
 
-def _checked(here: str, lay: _Layout, segments: int | None, channels: int | None) -> _Layout:
-    if segments is not None and segments != lay.segments:
-        raise ConversionError(f"{here}: instances hold {lay.segments} rows but segments={segments} was given")
+def _checked(here: str, lay: _Layout, length: int | None, channels: int | None) -> _Layout:
+    if length is not None and length != lay.length:
+        raise ConversionError(f"{here}: instances hold {lay.length} rows but length={length} was given")
     if channels is not None and channels != lay.channels:
         raise ConversionError(f"{here}: rows hold {lay.channels} values but channels={channels} was given")
     return lay
@@ -275,9 +476,7 @@ def _checked(here: str, lay: _Layout, segments: int | None, channels: int | None
 def _store_dtype(here: str, dtype: str | None, value_dtype: np.dtype) -> np.dtype:
     if dtype is None:
         return np.dtype(np.float16) if value_dtype == np.float16 else np.dtype(np.float32)
-    if str(dtype) not in _STORE_DTYPES:
-        raise ValueError(f"{here}: dtype={dtype!r} is not supported; use 'float32' or 'float16'")
-    return np.dtype(str(dtype))
+    return store_dtype(dtype, here)
 
 
 # -- per-batch conversion ------------------------------------------------------------
@@ -312,7 +511,7 @@ def _rows_of(lay: _Layout, here: str, arr: Any, row0: int) -> tuple[np.ndarray, 
     _no_nulls(here, arr, "the instance", row0)
     rows = None
     if lay.kind in ("nested", "tensor"):
-        lengths = np.full(n, lay.segments, np.int64)
+        lengths = np.full(n, lay.length, np.int64)
         rows = arr.flatten() if lay.kind == "nested" else None
         values = rows.flatten() if rows is not None else arr.flatten()
     elif lay.kind in ("list_rows", "list_list"):
@@ -347,20 +546,17 @@ def _rows_of(lay: _Layout, here: str, arr: Any, row0: int) -> tuple[np.ndarray, 
     if first is not None:
         raise ConversionError(f"{here}: row {row0 + _instance_of(first, lengths * lay.channels)}: "
                               "a feature value is null")
-    if lay.segments is not None:
-        bad = np.flatnonzero(lengths != lay.segments)
+    if lay.length is not None:
+        bad = np.flatnonzero(lengths != lay.length)
         if len(bad):
             i = int(bad[0])
             raise ConversionError(f"{here}: row {row0 + i}: T = {int(lengths[i])} rows where the column has "
-                                  f"fixed T = {lay.segments}")
+                                  f"fixed T = {lay.length}")
     zero = np.flatnonzero(lengths == 0)
     if len(zero):
         raise ConversionError(f"{here}: row {row0 + int(zero[0])}: an instance with no rows (T = 0)")
-    flat = values.to_numpy(zero_copy_only=True).reshape(-1, lay.channels)
-    if flat.dtype != lay.dtype:
-        with np.errstate(over="ignore", invalid="ignore"):  # NaN/Inf stored as they are, like convert
-            flat = flat.astype(lay.dtype)
-    return np.ascontiguousarray(flat), lengths
+    # Cast to the stored dtype as the column writer copies it.
+    return values.to_numpy(zero_copy_only=True).reshape(-1, lay.channels), lengths
 
 
 # -- ids and labels -------------------------------------------------------------------
@@ -375,11 +571,19 @@ class _Instances:
         pa = _pa()
         ids = batch.column(self.id_column)
         here = f"{self.where}: column {self.id_column!r}"
-        if not (pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type)
+        binary = pa.types.is_binary(ids.type) or pa.types.is_large_binary(ids.type) or \
+            (hasattr(pa.types, "is_binary_view") and pa.types.is_binary_view(ids.type))
+        if not (binary or pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type)
                 or (hasattr(pa.types, "is_string_view") and pa.types.is_string_view(ids.type))):
             raise ConversionError(f"{here}: ids must be strings, got {ids.type}")
         _no_nulls(here, ids, "the id", row0)
         values = ids.to_pylist()
+        if binary:  # ids as bytes: taken when they are UTF-8
+            for j, v in enumerate(values):
+                try:
+                    values[j] = v.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise ConversionError(f"{here}: row {row0 + j}: id {v[:40]!r} is not valid UTF-8") from None
         for j, k in enumerate(values):
             first = self.seen.setdefault(k, row0 + j)
             if first != row0 + j:
@@ -392,14 +596,20 @@ class _Instances:
             lhere = f"{self.where}: column {self.label_column!r}"
             if not pa.types.is_integer(lab.type):
                 raise ConversionError(f"{lhere}: labels must be integers, got {lab.type}")
-            arr = lab.to_numpy(zero_copy_only=False) if not lab.null_count else \
-                np.asarray(lab.fill_null(-1).to_numpy(zero_copy_only=False))  # null label: unlabelled
-            arr = arr.astype(np.int64, copy=False)
-            bad = np.flatnonzero((arr < -1) | (arr >= 2**31))
+            # Nulls filled with 0 (any integer type holds it), then set to -1: unlabelled.
+            raw = np.asarray((lab.fill_null(0) if lab.null_count else lab).to_numpy(zero_copy_only=False))
+            out_of_range = raw >= 2**31 if raw.dtype.kind == "u" else (raw < -1) | (raw >= 2**31)
+            if lab.null_count:
+                valid = lab.is_valid().to_numpy(zero_copy_only=False)
+                out_of_range &= valid
+            bad = np.flatnonzero(out_of_range)
             if len(bad):
                 i = int(bad[0])
-                raise ConversionError(f"{lhere}: row {row0 + i}: label {int(arr[i])} is outside -1..2**31-1")
-            self.labels.append(arr.astype(np.int32))
+                raise ConversionError(f"{lhere}: row {row0 + i}: label {int(raw[i])} is outside -1..2**31-1")
+            arr = raw.astype(np.int32)
+            if lab.null_count:
+                arr[~valid] = -1
+            self.labels.append(arr)
 
     def label_array(self) -> np.ndarray | None:
         if self.label_column is None:
@@ -408,28 +618,60 @@ class _Instances:
 
 
 # -- the import ------------------------------------------------------------------
-def _metadata(schema: Any) -> dict[str, Any]:
+def _json(where: str, key: str, raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, nesting beyond the parser's stack
+        raise ConversionError(f"{where}: schema metadata {key!r}: not readable JSON "
+                              f"({_one_line(e)[:200]})") from None
+
+
+def _metadata(schema: Any, where: str) -> dict[str, Any]:
+    """The export's JSON document under METADATA_KEY ({} without one);
+    ConversionError naming the key when it is there but malformed (it would
+    change the result: T, C, dtype, the columns and the hierarchy come from it)."""
     raw = (schema.metadata or {}).get(METADATA_KEY)
     if raw is None:
         return {}
-    try:
-        doc = json.loads(raw)
-    except ValueError:
-        return {}
-    return doc if isinstance(doc, dict) else {}
+    key = METADATA_KEY.decode()
+    doc = _json(where, key, raw)
+    if not isinstance(doc, dict):
+        raise ConversionError(f"{where}: schema metadata {key!r}: expected a JSON object, got "
+                              f"{type(doc).__name__}")
+    columns = doc.get("columns")
+    if columns is not None:
+        if not isinstance(columns, dict):
+            raise ConversionError(f"{where}: schema metadata {key!r}: 'columns' must be an object, got "
+                                  f"{type(columns).__name__}")
+        for name, m in columns.items():
+            _column_meta(f"{where}: schema metadata {key!r}: columns[{name!r}]", m)
+    classes = doc.get("classes")
+    if classes is not None and not isinstance(classes, dict):
+        raise ConversionError(f"{where}: schema metadata {key!r}: 'classes' must be an object or null, got "
+                              f"{type(classes).__name__}")
+    return doc
 
 
-def _field_meta(field: Any, doc: Mapping[str, Any]) -> dict[str, Any] | None:
+def _column_meta(here: str, m: Any) -> dict[str, Any]:
+    """A column's recorded dtype, length (T; "segments" in 0.1 exports) and channels, type-checked."""
+    if not isinstance(m, dict):
+        raise ConversionError(f"{here}: expected a JSON object, got {type(m).__name__}")
+    for k in ("length", "segments", "channels"):
+        v = m.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_DIM):
+            raise ConversionError(f"{here}: {k!r} must be an integer in 1..{MAX_DIM} or null, got {v!r}"[:300])
+    d = m.get("dtype")
+    if d is not None and d not in STORE_DTYPES:
+        raise ConversionError(f"{here}: 'dtype' must be one of {', '.join(STORE_DTYPES)}, got {d!r}"[:300])
+    return m
+
+
+def _field_meta(field: Any, doc: Mapping[str, Any], where: str) -> dict[str, Any] | None:
     raw = (field.metadata or {}).get(FIELD_KEY)
     if raw is not None:
-        try:
-            m = json.loads(raw)
-            if isinstance(m, dict):
-                return m
-        except ValueError:
-            pass
-    m = (doc.get("columns") or {}).get(field.name)
-    return m if isinstance(m, dict) else None
+        here = f"{where}: column {field.name!r}: field metadata {FIELD_KEY.decode()!r}"
+        return _column_meta(here, _json(f"{where}: column {field.name!r}", FIELD_KEY.decode(), raw))
+    return (doc.get("columns") or {}).get(field.name)
 
 
 def _per_column(value: Any, name: str) -> Any:
@@ -441,27 +683,62 @@ def _hierarchy(doc: Mapping[str, Any], categories: Any, classes: Any, where: str
         return read_categories(categories)
     pa = _pa()
     if classes is not None:
+        here = "classes"
         t = classes if isinstance(classes, pa.Table) else pa.table(classes)
         h: Any = {k: t.column(k).to_pylist() for k in ("label", "glabel", "set", "event", "name")
                   if k in t.column_names}
     else:
+        here = f"{where}: schema metadata {METADATA_KEY.decode()!r}: classes"
         h = doc.get("classes")
         if not h:
             return None
-    try:
-        return Categories(np.asarray(h["label"], np.int32), np.asarray(h["glabel"], np.int32),
-                          np.asarray(h["set"], np.int32), [str(e) for e in h["event"]], [str(n) for n in h["name"]])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ConversionError(f"{where}: the label hierarchy needs label, glabel, set, event and name ({e})") from None
+    keys = ("label", "glabel", "set", "event", "name")
+    missing = [k for k in keys if k not in h]
+    if missing:
+        raise ConversionError(f"{here}: the label hierarchy needs label, glabel, set, event and name; "
+                              f"missing {', '.join(missing)}")
+    n = None
+    for k in keys:
+        v = h[k]
+        if not isinstance(v, list):
+            raise ConversionError(f"{here}: {k!r} must be a list, got {type(v).__name__}")
+        if n is None:
+            n = len(v)
+        elif len(v) != n:
+            raise ConversionError(f"{here}: {k!r} holds {len(v)} entries, 'label' {n}")
+        for i, x in enumerate(v):
+            ok = isinstance(x, str) if k in ("event", "name") else \
+                (isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**31)
+            if not ok:
+                what = "a string" if k in ("event", "name") else "an integer in 0..2**31-1"
+                raise ConversionError(f"{here}: {k!r}[{i}] must be {what}, got {x!r}"[:300])
+    seen: dict[int, int] = {}
+    for i, x in enumerate(h["label"]):
+        if seen.setdefault(x, i) != i:
+            raise ConversionError(f"{here}: 'label'[{i}]: class label {x} is a duplicate (first at {seen[x]})")
+    return Categories(np.asarray(h["label"], np.int32), np.asarray(h["glabel"], np.int32),
+                      np.asarray(h["set"], np.int32), list(h["event"]), list(h["name"]))
 
 
-def _ingest(source: _Source, out: str, id_column: str, label_column: str | None,
-            feature_columns: Sequence[str] | None, segments: Any, channels: Any, dtype: Any,
-            categories: Any, classes: Any, overwrite: bool, progress: bool, batch_size: int | None) -> Store:
+def _check_batch_size(batch_size: Any) -> None:
+    _args.optional_count(batch_size, "batch_size", 1, MAX_DIM)
+
+
+def _ingest(source: _Source, out: str, opts: ImportOptions) -> Store:
+    id_column, label_column, feature_columns = opts.id_column, opts.label_column, opts.feature_columns
     where = source.where
     schema = source.schema
-    names = list(schema.names)
-    doc = _metadata(schema)
+    try:
+        names = list(schema.names)
+        for f in schema:
+            str(f.type)  # nested field names are decoded here
+    except UnicodeDecodeError as e:
+        raise ConversionError(f"{where}: a column or nested field name is not valid UTF-8 ({e})") from None
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConversionError(f"{where}: column {dup[0]!r} appears more than once in the schema; "
+                              "every column needs its own name")
+    doc = _metadata(schema, where)
     if id_column not in names:
         raise ConversionError(f"{where}: no id column {id_column!r}; columns: {', '.join(names)}")
     if label_column is not None and label_column not in names:
@@ -496,48 +773,39 @@ def _ingest(source: _Source, out: str, id_column: str, label_column: str | None,
                                   "of [A-Za-z0-9_-]")
         if c in (id_column, label_column):
             raise ConversionError(f"{where}: column {c!r} is the id or label column, not a feature column")
-    layouts = [_layout(where, schema.field(c), _per_column(dtype, c), _per_column(segments, c),
-                       _per_column(channels, c), _field_meta(schema.field(c), doc)) for c in feature_columns]
-    cats = _hierarchy(doc, categories, classes, where)
-    if os.path.exists(out) and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    layouts = [_layout(where, schema.field(c), _per_column(opts.dtype, c), _per_column(opts.length, c),
+                       _per_column(opts.channels, c), _field_meta(schema.field(c), doc, where))
+               for c in feature_columns]
+    cats = _hierarchy(doc, opts.categories, opts.classes, where)
+    if os.path.exists(out) and not opts.overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
 
     if isinstance(source, _StreamSource) and len(layouts) > 1:
         source = _spill(source, out)
-    writer: Any = None  # _core.Writer, or _StreamWriter for a one-shot stream
-    try:
-        instances = _Instances(where, id_column, label_column)
-        columns_attrs: dict[str, Any] = {}
+    instances = _Instances(where, id_column, label_column)
+    columns_attrs: dict[str, Any] = {}
+    with contextlib.ExitStack() as stack:
+        n = source.num_rows
+        if n == 0:
+            raise ConversionError(f"{where}: the source has no rows")
+        # A one-shot stream does not say how many rows it has: its writer stages them until it knows.
+        raw = _StreamWriter(out, opts.overwrite) if n is None else _core.Writer(out, n, opts.overwrite)
+        writer = stack.enter_context(StoreWriter(raw))
         for k, lay in enumerate(layouts):
-            if writer is None:
-                n = source.num_rows
-                if n is None:  # a one-shot stream: the writer needs N first, so count in this pass
-                    writer = _StreamWriter(out, overwrite)
-                else:
-                    if n == 0:
-                        raise ConversionError(f"{where}: the source has no rows")
-                    writer = _core.Writer(out, n, overwrite)
             extra = [id_column] + ([label_column] if label_column else []) if k == 0 else []
             columns_attrs[lay.name] = _write_column(source, writer, lay, extra, instances if k == 0 else None,
-                                                    progress, batch_size)
-        assert writer is not None
+                                                    opts.progress, opts.batch_size)
         ids = instances.ids
         if len(ids) == 0:
             raise ConversionError(f"{where}: the source has no rows")
         labels = instances.label_array()
-        unknown = _labels_without_class(labels, cats)
-        if unknown:
-            raise ConversionError(f"{where}: column {label_column!r}: labels {unknown} have no "
-                                  "class in the label hierarchy")
-        _finish(writer, ids, labels, cats, {
+        writer.finish(ids, labels, cats, {
             "source": where,
             "imported_from": {k: doc.get(k) for k in ("format_version", "exported_by", "source", "attrs")}
             if doc else None,
             "columns": columns_attrs,
-        })
-    finally:
-        if writer is not None:
-            writer.discard()
+        }, labels_from=f"{where}: column {label_column!r}", name=where,
+            categories_from=os.fspath(opts.categories) if opts.categories is not None else "the label hierarchy given")
     return Store(out)
 
 
@@ -552,8 +820,8 @@ class _StreamWriter:
         self.file = _anonymous_file(out, ".rows")
         self.column: tuple[str, np.dtype, int, int] | None = None
 
-    def begin_features(self, name: str, dtype: np.dtype, segments: int, channels: int) -> None:
-        self.column = (name, dtype, segments, channels)
+    def begin_features(self, name: str, dtype: np.dtype, length: int, channels: int) -> None:
+        self.column = (name, dtype, length, channels)
 
     def append_features(self, rows: np.ndarray) -> None:
         self.file.write(rows.data.cast("B"))  # C-contiguous: no copy
@@ -564,9 +832,9 @@ class _StreamWriter:
     def _open(self, n: int) -> None:
         self.file.flush()
         assert self.column is not None
-        name, dtype, segments, channels = self.column
+        name, dtype, length, channels = self.column
         self.inner = _core.Writer(self.out, n, self.overwrite)
-        self.inner.begin_features(name, dtype, segments, channels)
+        self.inner.begin_features(name, dtype, length, channels)
         step = max(1, (4 << 20) // (channels * dtype.itemsize))
         data = np.memmap(self.file, dtype=dtype, mode="r").reshape(-1, channels) if self.file.tell() \
             else np.zeros((0, channels), dtype)
@@ -594,117 +862,124 @@ class _StreamWriter:
             self.inner.discard()
 
 
-def _write_column(source: _Source, writer: Any, lay: _Layout, extra: list[str], instances: _Instances | None,
-                  progress: bool, batch_size: int | None) -> dict[str, Any]:
+def _write_column(source: _Source, writer: StoreWriter, lay: _Layout, extra: list[str],
+                  instances: _Instances | None, progress: bool, batch_size: int | None) -> dict[str, Any]:
     here = f"{source.where}: column {lay.name!r}"
     field = source.schema.field(lay.name)
-    c_guess = lay.channels or 1
     if batch_size is None:
-        row_bytes = (lay.segments or 16) * c_guess * 4
+        row_bytes = (lay.length or 16) * (lay.channels or 1) * 4
         batch_rows = max(1, min(1 << 16, BATCH_BYTES // row_bytes))
     else:
         batch_rows = int(batch_size)
     lengths_parts: list[np.ndarray] = []
-    begun = False
+    column: ColumnWriter | None = None  # begun at the first batch (a list<list> column learns C there)
     row0 = 0
-    pending: Future[None] | None = None
-    # While the C++ writer hashes and writes one batch (GIL released), the
-    # next is read and decoded here.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="finegym-ingest") as io, \
-            tqdm(total=source.num_rows, unit="inst", desc=f"import {lay.name}", disable=not progress,
-                 leave=False) as bar:
-        try:
-            for batch in source.batches(extra + [lay.name], batch_rows):
-                if batch.num_rows == 0:
-                    continue
-                if instances is not None:
-                    instances.add(batch, row0)
-                rows, lengths = _rows_of(lay, here, batch.column(lay.name), row0)
-                if not begun:
-                    writer.begin_features(lay.name, lay.dtype, lay.segments or 0, lay.channels)
-                    begun = True
-                if pending is not None:
-                    pending.result()
-                pending = io.submit(writer.append_features, rows)
-                lengths_parts.append(lengths)
-                row0 += batch.num_rows
-                bar.update(batch.num_rows)
-        finally:
-            if pending is not None:
-                pending.result()
-    if not begun:
+    with tqdm(total=source.num_rows, unit="inst", desc=f"import {lay.name}", disable=not progress,
+              leave=False) as bar:
+        for batch in source.batches(extra + [lay.name], batch_rows):
+            if batch.num_rows == 0:
+                continue
+            if instances is not None:
+                instances.add(batch, row0)
+            rows, lengths = _rows_of(lay, here, batch.column(lay.name), row0)
+            if column is None:
+                column = writer.column(lay.name, lay.dtype, lay.length, lay.channels)
+            column.append(rows)
+            lengths_parts.append(lengths)
+            row0 += batch.num_rows
+            bar.update(batch.num_rows)
+    if column is None:
         raise ConversionError(f"{source.where}: the source has no rows")
     expected = len(instances.ids) if instances is not None else None
     if expected is not None and row0 != expected:  # pragma: no cover - same batches
         raise ConversionError(f"{here}: {row0} rows but {expected} ids")
-    lengths = np.concatenate(lengths_parts)
-    writer.end_features(np.asarray([], np.int64) if lay.segments is not None else lengths)
-    return {"source": source.where, "source_type": str(field.type), "segments": lay.segments,
+    column.close(None if lay.length is not None else np.concatenate(lengths_parts))
+    return {"source": source.where, "source_type": str(field.type), "length": lay.length,
             "channels": lay.channels}
 
 
-def from_arrow(
-    source: Any,
-    out: str | os.PathLike[str],
-    id_column: str = "id",
-    label_column: str | None = "label",
-    feature_columns: Sequence[str] | str | None = None,
-    segments: int | Mapping[str, int] | None = None,
-    channels: int | Mapping[str, int] | None = None,
-    dtype: str | Mapping[str, str] | None = None,
-    categories: str | os.PathLike[str] | None = None,
-    classes: Any = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    batch_size: int | None = None,
-) -> Store:
-    """Build a store at ``out`` from Arrow data and open it.
+@dataclass(frozen=True, kw_only=True)
+class ImportOptions:
+    """How :func:`from_arrow` and :func:`from_parquet` read a source; pass
+    one (``from_arrow(t, "x.fgs", opts)``), its fields as keywords, or both
+    (keywords replace the object's fields).
 
-    ``source`` is a pyarrow Table, RecordBatch or RecordBatchReader, or any
-    object with ``__arrow_c_stream__`` (a Polars DataFrame, a DuckDB result).
     ``id_column`` holds unique non-null string ids; ``label_column`` integer
     labels (null or absent: -1). ``feature_columns`` default: those recorded
     in the schema metadata of an export, else every list/tensor column.
+    ``length`` (T, the rows per instance), ``channels`` (C) and ``dtype``
+    (float32/float16; default: float16 stays, other floats become float32)
+    are one value or a {column: value} mapping; an export's metadata supplies
+    them. The label hierarchy comes from ``categories`` (a FineGym categories
+    file), ``classes`` (a table like ``Store.classes_table()``) or the schema
+    metadata. ``batch_size``: rows per record batch read (default: about
+    128 MiB of features). ``overwrite`` replaces an existing ``out``;
+    ``progress`` draws progress bars."""
+
+    id_column: str = "id"
+    label_column: str | None = "label"
+    feature_columns: Sequence[str] | str | None = None
+    length: int | Mapping[str, int] | None = None
+    channels: int | Mapping[str, int] | None = None
+    dtype: str | Mapping[str, str] | None = None
+    categories: str | os.PathLike[str] | None = None
+    classes: Any = None
+    overwrite: bool = False
+    progress: bool = True
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_batch_size(self.batch_size)
+        for name in ("id_column",):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} must be a str, got {type(getattr(self, name)).__name__}")
+        if self.label_column is not None and not isinstance(self.label_column, str):
+            raise TypeError(f"label_column must be a str or None, got {type(self.label_column).__name__}")
+
+
+def _options(options: ImportOptions | None, keywords: dict[str, Any]) -> ImportOptions:
+    if options is not None and not isinstance(options, ImportOptions):
+        raise TypeError(f"options must be an ImportOptions, got {type(options).__name__}")
+    fields = ImportOptions.__dataclass_fields__
+    unknown = sorted(set(keywords) - set(fields))
+    if unknown:
+        hint = " (T is called length)" if "segments" in unknown else ""
+        raise TypeError(f"unexpected keyword {unknown[0]!r}{hint}; the options are {', '.join(fields)}")
+    return dataclasses.replace(options, **keywords) if options is not None else ImportOptions(**keywords)
+
+
+def from_arrow(source: Any, out: str | os.PathLike[str], options: ImportOptions | None = None, /,
+               **keywords: Any) -> Store:
+    """Build a store at ``out`` from Arrow data and open it; atomic.
+
+    ``source`` is a pyarrow Table, RecordBatch or RecordBatchReader, or any
+    object with ``__arrow_c_stream__`` (a Polars DataFrame, a DuckDB result).
+    How it is read: an :class:`ImportOptions` and/or its fields as keywords
+    (``id_column``, ``label_column``, ``feature_columns``, ``length``,
+    ``channels``, ``dtype``, ``categories``, ``classes``, ``overwrite``,
+    ``progress``, ``batch_size``).
     Feature columns may be fixed_size_list<fixed_size_list<float, C>, T>,
     arrow.fixed_shape_tensor [T, C], (large_)list<fixed_size_list<float, C>>
-    (ragged unless ``segments`` is given), (large_)list<list<float>>, or flat
+    (ragged unless ``length`` is given), (large_)list<list<float>>, or flat
     list / large_list / fixed_size_list<float> of T * C values (``channels``
-    needed for variable-length ones). ``segments``, ``channels`` and
-    ``dtype`` (float32/float16; default: float16 stays, other floats become
-    float32) are one value or a {column: value} mapping; an export's
-    metadata supplies them. The label hierarchy comes from ``categories`` (a
-    FineGym categories file), ``classes`` (a table like
-    ``Store.classes_table()``) or the schema metadata. Streams: memory is one
-    batch; see the module docstring for multi-column streams. Atomic."""
+    needed for variable-length ones). Streams: memory is one batch; see the
+    module docstring for multi-column streams."""
     _pa()
-    return _ingest(_as_source(source), os.fspath(out), id_column, label_column, feature_columns, segments,
-                   channels, dtype, categories, classes, overwrite, progress, batch_size)
+    opts = _options(options, keywords)
+    return _ingest(_as_source(source), os.fspath(out), opts)
 
 
-def from_parquet(
-    path: str | os.PathLike[str],
-    out: str | os.PathLike[str],
-    id_column: str = "id",
-    label_column: str | None = "label",
-    feature_columns: Sequence[str] | str | None = None,
-    segments: int | Mapping[str, int] | None = None,
-    channels: int | Mapping[str, int] | None = None,
-    dtype: str | Mapping[str, str] | None = None,
-    categories: str | os.PathLike[str] | None = None,
-    classes: Any = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    batch_size: int | None = None,
-) -> Store:
+def from_parquet(path: str | os.PathLike[str], out: str | os.PathLike[str], options: ImportOptions | None = None, /,
+                 **keywords: Any) -> Store:
     """Build a store from a Parquet file or a folder of Parquet files (read
-    in sorted path order; files starting with '.' or '_' are skipped), one
-    feature column per pass, reading only that column: memory is one row
-    group. Arguments as :func:`from_arrow`."""
+    in sorted path order; names starting with '.' or '_' are skipped at every
+    depth; links to folders are not followed; FIFOs, sockets and devices are
+    refused unopened), one feature column per pass, reading only that
+    column: memory is one row group. Options as :func:`from_arrow`."""
     _pa()
+    opts = _options(options, keywords)
     source = _ParquetSource(os.fspath(path))
     try:
-        return _ingest(source, os.fspath(out), id_column, label_column, feature_columns, segments, channels,
-                       dtype, categories, classes, overwrite, progress, batch_size)
+        return _ingest(source, os.fspath(out), opts)
     finally:
         source.close()
-

@@ -9,24 +9,22 @@ its own threads, ``prefetch`` batches ahead of the caller.
 from __future__ import annotations
 
 import math
-import operator
 from collections import deque
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from . import _core
+from . import _args, _core
+from .spec import SegmentSpec, resolve
 
 if TYPE_CHECKING:
     from .store import Store
 
-__all__ = ["Batch", "Loader", "SAMPLINGS", "epoch_order", "shard"]
+__all__ = ["Batch", "Loader", "SAMPLERS", "epoch_order", "shard"]
 
+#: Instance orders of an epoch: every instance once, or classes drawn uniformly.
 SAMPLERS = ("uniform", "balanced")
-#: Segment-sampling rule sets (README, "Sampling"): mmaction2 1.2.0's SampleFrames, bit-exact
-#: (the default), or the same rules in exact integer arithmetic.
-SAMPLINGS = ("mmaction2", "exact")
 
 
 class Batch(NamedTuple):
@@ -41,62 +39,6 @@ class Batch(NamedTuple):
 
     def __len__(self) -> int:
         return len(self.indices)
-
-
-def as_indices(indices: Any, n: int) -> np.ndarray:
-    """Instance indices as a 1-D int64 array, each in [-n, n) (negative ones
-    count from the end). IndexError names the first one out of range and its
-    position; TypeError for anything but integers (bools are not indices)."""
-    idx = np.asarray(indices)
-    if idx.ndim != 1:
-        raise TypeError(f"indices must be a 1-D sequence of integers, got an array of shape {idx.shape}")
-    if idx.size == 0:
-        return np.zeros(0, np.int64)
-    kind = idx.dtype.kind
-    if kind == "b":
-        raise TypeError("indices must be integers, got bools (bools are not indices; use np.flatnonzero(mask))")
-    if kind == "O":
-        # Python ints too large for int64 (2**70) or a mix: each one checked on its own.
-        values = []
-        for pos, v in enumerate(idx.tolist()):
-            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
-                raise TypeError(f"indices must be integers, got {type(v).__name__} {v!r} at position {pos}")
-            values.append(operator.index(v))
-        for pos, v in enumerate(values):
-            if not -n <= v < n:
-                raise IndexError(f"index {v} (position {pos}) is out of range for a store of {n} instances")
-        return np.array(values, dtype=np.int64)
-    if kind not in "iu":
-        raise TypeError(f"indices must be integers, got an array of {idx.dtype}")
-    if kind == "u":
-        # Unsigned values never count from the end: 2**63 and above must not wrap to negative int64.
-        bad = np.flatnonzero(idx >= n)
-        if bad.size:
-            raise IndexError(f"index {int(idx[bad[0]])} (position {int(bad[0])}) is out of range for a store of "
-                             f"{n} instances")
-    return idx.astype(np.int64, copy=False)
-
-
-def check_count(value: Any, name: str, minimum: int, maximum: int = 2**64 - 1) -> int:
-    """An integer argument in [minimum, maximum], or TypeError/ValueError naming it."""
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}") from None
-    if v < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {v}")
-    if v > maximum:
-        raise ValueError(f"{name} must be at most {maximum}, got {v}")
-    return v
-
-
-def check_sampling(mode: str, sampling: str) -> None:
-    if mode not in ("train", "test"):
-        raise ValueError(f"mode must be 'train' or 'test', got {mode!r}")
-    if sampling not in SAMPLINGS:
-        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
 
 
 def epoch_order(labels: np.ndarray, seed: int, epoch: int, shuffle: bool = True,
@@ -126,6 +68,12 @@ def epoch_order(labels: np.ndarray, seed: int, epoch: int, shuffle: bool = True,
     return by_class[starts[pick] + within].astype(np.int64)
 
 
+#: The largest world_size (torch.distributed's ranks are int32), and the
+#: longest padded epoch a world_size larger than the store may ask for.
+MAX_WORLD_SIZE = 2**31
+MAX_PADDED_EPOCH = 2**24
+
+
 def shard(order: np.ndarray, rank: int, world_size: int, drop_last: bool) -> np.ndarray:
     """torch DistributedSampler's contract: pad by wrapping to a multiple of
     world_size (or drop the tail with drop_last), then rank r takes positions
@@ -144,53 +92,53 @@ def shard(order: np.ndarray, rank: int, world_size: int, drop_last: bool) -> np.
 
 class Loader:
     """Iterate to get :class:`Batch` es; each new iteration is the next epoch.
-    Made by :meth:`finegym_store.Store.loader`, which documents the arguments."""
+    Made by :meth:`finegym_store.Store.loader`, which documents the arguments.
+    ``spec`` (a :class:`finegym_store.SegmentSpec`) is what each batch is
+    made of; its seed keys the epoch orders as well as the segments."""
 
-    def __init__(self, store: Store, column: str, batch_size: int, num_segments: int | None = None,
-                 mode: str = "train", shuffle: bool = True, seed: int = 0, drop_last: bool = False,
-                 rank: int = 0, world_size: int = 1, prefetch: int = 2, threads: int | None = None,
-                 sampler: str = "uniform", clip_len: int = 1, dtype: Any = None,
-                 reuse_buffers: bool = False, sampling: str = "mmaction2") -> None:
+    def __init__(self, store: Store, column: str, batch_size: int, *, spec: SegmentSpec | None = None,
+                 shuffle: bool = True, drop_last: bool = False, rank: int = 0, world_size: int = 1,
+                 prefetch: int = 2, threads: int | None = None, sampler: str = "uniform",
+                 reuse_buffers: bool = False, **spec_keywords: Any) -> None:
         store.column(column)  # KeyError naming the columns, now rather than at the first batch
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
-        if prefetch < 0:
-            raise ValueError(f"prefetch must be >= 0, got {prefetch}")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-        check_sampling(mode, sampling)
         self.store = store
         self.column = column
-        self.batch_size = batch_size
-        self.num_segments = num_segments
-        self.mode = mode
-        self.shuffle = shuffle
-        self.seed = seed
-        self.drop_last = drop_last
-        self.rank = rank
-        self.world_size = world_size
-        self.prefetch = prefetch
-        self.threads = threads
-        self.sampler = sampler
-        self.clip_len = clip_len
-        self.dtype = store._gather_dtype(column, dtype)
-        self.reuse_buffers = reuse_buffers
-        self.sampling = sampling
+        self.spec = resolve(spec, spec_keywords, "Loader()")
+        self.batch_size = _args.count(batch_size, "batch_size", 1)
+        self.shuffle = _args.flag(shuffle, "shuffle")
+        self.drop_last = _args.flag(drop_last, "drop_last")
+        self.world_size = _args.count(world_size, "world_size", 1)
+        self.rank = _args.count(rank, "rank")
+        if self.rank >= self.world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+        n, ranks = len(store), self.world_size
+        if ranks > MAX_WORLD_SIZE:
+            raise ValueError(f"world_size must be at most {MAX_WORLD_SIZE}, got {ranks}")
+        if not self.drop_last and -(-n // ranks) * ranks > max(2 * n, MAX_PADDED_EPOCH):
+            raise ValueError(f"world_size={ranks} pads each epoch of {n} instances to {ranks} indices "
+                             f"per epoch (one per rank); at most {max(2 * n, MAX_PADDED_EPOCH)} are allowed "
+                             "(use drop_last=True or fewer ranks)")
+        self.prefetch = _args.count(prefetch, "prefetch")
+        self.threads = _args.optional_count(threads, "threads", 1)
+        self.sampler = _args.choice(sampler, "sampler", SAMPLERS)
+        self.reuse_buffers = _args.flag(reuse_buffers, "reuse_buffers")
         self.epoch = 0
-        # Fail now, not in a background job, on arguments the column can't serve.
-        store.gather(column, np.zeros(0, np.int64), num_segments=num_segments, mode=mode, seed=seed,
-                     clip_len=clip_len, dtype=self.dtype, threads=threads, sampling=sampling)
+        # Fail now, not in a background job, on a spec the column can't serve.
+        store.gather(column, np.zeros(0, np.int64), spec=self.spec, threads=self.threads)
+
+    @property
+    def seed(self) -> int:
+        """The spec's seed: it keys the epoch orders and the train-mode segments."""
+        return self.spec.seed
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch the next iteration runs (like DistributedSampler.set_epoch)."""
-        self.epoch = check_count(epoch, "epoch", 0)
+        self.epoch = _args.count(epoch, "epoch")
 
     def indices(self, epoch: int | None = None) -> np.ndarray:
         """This rank's instance indices for an epoch, in batch order."""
-        e = self.epoch if epoch is None else epoch
-        order = epoch_order(self.store.labels, self.seed, e, self.shuffle, self.sampler)
+        e = self.epoch if epoch is None else _args.count(epoch, "epoch")
+        order = epoch_order(self.store._guarded_labels(), self.spec.seed, e, self.shuffle, self.sampler)
         return shard(order, self.rank, self.world_size, self.drop_last)
 
     def __len__(self) -> int:
@@ -209,9 +157,12 @@ class Loader:
         batches = [idx[s : s + self.batch_size] for s in bounds]
         if self.drop_last and batches and len(batches[-1]) < self.batch_size:
             batches.pop()
-        labels = self.store.labels
+        # A copy, not a view of the mapping: a file truncated mid-epoch then
+        # raises OSError from the next gather instead of SIGBUS here.
+        labels = self.store._guarded_labels()
         reader = self.store._reader
         threads = self.store._threads(self.threads)
+        native = self.spec._native
         free: list[np.ndarray] | None = [] if self.reuse_buffers else None
         held: np.ndarray | None = None  # the recycled buffer the caller holds now
         pending: deque[tuple[np.ndarray, Any]] = deque()
@@ -226,9 +177,7 @@ class Loader:
                 out = None
                 if free and free[-1].shape[0] == len(chunk):
                     out = free.pop()
-                pending.append((chunk, _core.GatherJob(reader, self.column, chunk, self.num_segments, self.mode,
-                                                       self.seed, epoch, self.clip_len, out, self.dtype, threads,
-                                                       self.sampling)))
+                pending.append((chunk, _core.GatherJob(reader, self.column, chunk, native, epoch, out, threads)))
 
         try:
             for b in range(len(batches)):
@@ -263,6 +212,5 @@ class Loader:
                     job.wait()
 
     def __repr__(self) -> str:
-        return (f"<Loader {self.column!r} batch_size={self.batch_size} K={self.num_segments} mode={self.mode} "
-                f"sampling={self.sampling} "
+        return (f"<Loader {self.column!r} batch_size={self.batch_size} {self.spec} "
                 f"rank={self.rank}/{self.world_size} epoch={self.epoch} batches={len(self)}>")

@@ -4,7 +4,8 @@ recall), plus top-k and the confusion matrix. numpy only.
 
 Conventions shared by every function:
 
-- ``labels``: 1-D integer class ids, one per instance, all >= 0. Unlabelled
+- ``labels``: 1-D integer class ids, one per instance, all >= 0 and within
+  int64 (larger ids, e.g. uint64 >= 2**63, are refused, not wrapped). Unlabelled
   instances (-1 in a store) are refused with a ValueError: drop them first
   (``labels >= 0``), since counting them either way would be a silent choice.
 - ``predictions``: either class ids (N,) or scores (N, classes), e.g. logits or
@@ -21,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from . import _args
+
 __all__ = [
     "as_predictions",
     "top1_accuracy",
@@ -35,21 +38,41 @@ __all__ = [
 MAX_CONFUSION_CLASSES = 10_000
 
 
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+def _ids(a: np.ndarray, name: str) -> np.ndarray:
+    """Integer class ids as int64; ids beyond int64 (uint64 >= 2**63) are
+    refused instead of wrapping round to negative numbers."""
+    if a.dtype.kind == "O" and a.size and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                                              for v in a.ravel()):
+        raise ValueError(f"{name} holds integers outside the int64 range (e.g. {max(a.ravel(), key=abs)}); "
+                         "class ids are small non-negative integers")
+    if a.dtype.kind not in "iu":
+        what = "1-D predictions" if name == "predictions" else name
+        raise ValueError(f"{what} must be integer class ids, got dtype {a.dtype}"
+                         + (" (pass scores as an (N, classes) array)" if name == "predictions" else ""))
+    if a.dtype == np.uint64 and a.size and a.max() > _INT64_MAX:
+        bad = int(np.flatnonzero(a > _INT64_MAX)[0])
+        raise ValueError(f"{name}[{bad}] is {int(a[bad])}, outside the int64 range; "
+                         "class ids are small non-negative integers")
+    return a.astype(np.int64, copy=False)
+
+
 def _labels(labels: Any) -> np.ndarray:
     y = np.asarray(labels)
     if y.ndim != 1:
         raise ValueError(f"labels must be 1-D class ids, got an array of shape {y.shape}")
     if y.size == 0:
         raise ValueError("labels is empty: an accuracy over no instances is undefined")
-    if y.dtype.kind not in "iu":
-        raise ValueError(f"labels must be integer class ids, got dtype {y.dtype}")
+    y = _ids(y, "labels")
     if y.min() < 0:
         bad = int(np.flatnonzero(y < 0)[0])
         raise ValueError(
             f"labels[{bad}] is {int(y[bad])}: negative labels mean unlabelled (-1) and have no class; "
             f"{int((y < 0).sum())} of {len(y)} are negative. Evaluate only labelled instances (labels >= 0)"
         )
-    return y.astype(np.int64, copy=False)
+    return y
 
 
 def _scores(scores: Any, n: int, name: str = "scores") -> np.ndarray:
@@ -79,13 +102,12 @@ def as_predictions(predictions: Any, n: int | None = None) -> np.ndarray:
         raise ValueError(f"predictions must be class ids (N,) or scores (N, classes), got shape {p.shape}")
     if n is not None and len(p) != n:
         raise ValueError(f"predictions has {len(p)} entries but labels has {n}")
-    if p.size and p.dtype.kind not in "iu":
-        raise ValueError(
-            f"1-D predictions must be integer class ids, got dtype {p.dtype} (pass scores as an (N, classes) array)"
-        )
-    if p.size and p.min() < 0:
+    if not p.size:
+        return p.astype(np.int64)
+    p = _ids(p, "predictions")
+    if p.min() < 0:
         raise ValueError(f"predictions must be class ids >= 0, got {int(p.min())}")
-    return p.astype(np.int64, copy=False)
+    return p
 
 
 def _pair(labels: Any, predictions: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -114,8 +136,7 @@ def topk_accuracy(labels: Any, scores: Any, k: int) -> float:
     :func:`top1_accuracy` on the same scores; ``k >= classes`` gives 1."""
     y = _labels(labels)
     s = _scores(scores, len(y))
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    k = _args.count(k, "k", 1)
     if y.max() >= s.shape[1]:
         raise ValueError(f"labels go up to {int(y.max())} but the scores have only {s.shape[1]} class columns")
     own = s[np.arange(len(y)), y][:, None]
@@ -162,8 +183,7 @@ def confusion_matrix(labels: Any, predictions: Any, num_classes: int | None = No
                 f"(at most {MAX_CONFUSION_CLASSES}); are these really class ids?"
             )
     else:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
-            raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+        num_classes = _args.count(num_classes, "num_classes", 1)
         if num_classes > MAX_CONFUSION_CLASSES:
             raise ValueError(f"num_classes is {num_classes}; at most {MAX_CONFUSION_CLASSES} are allowed")
         c = int(num_classes)

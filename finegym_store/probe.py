@@ -43,7 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from . import metrics
+from . import _args, labelspace, metrics
+from .errors import LabelSpaceError
 from .store import Store, open as open_store
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "ProbeResult",
     "ProbeTable",
     "evaluate",
+    "check_label_spaces",
     "run_probe",
     "run_probes",
     "make_demo_pair",
@@ -157,6 +159,7 @@ def evaluate(labels: Any, predictions: Any, hierarchy: Hierarchy | None = None,
     predictions are the set and event of the predicted element; a predicted
     class the hierarchy does not list counts as wrong."""
     y = np.asarray(labels)
+    _check_scores_fit(predictions, hierarchy)
     pred = metrics.as_predictions(predictions, len(y))
     for level in levels:
         if level not in LEVELS:
@@ -395,14 +398,67 @@ def _dataset_name(train: Store, val: Store) -> str:
     return os.path.splitext(os.path.basename(val.path))[0]
 
 
+def check_label_spaces(train: Store, val: Store, levels: Sequence[str] = ("element",)) -> None:
+    """Refuse a train/val pair that does not share one label space (different
+    hierarchies or FineGym subsets, val labels that are not train classes) or
+    asks for a set/event level without a hierarchy: LabelSpaceError naming
+    both stores (labelspace.check_pair)."""
+    labelspace.check_pair(train, val, levels)
+
+
+def _check_scores_fit(predictions: Any, hierarchy: Hierarchy | None) -> None:
+    """Scores (N, classes) evaluated against a hierarchy must have one column
+    per class of it: LabelSpaceError otherwise."""
+    p = np.asarray(predictions)
+    if hierarchy is not None and p.ndim == 2 and p.shape[1] != len(hierarchy.set_of):
+        raise LabelSpaceError(f"the scores have {p.shape[1]} class columns but the label hierarchy has classes "
+                              f"0..{len(hierarchy.set_of) - 1}; were they made for another label set?")
+
+
 def _as_store(s: Store | str | os.PathLike[str]) -> Store:
     return s if isinstance(s, Store) else open_store(s)
 
 
 def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return int(value)
+    return _args.count(value, name, low)
+
+
+def _check_real(name: str, value: Any, positive: bool) -> float:
+    return _args.real(value, name, positive=positive)
+
+
+def _memory_bytes() -> int:
+    """This machine's physical memory (0 where unknown)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _check_model_fits(head: str, channels: int, classes: int, hidden: int, batch: int, segments: int,
+                      sample: int, prefetch: int) -> None:
+    """Refuse a probe whose classifier or batches cannot fit in memory,
+    before anything is allocated. Estimate: 32 bytes per parameter (the
+    float64 draw of the initial weights, the float32 weights, their copy in
+    the trainer, the gradient and Adam's two moments), 16 bytes per
+    activation of a batch, and the float32 features of the standardization
+    sample and of the batches in flight (prefetch + 2)."""
+    params = channels * classes + classes if head == "linear" else (
+        channels * hidden + hidden + hidden * classes + classes)
+    width = classes if head == "linear" else hidden + classes
+    model = 32 * params + 16 * batch * width
+    data = 4 * segments * channels * (sample + batch * (prefetch + 2))
+    have = _memory_bytes()
+    if not have or model + data <= have:
+        return
+    if model > data:
+        size = f"{channels} x {hidden} x {classes}" if head == "mlp" else f"{channels} x {classes}"
+        raise ValueError(f"hidden={hidden}: the {head} classifier ({size}, {params:,} parameters) needs about "
+                         f"{model / 1e9:,.1f} GB for its weights, gradients and optimizer state, more than this "
+                         f"machine's {have / 1e9:,.1f} GB of memory; use a smaller hidden")
+    raise ValueError(f"num_segments={segments}, batch_size={batch}: the probe's batches of {segments} x {channels} "
+                     f"features need about {data / 1e9:,.1f} GB, more than this machine's {have / 1e9:,.1f} GB "
+                     "of memory; use fewer segments or a smaller batch")
 
 
 class _WaitClock:
@@ -469,10 +525,10 @@ def run_probe(
         threads = _check_int("threads", threads, 1)
     compute_threads = max(1, _cores() - 1) if compute_threads is None else _check_int(
         "compute_threads", compute_threads, 1)
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
-    if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
-        raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
+    lr = _check_real("lr", lr, positive=True)
+    weight_decay = _check_real("weight_decay", weight_decay, positive=False)
+    seed = _check_int("seed", seed, 0)
+    prefetch = _check_int("prefetch", prefetch, 0)
     backend = _resolve_backend(backend)
     t_start = time.perf_counter()
     tr, va = _as_store(train), _as_store(val)
@@ -480,6 +536,7 @@ def run_probe(
     if va.column(column).channels != channels:
         raise ValueError(f"column {column!r} has {channels} channels in {tr.path} "
                          f"but {va.column(column).channels} in {va.path}")
+    check_label_spaces(tr, va, levels)
     hierarchy = Hierarchy.from_store(va) or Hierarchy.from_store(tr)
     y_train = np.asarray(tr.labels)
     y_val_all = np.asarray(va.labels)
@@ -498,6 +555,9 @@ def run_probe(
         num_classes = max(num_classes, len(hierarchy.set_of))
         # Every evaluated label must have a set and an event: say so now, not after training.
         hierarchy.map(y_val_all[val_keep], "event", what=f"{va.path} labels")
+    _check_model_fits(head, channels, num_classes, hidden, min(batch_size, len(labelled_train)),
+                      num_segments or tr.column(column).shape[1] or 1, min(len(labelled_train), NORM_SAMPLE),
+                      prefetch)
     name = dataset or _dataset_name(tr, va)
     say = log or (lambda _msg: None)
     clock = _WaitClock()
@@ -720,7 +780,8 @@ def run_probes(
     cols = list(columns) if columns else list(opened[0][0].columns)
     if len(set(cols)) != len(cols):
         raise ValueError(f"a column is named twice: {cols}")
-    for t, v in opened:  # every column in every store, before any training
+    for t, v in opened:  # every column and label space of every pair, before any training
+        check_label_spaces(t, v, options.get("levels", ("element",)))
         for c in cols:
             t.column(c)
             v.column(c)
@@ -771,6 +832,6 @@ def make_demo_pair(
             split = os.path.join(folder, f"{part}_split.txt")
             synth.write_split(split, ids[sl], labels[sl])
             feats = {name: {k: t[k] for k in ids[sl]} for name, t in tables.items()}
-            out.append(convert(os.path.join(folder, f"{part}.fgs"), feats, split=split,
+            out.append(convert(feats, os.path.join(folder, f"{part}.fgs"), split=split,
                                categories=categories or default_categories, overwrite=True, progress=False))
     return out[0], out[1]

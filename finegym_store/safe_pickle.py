@@ -86,7 +86,7 @@ _DTYPE_CODES = frozenset(
 
 _TRUST_HINT = (
     "only numpy arrays of plain numeric dtypes in plain containers are allowed. If you trust "
-    "this file, pass trust_pickle=True (--trust-pickle on the command line)."
+    "this file, pass trust_pickle=True."
 )
 
 
@@ -957,8 +957,7 @@ class _Machine:
         if g is None:
             raise UnsafePickleError(
                 f"{self._source}: refusing to unpickle global '{module}.{name}': only numpy arrays "
-                "and plain containers are allowed. If you trust this file, pass trust_pickle=True "
-                "(--trust-pickle on the command line)."
+                "and plain containers are allowed. If you trust this file, pass trust_pickle=True."
             )
         self.charge(_SLOT, "the stack")
         self._stack.append(g)

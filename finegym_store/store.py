@@ -6,22 +6,29 @@ arrays are read-only and keep the mapping alive on their own.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, overload
+from typing import Any, NoReturn, overload
 
 import numpy as np
 
-from . import _core
+from . import _args, _core, labelspace
 from .errors import FormatError
-from .loader import Loader, as_indices, check_count, check_sampling
+from .labelspace import LabelSpace
+from .loader import Loader
+from .spec import SegmentSpec, resolve
 
 __all__ = ["Store", "Column", "Strings", "Meta", "Classes", "open"]
 
 
 _S = _core.SECTIONS  # the schema's section names, spelled once in C++ (format.hpp)
+
+#: When a gather asks the kernel to read its rows ahead (madvise WILLNEED):
+#: per batch when some page is missing from the page cache, always, never.
+READAHEAD = ("auto", "on", "off")
 
 
 class Strings(Sequence[str]):
@@ -48,10 +55,7 @@ class Strings(Sequence[str]):
     def __getitem__(self, i: int | slice) -> str | list[str]:
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        n = len(self)
-        if not -n <= i < n:
-            raise IndexError(f"index {i} is out of range for {n} strings")
-        i = int(i) % n
+        i = _args.index(i, len(self), of="strings")
         return self._decode(self._reader.read_bytes(self._data_name, int(self._offsets[i]), int(self._offsets[i + 1])))
 
     def _decode(self, raw: bytes) -> str:
@@ -108,20 +112,22 @@ class Classes:
 
 
 class Column:
-    """One feature column: ``len(col)`` instances of (T, C) rows.
+    """One feature column: ``len(col)`` instances of (T, C) rows; T is
+    ``length`` (None when it varies per instance: ``lengths()``).
 
     ``col[i]`` is a read-only (T_i, C) view; for fixed-T columns a slice gives
     an (n, T, C) view and an integer array gives a copy (numpy fancy indexing).
     """
 
-    def __init__(self, reader: _core.Reader, name: str, dtype: str, segments: int | None, channels: int,
+    def __init__(self, reader: _core.Reader, name: str, dtype: str, length: int | None, channels: int,
                  remote: Any = None) -> None:
         # The reader, not the Store: no reference cycle, so dropping the last
         # reference to a Store unmaps the file at once (not at the next GC).
         self._reader = reader
         self.name = name
         self.dtype = np.dtype(dtype)
-        self.segments = segments
+        #: T, the segments stored per instance; None when ragged.
+        self.length = length
         self.channels = channels
         # A remote store's row map (finegym_store.remote.RowMap): every read of
         # feature bytes fetches them into the cache first. None when local.
@@ -145,12 +151,12 @@ class Column:
     @property
     def ragged(self) -> bool:
         """True when T varies per instance."""
-        return self.segments is None
+        return self.length is None
 
     @property
     def shape(self) -> tuple[int, int | None, int]:
         """(N, T, C), with T None when ragged."""
-        return (len(self._reader), self.segments, self.channels)
+        return (len(self._reader), self.length, self.channels)
 
     @property
     def values(self) -> np.ndarray:
@@ -171,24 +177,23 @@ class Column:
         """T_i of every instance, as int64."""
         if self.ragged:
             return np.diff(self.offsets)  # type: ignore[arg-type]
-        return np.full(len(self), self.segments, dtype=np.int64)
+        return np.full(len(self), self.length, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self._reader)
 
     def __getitem__(self, index: Any) -> np.ndarray | list[np.ndarray]:
-        if isinstance(index, (int, np.integer)):
-            if self._remote is not None:
-                n = len(self)
-                if -n <= int(index) < n:
-                    self._fetch(np.array([int(index) % n]))
-            return self._reader.features(self.name, int(index))
+        if isinstance(index, (int, np.integer)) and not isinstance(index, (bool, np.bool_)):
+            i = _args.integer(index)
+            if self._remote is not None and -len(self) <= i < len(self):
+                self._fetch(np.array([i % len(self)]))
+            return self._reader.features(self.name, i)
         if self.ragged:
             if isinstance(index, slice):
                 index = range(*index.indices(len(self)))
             index = np.asarray(index).ravel()
             if self._remote is not None:
-                self._fetch(as_indices(index, len(self)) % max(1, len(self)))
+                self._fetch(_args.indices(index, len(self)) % max(1, len(self)))
             return [self._reader.features(self.name, int(i)) for i in index]
         if self._remote is not None:
             first = index[0] if isinstance(index, tuple) and index else index  # col[i, t, c]: instances from i
@@ -196,7 +201,7 @@ class Column:
         return self._reader.section(_S["feature_prefix"] + self.name)[index]
 
     def __repr__(self) -> str:
-        t = "T" if self.ragged else self.segments
+        t = "T" if self.ragged else self.length
         return f"<Column {self.name!r} {self.dtype} ({len(self)}, {t}, {self.channels})>"
 
 
@@ -210,9 +215,14 @@ class Store:
         # Resolved now: a later chdir must not change which file a pickled
         # Store (a spawn worker, say) reopens.
         self._abspath = os.path.abspath(self._reader.path)
+        # (st_dev, st_ino) of the file just mapped: an export never writes over it,
+        # even after the path was given to another file.
+        st = os.stat(self._abspath)
+        self._identity = (st.st_dev, st.st_ino)
         self._columns = {name: Column(self._reader, name, dtype, t, c, self._row_map(name, dtype, t, c))
                          for name, dtype, t, c in self._reader.columns()}
         self._index: dict[str, int] | None = None
+        self._labels_copy: np.ndarray | None = None
 
     def _row_map(self, name: str, dtype: str, t: int | None, c: int) -> Any:
         if self._remote is None:
@@ -267,12 +277,15 @@ class Store:
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         # Crosses process boundaries by absolute path: the receiver maps the
-        # file itself, whatever its working directory. A remote store by URL,
-        # options and cache folder: the receiver shares the same cache.
+        # file itself, whatever its working directory. Unpickling never
+        # raises (_reopen): a multiprocessing worker that fails to unpickle
+        # its task dies, and the caller waits for a result that never comes.
+        # A remote store goes by URL, options and cache folder: the receiver
+        # shares the same cache.
         if self._remote is not None:
             r = self._remote
-            return (_open_remote, (r.url, r.storage_options, r.cache_root))
-        return (Store, (self._abspath,))
+            return (_reopen_remote, (r.url, r.storage_options, r.cache_root))
+        return (_reopen, (self._abspath,))
 
     # -- instances -------------------------------------------------------------
     @property
@@ -285,8 +298,24 @@ class Store:
 
     @property
     def labels(self) -> np.ndarray:
-        """int32 labels (N,), -1 where unlabelled."""
+        """int32 labels (N,), -1 where unlabelled: a view of the mapping (not
+        guarded once handed out: see README, "Threat model")."""
         return self._reader.section(_S["labels"])
+
+    def _copy_section(self, name: str) -> np.ndarray:
+        """A read-only copy of a whole section, made by the C++ core under the
+        SIGBUS guard: OSError naming the file if it was truncated."""
+        view = self._reader.section(name)  # dtype and shape; no byte is read
+        raw = self._reader.read_bytes(name, 0, view.nbytes)
+        return np.frombuffer(raw, dtype=view.dtype).reshape(view.shape)
+
+    def _guarded_labels(self) -> np.ndarray:
+        """The labels as a guarded copy (N * 4 bytes), made once per Store and
+        kept (labels never change): what the Loader and StoreDataset index, so
+        a file truncated while they run raises OSError instead of SIGBUS."""
+        if self._labels_copy is None:
+            self._labels_copy = self._copy_section(_S["labels"])
+        return self._labels_copy
 
     def index_of(self, ids: str | Iterable[str]) -> int | np.ndarray:
         """Position of one id (int) or of many (int64 array). KeyError names an
@@ -320,7 +349,7 @@ class Store:
                 first[k] = i
         return index
 
-    @property
+    @functools.cached_property
     def meta(self) -> Meta:
         r = self._reader
         event_start, event_end, element_start, element_end = (r.section(name) for name in _S["meta_ints"])
@@ -332,7 +361,7 @@ class Store:
             element_end=element_end,
         )
 
-    @property
+    @functools.cached_property
     def classes(self) -> Classes | None:
         """The label hierarchy, or None when no categories file was converted."""
         r = self._reader
@@ -342,7 +371,7 @@ class Store:
         name, event = _S["class_strings"]
         return Classes(label=label, glabel=glabel, set=set_, event=self._strings(event), name=self._strings(name))
 
-    @property
+    @functools.cached_property
     def label_names(self) -> dict[int, str] | None:
         """{label: class name}, or None when the store has no hierarchy."""
         c = self.classes
@@ -351,8 +380,34 @@ class Store:
         return dict(zip(c.label.tolist(), c.name.to_list()))
 
     @property
+    def label_space(self) -> LabelSpace:
+        """The classes the labels refer to (README, "Label spaces"): subset
+        (gym99/gym288/gym530 when recognised), class count and hierarchy
+        fingerprint, computed from the stored hierarchy when there is one,
+        else as recorded at write time (else from the labels)."""
+        c = self.classes
+        if c is not None:
+            return labelspace.of_categories(c)
+        recorded = LabelSpace.from_dict(self.attrs.get("label_space"))
+        if recorded is not None and recorded.fingerprint is None:
+            return recorded
+        return labelspace.of_labels(np.asarray(self.labels), os.path.basename(self.path))
+
+    def select(self, rows_or_ids: Any, out: str | os.PathLike[str], *, overwrite: bool = False) -> Store:
+        """Write the instances ``rows_or_ids`` (row positions: ints, a slice or
+        a range; or element ids: strs), in that order, into a new store at
+        ``out`` with every column, the hierarchy and the provenance (attrs
+        gains ``selected_from``), atomically; returns it opened. Duplicates,
+        unknown ids, out-of-range rows, an empty selection and ``out`` being
+        this store are refused."""
+        from .select import select
+
+        return select(self, rows_or_ids, out, overwrite=overwrite)
+
+    @functools.cached_property
     def attrs(self) -> dict[str, Any]:
-        """Provenance recorded at conversion (sources, dtypes, tool version)."""
+        """Provenance recorded at conversion (sources, dtypes, tool version).
+        Read once (the store is immutable): the same dict on every access."""
         if not self._reader.has_attrs:
             return {}
         name = _S["attrs"]
@@ -382,18 +437,10 @@ class Store:
     def features(self, column: str, index: int) -> np.ndarray:
         """Read-only (T_i, C) view of instance ``index`` in ``column``; no copy."""
         if self._remote is not None:
-            return self.column(column)[int(index)]  # type: ignore[return-value]
-        return self._reader.features(column, int(index))
+            return self.column(column)[_args.integer(index)]  # type: ignore[return-value]
+        return self._reader.features(column, _args.integer(index))
 
     # -- batches -----------------------------------------------------------------
-    def _gather_dtype(self, column: str, dtype: Any) -> np.dtype:
-        if dtype is None:
-            return self.column(column).dtype
-        dt = np.dtype(dtype)
-        if dt not in (np.dtype(np.float32), np.dtype(np.float16)):
-            raise ValueError(f"dtype must be float32 or float16, got {dt}")
-        return dt
-
     @staticmethod
     def _threads(threads: int | None) -> int:
         """Threads for a gather: the cores available by default; at most
@@ -401,79 +448,71 @@ class Store:
         if threads is None:
             n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else _core.default_threads()
         else:
-            n = check_count(threads, "threads", 1)
+            n = _args.count(threads, "threads", 1)
         return max(1, min(n, _core.max_threads()))
 
     def gather(
         self,
         column: str,
         indices: Any,
-        num_segments: int | None = None,
-        mode: str = "test",
-        seed: int = 0,
+        *,
+        spec: SegmentSpec | None = None,
         epoch: int = 0,
-        clip_len: int = 1,
         out: np.ndarray | None = None,
-        dtype: Any = None,
         threads: int | None = None,
-        sampling: str = "mmaction2",
+        readahead: str = "auto",
+        **spec_keywords: Any,
     ) -> np.ndarray:
-        """Gather a batch: (B, K * clip_len, C) from instances ``indices``.
+        """Gather a batch: (B, rows, C) from instances ``indices``.
 
-        Each instance contributes ``num_segments`` (K) clips of ``clip_len``
-        segments (README, "Sampling"): ``sampling="mmaction2"`` (default) is
-        bit-exact with mmaction2 1.2.0's SampleFrames, ``"exact"`` the same
-        rules in exact integer arithmetic; centred in ``mode="test"``, random
-        within equal parts in ``"train"`` (keyed by seed, epoch, instance and
-        clip, so independent of threads and batch composition).
-        ``num_segments=None`` takes all T segments (fixed-T columns). ``dtype``
-        is float32 or float16 (default: the column's); ``out`` is filled and
-        returned without allocating. The work runs on ``threads`` C++ threads
+        ``spec`` (a :class:`SegmentSpec`) says which segments each instance
+        contributes (K clips of clip_len segments, or all T) and the output
+        dtype; its fields may be passed as keywords instead
+        (``num_segments=3, mode="test"``), not both. Train-mode segments are
+        keyed by (spec.seed, ``epoch``, instance, clip), so independent of
+        threads and batch composition. ``out`` is filled and returned
+        without allocating. The work runs on ``threads`` C++ threads
         (default: the cores available; at most the machine's cores) with the
-        GIL released. IndexError names an out-of-range index; TypeError a
-        non-integer one (bools included)."""
-        check_sampling(mode, sampling)
-        if num_segments is not None:
-            num_segments = check_count(num_segments, "num_segments", 1)
-        idx = as_indices(indices, len(self))
+        GIL released; ``readahead`` ("auto", "on", "off") is when to ask the
+        kernel to read a batch's rows ahead of the copy (README,
+        "Batches"). IndexError names an out-of-range index; TypeError a
+        non-integer one (bools and floats included)."""
+        if spec_keywords or type(spec) is not SegmentSpec:
+            spec = resolve(spec, spec_keywords, "gather()")
+        idx = _args.indices(indices, len(self))
         self._ensure_rows(column, idx)
-        return _core.gather(
-            self._reader, column, idx, num_segments, mode, check_count(seed, "seed", 0),
-            check_count(epoch, "epoch", 0), check_count(clip_len, "clip_len", 1), out,
-            self._gather_dtype(column, dtype), self._threads(threads), "auto", sampling,
-        )
+        return _core.gather(self._reader, column, idx, spec._native,
+                            _args.count(epoch, "epoch"), out, self._threads(threads),
+                            _args.choice(readahead, "readahead", READAHEAD))
 
     def loader(
         self,
         column: str,
         batch_size: int,
-        num_segments: int | None = None,
-        mode: str = "train",
+        *,
+        spec: SegmentSpec | None = None,
         shuffle: bool = True,
-        seed: int = 0,
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
         prefetch: int = 2,
         threads: int | None = None,
         sampler: str = "uniform",
-        clip_len: int = 1,
-        dtype: Any = None,
         reuse_buffers: bool = False,
-        sampling: str = "mmaction2",
+        **spec_keywords: Any,
     ) -> Loader:
         """Batches for a training loop; see README, "Loader". Iterating yields
         :class:`Batch` (features, labels, indices); each new iteration is the
-        next epoch (``set_epoch`` sets it). ``rank``/``world_size`` shard like
-        torch's DistributedSampler; ``sampler="balanced"`` draws classes
+        next epoch (``set_epoch`` sets it). ``spec`` (or its fields as
+        keywords) as in :meth:`gather`; its ``seed`` keys both the epoch
+        orders and the train-mode segments. ``rank``/``world_size`` shard
+        like torch's DistributedSampler; ``sampler="balanced"`` draws classes
         uniformly. ``prefetch`` batches are gathered ahead on persistent C++
         threads. A yielded batch is the caller's; ``reuse_buffers=True``
-        recycles its array once the next batch is requested. ``sampling`` as
-        in :meth:`gather`."""
-        return Loader(self, column, batch_size, num_segments=num_segments, mode=mode, shuffle=shuffle, seed=seed,
+        recycles its array once the next batch is requested."""
+        return Loader(self, column, batch_size, spec=resolve(spec, spec_keywords, "loader()"), shuffle=shuffle,
                       drop_last=drop_last, rank=rank, world_size=world_size, prefetch=prefetch, threads=threads,
-                      sampler=sampler, clip_len=clip_len, dtype=dtype, reuse_buffers=reuse_buffers,
-                      sampling=sampling)
+                      sampler=sampler, reuse_buffers=reuse_buffers)
 
     # -- integrity ---------------------------------------------------------------
     def verify(self) -> list[str]:
@@ -491,7 +530,7 @@ class Store:
         return self._reader.sections()
 
     # -- Arrow and Parquet (finegym_store.arrow; needs pyarrow) -----------------
-    def to_arrow(self, columns: Sequence[str] | str | None = None, tensor_type: str = "nested") -> Any:
+    def to_arrow(self, columns: Sequence[str] | str | None = None, *, tensor_type: str = "nested") -> Any:
         """A pyarrow.Table over the mapped bytes, no copy: id, label, the
         parsed id fields and one column per feature column (``columns``
         selects and orders any of them). Fixed-T features are
@@ -503,26 +542,34 @@ class Store:
 
         return arrow.to_arrow(self, columns, tensor_type)
 
-    def to_batches(self, batch_size: int | None = None, columns: Sequence[str] | str | None = None,
+    def to_batches(self, columns: Sequence[str] | str | None = None, *, batch_size: int | None = None,
                    tensor_type: str = "nested") -> Any:
-        """A pyarrow.RecordBatchReader of zero-copy slices of ``to_arrow()``,
-        ``batch_size`` rows each (default: about 128 MiB of features)."""
+        """A pyarrow.RecordBatchReader of ``batch_size``-row batches (default:
+        about 128 MiB of features), each copied out of the mapping under the
+        SIGBUS guard as it is read (a store truncated meanwhile raises
+        OSError naming it). ``to_arrow().to_reader()`` gives zero-copy,
+        unguarded slices instead."""
         from . import arrow
 
         return arrow.to_batches(self, batch_size, columns, tensor_type)
 
-    def to_parquet(self, path: str | os.PathLike[str], columns: Sequence[str] | str | None = None,
-                   row_group_size: int | None = None, compression: str = "none", byte_stream_split: bool = False,
+    def to_parquet(self, path: str | os.PathLike[str], columns: Sequence[str] | str | None = None, *,
+                   row_group_size: int | None = None, compression: str | None = "none", byte_stream_split: bool = False,
                    compression_level: int | None = None, tensor_type: str = "nested",
-                   progress: bool = False, overwrite: bool = True,
+                   progress: bool = False, overwrite: bool = False,
                    storage_options: dict[str, Any] | None = None) -> str:
         """Write a Parquet file one row group at a time (memory: one row
         group; default about 128 MiB of features), atomically. No dictionary
         pages for floats; ``byte_stream_split=True`` with
-        ``compression="zstd"`` shrinks float data. ``path`` may be an
-        ``s3://`` URL (written locally, then uploaded in one atomic put;
-        ``storage_options`` as for :func:`open`). ``overwrite=False`` refuses
-        an existing file or object (FileExistsError). Returns the path."""
+        ``compression="zstd"`` shrinks float data. Each row group is copied
+        out of the mapping under the SIGBUS guard: a store truncated
+        meanwhile raises OSError naming it and leaves nothing at ``path``.
+        FileExistsError if ``path`` exists unless ``overwrite``; ValueError,
+        even with it, if ``path`` is not a regular file (a directory, FIFO,
+        device, or a symlink to one) or is this store's own file. ``path``
+        may be an ``s3://`` URL: written locally, then uploaded in one
+        atomic put (``storage_options`` as for :func:`open`), an existing
+        object refused unless ``overwrite``. Returns the path."""
         from . import arrow
 
         return arrow.to_parquet(self, path, columns, row_group_size, compression, byte_stream_split,
@@ -537,13 +584,72 @@ class Store:
 
     def __arrow_c_stream__(self, requested_schema: Any = None) -> Any:
         """Arrow PyCapsule stream of the whole store (polars.DataFrame(store),
-        duckdb, pyarrow.RecordBatchReader.from_stream(store))."""
+        duckdb, pyarrow.RecordBatchReader.from_stream(store)): the batches of
+        :meth:`to_batches`, copied out of the mapping under the SIGBUS guard,
+        so a store truncated while a consumer reads fails the read with the
+        OSError's message (naming the file) instead of killing the process."""
         return self.to_batches().__arrow_c_stream__(requested_schema)
 
     def __arrow_c_schema__(self) -> Any:
         from . import arrow
 
         return arrow.arrow_schema(self).__arrow_c_schema__()
+
+
+class _UnopenedStore(Store):
+    """What unpickling a Store gives when its file cannot be reopened in the
+    receiving process: any use raises the error, naming the path."""
+
+    _ALLOWED = frozenset({"__class__", "__dict__", "__reduce__", "__reduce_ex__", "__repr__", "_abspath", "_error",
+                          "_raise", "__getstate__", "__setstate__"})
+
+    def __init__(self, path: str, error: BaseException) -> None:
+        object.__setattr__(self, "_abspath", path)
+        object.__setattr__(self, "_error", error)
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in _UnopenedStore._ALLOWED:
+            return object.__getattribute__(self, name)
+        object.__getattribute__(self, "_raise")()
+
+    def _raise(self) -> NoReturn:
+        raise _reopen_error(object.__getattribute__(self, "_abspath"), object.__getattribute__(self, "_error"))
+
+    def __len__(self) -> int:
+        self._raise()
+
+    def __repr__(self) -> str:
+        return f"<Store {self._abspath!r}: could not reopen in this process ({self._error})>"
+
+
+def _reopen_error(path: str, error: BaseException) -> BaseException:
+    what = f"could not reopen the store '{path}' in this process"
+    if isinstance(error, OSError) and error.errno is not None:
+        out: BaseException = type(error)(error.errno, f"{what}: {error.strerror}", path)
+    else:
+        try:
+            out = type(error)(f"{what}: {error}")
+        except Exception:  # an exception type that takes other arguments
+            out = RuntimeError(f"{what}: {type(error).__name__}: {error}")
+    out.__cause__ = error
+    return out
+
+
+def _reopen(path: str) -> Store:
+    """Unpickles a Store: the store reopened, or, when that fails, a Store
+    that raises the error at first use (never raises itself)."""
+    try:
+        return Store(path)
+    except Exception as e:
+        return _UnopenedStore(path, e)
+
+
+def _reopen_remote(url: str, storage_options: dict[str, Any] | None, cache_dir: str) -> Store:
+    """Unpickles a remote Store, never raising (as _reopen)."""
+    try:
+        return _open_remote(url, storage_options, cache_dir)
+    except Exception as e:
+        return _UnopenedStore(url, e)
 
 
 def open(path: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None,  # noqa: A001

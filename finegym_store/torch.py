@@ -23,7 +23,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from .loader import Loader, as_indices, check_count, check_sampling
+from . import _args
+from .loader import Loader
+from .spec import SegmentSpec, resolve
 from .store import Store, open as open_store
 
 __all__ = ["StoreDataset", "TensorBatch", "collate", "tensor_batches"]
@@ -42,7 +44,10 @@ class StoreDataset(Dataset):
 
     ``dataset[i]`` is ``(features (K, C) tensor, label)``; a DataLoader with
     ``collate_fn=collate`` gets whole :class:`TensorBatch` es gathered in C++.
-    Sampling arguments are those of :meth:`finegym_store.Store.gather`.
+    ``spec`` (a :class:`finegym_store.SegmentSpec`, or its fields as
+    keywords) is what each item is made of, as in
+    :meth:`finegym_store.Store.gather`; with num_segments it needs a mode
+    (``"train"`` for training, ``"test"`` for evaluation).
 
     Call ``set_epoch(epoch)`` at the start of every epoch (before iterating
     the DataLoader, so its workers get the new epoch): train-mode segments
@@ -57,25 +62,20 @@ class StoreDataset(Dataset):
     max(1, cores // num_workers), so the workers together use the cores once
     rather than each all of them."""
 
-    def __init__(self, store: Store | str | os.PathLike[str], column: str, num_segments: int | None = None,
-                 mode: str = "test", seed: int = 0, clip_len: int = 1, dtype: Any = None,
-                 threads: int | None = None, sampling: str = "mmaction2") -> None:
+    def __init__(self, store: Store | str | os.PathLike[str], column: str, *, spec: SegmentSpec | None = None,
+                 threads: int | None = None, **spec_keywords: Any) -> None:
         self.store = store if isinstance(store, Store) else open_store(store)
         self.store.column(column)  # KeyError naming the columns, now
-        check_sampling(mode, sampling)
         self.column = column
-        self.num_segments = None if num_segments is None else check_count(num_segments, "num_segments", 1)
-        self.mode = mode
-        self.seed = check_count(seed, "seed", 0)
-        self.clip_len = check_count(clip_len, "clip_len", 1)
-        self.dtype = dtype
-        self.threads = None if threads is None else check_count(threads, "threads", 1)
-        self.sampling = sampling
+        self.spec = resolve(spec, spec_keywords, "StoreDataset()")
+        self.threads = _args.optional_count(threads, "threads", 1)
         self.epoch = 0
+        # A spec the column can't serve fails here, not in a worker.
+        self.store.gather(column, np.zeros(0, np.int64), spec=self.spec, threads=self.threads)
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch whose train-mode segments the next items get."""
-        self.epoch = check_count(epoch, "epoch", 0)
+        self.epoch = _args.count(epoch, "epoch")
 
     def __len__(self) -> int:
         return len(self.store)
@@ -91,9 +91,8 @@ class StoreDataset(Dataset):
         return max(1, cores // max(1, info.num_workers))
 
     def _gather(self, indices: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        return self.store.gather(self.column, indices, num_segments=self.num_segments, mode=self.mode,
-                                 seed=self.seed, epoch=self.epoch, clip_len=self.clip_len, dtype=self.dtype,
-                                 threads=self.gather_threads(), sampling=self.sampling, out=out)
+        return self.store.gather(self.column, indices, spec=self.spec, epoch=self.epoch,
+                                 threads=self.gather_threads(), out=out)
 
     def _shared_output(self, batch: int) -> torch.Tensor | None:
         """Inside a DataLoader worker: an uninitialised tensor in shared
@@ -103,26 +102,27 @@ class StoreDataset(Dataset):
         the same). None in the main process."""
         if get_worker_info() is None or batch == 0:
             return None
-        shape = self._gather(np.zeros(0, np.int64)).shape[1:]  # (rows, channels), checked as any gather is
-        dtype = torch.float16 if self.store._gather_dtype(self.column, self.dtype) == np.float16 else torch.float32
+        empty = self._gather(np.zeros(0, np.int64))  # (0, rows, channels) of the output dtype
+        shape = empty.shape[1:]
+        dtype = torch.float16 if empty.dtype == np.float16 else torch.float32
         proto = torch.empty(0, dtype=dtype)
         storage = proto._typed_storage()._new_shared(batch * shape[0] * shape[1], device=proto.device)
         return proto.new(storage).resize_(batch, *shape)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        idx = as_indices([index], len(self.store))
+        idx = _args.indices([index], len(self.store))
         features = self._gather(idx)[0]
-        return torch.from_numpy(features), int(self.store.labels[idx[0]])
+        return torch.from_numpy(features), int(self.store._guarded_labels()[idx[0]])
 
     def __getitems__(self, indices: Sequence[int]) -> TensorBatch:
-        idx = as_indices(indices, len(self.store))
+        idx = _args.indices(indices, len(self.store))
         shared = self._shared_output(len(idx))
         if shared is None:
             features = torch.from_numpy(self._gather(idx))
         else:
             self._gather(idx, out=shared.numpy())
             features = shared
-        labels = self.store.labels[idx].astype(np.int64)
+        labels = self.store._guarded_labels()[idx].astype(np.int64)
         return TensorBatch(features, torch.from_numpy(labels), torch.from_numpy(idx))
 
 

@@ -26,7 +26,7 @@ def make_store(folder: Path, dtype: str = "float32", n: int = N, seed: int = 0) 
     ragged = {k: rng.standard_normal((int(rng.integers(1, 8)), RC)).astype(np.float32) for k in ids}
     vec = {k: rng.standard_normal(3).astype(np.float32) for k in ids}
     synth.write_split(folder / "split.txt", ids, labels)
-    return fgs.convert(folder / f"s_{dtype}.fgs", {"a": fixed, "r": ragged, "b": vec}, split=folder / "split.txt",
+    return fgs.convert({"a": fixed, "r": ragged, "b": vec}, folder / f"s_{dtype}.fgs", split=folder / "split.txt",
                        categories=CATEGORIES, dtype=dtype, progress=False)
 
 
@@ -40,7 +40,7 @@ def assert_same_store(a: fgs.Store, b: fgs.Store) -> None:
     assert b.columns == a.columns
     for c in a.columns:
         ca, cb = a.column(c), b.column(c)
-        assert (cb.dtype, cb.segments, cb.channels) == (ca.dtype, ca.segments, ca.channels)
+        assert (cb.dtype, cb.length, cb.channels) == (ca.dtype, ca.length, ca.channels)
         assert cb.values.tobytes() == ca.values.tobytes(), c
         if ca.ragged:
             np.testing.assert_array_equal(cb.offsets, ca.offsets)

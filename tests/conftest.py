@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-#: The real FineGym annotation files (CI has them; users need not).
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "finegym"
+#: The real FineGym annotation files (CI has them; users need not): the
+#: folder FINEGYM_SHARED names, else ../shared/finegym beside the repository.
+SHARED = Path(os.environ.get("FINEGYM_SHARED") or Path(__file__).resolve().parents[1].parent / "shared" / "finegym")
 
 
 def shared_file(name: str) -> Path:
@@ -49,7 +50,7 @@ def synthetic_store(folder: Path, n: int, num_classes: int, shape: tuple[int, ..
     labels = synth.long_tailed_labels(n, num_classes, seed=seed)
     table = synth.make_features(ids, labels, shape, seed=seed)
     synth.write_split(folder / "split.txt", ids, labels)
-    return fgs.convert(folder / "s.fgs", {"x": table}, split=folder / "split.txt", progress=False)
+    return fgs.convert({"x": table}, folder / "s.fgs", split=folder / "split.txt", progress=False)
 
 
 #: Working folder for child Pythons. `python -m` and `python -c` put the cwd

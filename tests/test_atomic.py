@@ -80,7 +80,7 @@ def test_bad_second_column_leaves_nothing(tmp_path):
     bad = _table()
     bad["k3"] = [1.0, 2.0]  # not an array; found after column 1 is written
     with pytest.raises(fgs.ConversionError, match=r"features\['b'\].*key 'k3'"):
-        fgs.convert(tmp_path / "out.fgs", {"a": _table(), "b": bad}, progress=False)
+        fgs.convert({"a": _table(), "b": bad}, tmp_path / "out.fgs", progress=False)
     assert sorted(os.listdir(tmp_path)) == before
 
 
@@ -92,7 +92,7 @@ def test_error_after_all_features_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(WRITE_MODULE, "parse_element_id", boom)  # inside finish(), after every column
     with pytest.raises(RuntimeError, match="disk on fire"):
-        fgs.convert(tmp_path / "out.fgs", {"a": _table(), "b": _table(seed=1)}, progress=False)
+        fgs.convert({"a": _table(), "b": _table(seed=1)}, tmp_path / "out.fgs", progress=False)
     assert sorted(os.listdir(tmp_path)) == before
 
 
@@ -105,7 +105,7 @@ def test_keyboard_interrupt_mid_column_leaves_nothing(tmp_path, inject, monkeypa
 
     inject(append=interrupt)
     with pytest.raises(KeyboardInterrupt):
-        fgs.convert(tmp_path / "out.fgs", {"a": _table()}, progress=False)
+        fgs.convert({"a": _table()}, tmp_path / "out.fgs", progress=False)
     assert os.listdir(tmp_path) == []
 
 
@@ -113,7 +113,7 @@ def test_target_created_meanwhile_is_not_clobbered(tmp_path, inject):
     out = tmp_path / "out.fgs"
     inject(commit=lambda: out.write_bytes(b"someone else's file"))
     with pytest.raises(FileExistsError):
-        fgs.convert(out, {"a": _table()}, progress=False)
+        fgs.convert({"a": _table()}, out, progress=False)
     assert out.read_bytes() == b"someone else's file"
     assert os.listdir(tmp_path) == ["out.fgs"]
 
@@ -121,7 +121,7 @@ def test_target_created_meanwhile_is_not_clobbered(tmp_path, inject):
 def test_target_created_meanwhile_with_overwrite_is_replaced(tmp_path, inject):
     out = tmp_path / "out.fgs"
     inject(commit=lambda: out.write_bytes(b"someone else's file"))
-    store = fgs.convert(out, {"a": _table(value=2.0)}, overwrite=True, progress=False)
+    store = fgs.convert({"a": _table(value=2.0)}, out, overwrite=True, progress=False)
     np.testing.assert_array_equal(store.features("a", 0), np.full((3, 4), 2.0))
     assert os.listdir(tmp_path) == ["out.fgs"]
 
@@ -168,7 +168,7 @@ CHILD = textwrap.dedent(
     ids = [f"v{i:05d}" for i in range(n)]
     features = {"a": {k: a[i] for i, k in enumerate(ids)}, "b": {k: b[i] for i, k in enumerate(ids)}}
     print("ready", flush=True)
-    fgs.convert(out, features, overwrite=overwrite, progress=False)
+    fgs.convert(features, out, overwrite=overwrite, progress=False)
     print("done", flush=True)
     """
 )
@@ -243,7 +243,7 @@ def test_sigkill_mid_write_leaves_no_file(tmp_path, pause_at, overwrite):
     out = folder / "big.fgs"
     old = None
     if overwrite:
-        fgs.convert(out, {"a": _table(value=7.0)}, progress=False)
+        fgs.convert({"a": _table(value=7.0)}, out, progress=False)
         old = out.read_bytes()
     before = sorted(os.listdir(folder))
     proc = _spawn(out, pause_at, overwrite)
@@ -289,13 +289,13 @@ def test_sigkill_at_a_random_moment_of_a_large_write(tmp_path):
 
 def test_failed_overwrite_keeps_old_store(tmp_path):
     out = tmp_path / "s.fgs"
-    fgs.convert(out, {"a": _table(value=1.0)}, progress=False)
+    fgs.convert({"a": _table(value=1.0)}, out, progress=False)
     old_bytes = out.read_bytes()
     old_inode = os.stat(out).st_ino
     bad = _table(value=2.0)
     bad["k4"] = np.zeros((3, 4), np.int16)
     with pytest.raises(fgs.ConversionError, match=r"key 'k4'"):
-        fgs.convert(out, {"a": _table(value=2.0), "b": bad}, overwrite=True, progress=False)
+        fgs.convert({"a": _table(value=2.0), "b": bad}, out, overwrite=True, progress=False)
     assert os.listdir(tmp_path) == ["s.fgs"]
     assert out.read_bytes() == old_bytes
     assert os.stat(out).st_ino == old_inode
@@ -306,7 +306,7 @@ def test_failed_overwrite_keeps_old_store(tmp_path):
 
 def test_overwrite_interrupted_mid_write_keeps_old_store(tmp_path, inject, monkeypatch):
     out = tmp_path / "s.fgs"
-    fgs.convert(out, {"a": _table(value=1.0)}, progress=False)
+    fgs.convert({"a": _table(value=1.0)}, out, progress=False)
     old_bytes = out.read_bytes()
     monkeypatch.setattr(WRITE_MODULE, "STAGING_BYTES", 4 * 4 * 3)
 
@@ -316,16 +316,16 @@ def test_overwrite_interrupted_mid_write_keeps_old_store(tmp_path, inject, monke
 
     inject(append=fail)
     with pytest.raises(OSError, match="No space left"):
-        fgs.convert(out, {"a": _table(value=2.0)}, overwrite=True, progress=False)
+        fgs.convert({"a": _table(value=2.0)}, out, overwrite=True, progress=False)
     assert os.listdir(tmp_path) == ["s.fgs"]
     assert out.read_bytes() == old_bytes
 
 
 def test_overwrite_replaces_with_a_new_inode(tmp_path):
     out = tmp_path / "s.fgs"
-    fgs.convert(out, {"a": _table(value=1.0)}, progress=False)
+    fgs.convert({"a": _table(value=1.0)}, out, progress=False)
     old_inode = os.stat(out).st_ino
-    store = fgs.convert(out, {"b": _table(n=2, t=5, c=6, value=3.0)}, overwrite=True, progress=False)
+    store = fgs.convert({"b": _table(n=2, t=5, c=6, value=3.0)}, out, overwrite=True, progress=False)
     assert os.stat(out).st_ino != old_inode  # renamed over, not rewritten in place
     assert store.columns == ("b",) and len(store) == 2
     assert os.listdir(tmp_path) == ["s.fgs"]
@@ -336,11 +336,11 @@ def test_overwrite_replaces_with_a_new_inode(tmp_path):
 
 def test_old_views_survive_overwrite(tmp_path):
     out = tmp_path / "s.fgs"
-    old = fgs.convert(out, {"a": _table(value=1.0)}, progress=False)
+    old = fgs.convert({"a": _table(value=1.0)}, out, progress=False)
     view = old.features("a", 2)
     column = old.column("a").values
     ids = old.ids
-    new = fgs.convert(out, {"a": _table(n=3, value=5.0, t=2, c=2)}, overwrite=True, progress=False)
+    new = fgs.convert({"a": _table(n=3, value=5.0, t=2, c=2)}, out, overwrite=True, progress=False)
     # The old mapping belongs to the old inode: unchanged, and still checksummed clean.
     np.testing.assert_array_equal(view, np.ones((3, 4)))
     assert column.shape == (5, 3, 4) and (column == 1.0).all()
@@ -356,7 +356,7 @@ def test_old_views_survive_overwrite(tmp_path):
 
 def test_old_views_survive_unlink(tmp_path):
     out = tmp_path / "s.fgs"
-    store = fgs.convert(out, {"a": _table(value=4.0)}, progress=False)
+    store = fgs.convert({"a": _table(value=4.0)}, out, progress=False)
     view = store.features("a", 0)
     del store
     os.unlink(out)

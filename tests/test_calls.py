@@ -47,22 +47,24 @@ def test_overflowing_sizes_are_value_errors(store):
         s = fgs.open(sys.argv[1])
         f32 = np.dtype("float32")
         calls = {
-            "gather K*L wraps": lambda: s.gather("x", [0, 1], num_segments=2**62, clip_len=4),
+            "gather K*L wraps": lambda: s.gather("x", [0, 1], num_segments=2**62, mode="test", clip_len=4),
             "sample_segments K*L wraps": lambda: _core.sample_segments(5, 2**62, 4, "test"),
             "sample_segments K*L wraps, train": lambda: _core.sample_segments(5, 2**61, 8, "train"),
             "sample_segments huge K": lambda: _core.sample_segments(5, 2**52, 1, "test"),
             "sample_segments huge T": lambda: _core.sample_segments(2**60, 3, 1, "test"),
-            "gather huge K": lambda: s.gather("x", [0, 1, 2], num_segments=2**45),
-            "gather huge B*K": lambda: s.gather("x", np.zeros(100_000, np.int64), num_segments=2**36),
-            "gather K beyond int64": lambda: s.gather("x", [0], num_segments=2**70),
-            "core gather": lambda: _core.gather(s._reader, "x", np.zeros(3, np.int64), 2**62, "test", 0, 0, 4,
-                                                None, f32, 1),
-            "core GatherJob": lambda: _core.GatherJob(s._reader, "x", np.zeros(3, np.int64), 2**62, "test", 0, 0,
-                                                      4, None, f32, 1),
-            "GatherJob huge K": lambda: _core.GatherJob(s._reader, "x", np.zeros(3, np.int64), 2**45, "train",
-                                                        0, 0, 1, None, f32, 1).wait(),
-            "loader": lambda: s.loader("x", batch_size=4, num_segments=2**62, clip_len=4),
-            "out given": lambda: s.gather("x", [0], num_segments=2**62, clip_len=4,
+            "gather huge K": lambda: s.gather("x", [0, 1, 2], num_segments=2**45, mode="test"),
+            "gather huge B*K": lambda: s.gather("x", np.zeros(100_000, np.int64), num_segments=2**36, mode="test"),
+            "gather K beyond int64": lambda: s.gather("x", [0], num_segments=2**70, mode="test"),
+            "core gather": lambda: _core.gather(s._reader, "x", np.zeros(3, np.int64),
+                                                _core.GatherSpec(2**62, "test", 4, "mmaction2", f32, 0), 0, None, 1),
+            "core GatherJob": lambda: _core.GatherJob(s._reader, "x", np.zeros(3, np.int64),
+                                                      _core.GatherSpec(2**62, "test", 4, "mmaction2", f32, 0),
+                                                      0, None, 1),
+            "GatherJob huge K": lambda: _core.GatherJob(s._reader, "x", np.zeros(3, np.int64),
+                                                        _core.GatherSpec(2**45, "train", 1, "mmaction2", f32, 0),
+                                                        0, None, 1).wait(),
+            "loader": lambda: s.loader("x", batch_size=4, num_segments=2**62, mode="train", clip_len=4),
+            "out given": lambda: s.gather("x", [0], num_segments=2**62, mode="test", clip_len=4,
                                           out=np.empty((1, 4, 16), np.float32)),
         }
         for name, call in calls.items():
@@ -80,7 +82,7 @@ def test_overflowing_sizes_are_value_errors(store):
 
 def test_largest_valid_sizes_still_work(store):
     # The checks refuse only what cannot be: K * L at the edge of a column, big K on a small batch.
-    assert store.gather("x", [0], num_segments=4096, clip_len=3).shape == (1, 4096 * 3, 16)
+    assert store.gather("x", [0], num_segments=4096, mode="test", clip_len=3).shape == (1, 4096 * 3, 16)
     assert len(_core.sample_segments(5, 1000, 7, "train")) == 7000
 
 
@@ -171,37 +173,39 @@ def test_baselines_are_not_in_core():
 # ---- indices -------------------------------------------------------------------------
 def test_index_types_and_ranges(store):
     n = len(store)
-    ref = store.gather("x", [0, n - 1], num_segments=3)
+    ref = store.gather("x", [0, n - 1], num_segments=3, mode="test")
     for bad in ([2**63], [2**64 - 1], np.array([2**63], np.uint64), np.array([0, 2**64 - 1], np.uint64),
                 np.array([n], np.uint64), np.array([n], np.uint8) if n < 256 else np.array([n], np.uint16),
                 [2**70], [0, -2**70], [n], [-n - 1]):
         with pytest.raises(IndexError, match="out of range"):
-            store.gather("x", bad, num_segments=3)
+            store.gather("x", bad, num_segments=3, mode="test")
     with pytest.raises(IndexError, match=r"index 18446744073709551615 \(position 1\)"):
         store.gather("x", np.array([0, 2**64 - 1], np.uint64))
     for bad, what in (([0.0, 1.0], "float"), (np.array([1.5]), "float"), ([True, False], "bool"),
                       (np.array([True]), "bool"), (["a"], "str|<U1"), ([object()], "object"), ([1, None], "None"),
                       ([[0, 1]], "1-D"), (np.array([1 + 0j]), "complex")):
         with pytest.raises(TypeError, match=what):
-            store.gather("x", bad, num_segments=3)
+            store.gather("x", bad, num_segments=3, mode="test")
     # Valid unsigned and object (Python int) indices work.
-    np.testing.assert_array_equal(store.gather("x", np.array([0, n - 1], np.uint64), num_segments=3), ref)
-    np.testing.assert_array_equal(store.gather("x", np.array([0, n - 1], dtype=object), num_segments=3), ref)
-    np.testing.assert_array_equal(store.gather("x", [0, -1], num_segments=3), ref)
+    np.testing.assert_array_equal(store.gather("x", np.array([0, n - 1], np.uint64), num_segments=3, mode="test"), ref)
+    by_object = store.gather("x", np.array([0, n - 1], dtype=object), num_segments=3, mode="test")
+    np.testing.assert_array_equal(by_object, ref)
+    np.testing.assert_array_equal(store.gather("x", [0, -1], num_segments=3, mode="test"), ref)
 
 
 def test_core_calls_reject_wrapping_and_non_integer_indices(store):
     f32 = np.dtype("float32")
     for cls in (_core.gather, _core.GatherJob):
         with pytest.raises(IndexError, match="out of range"):
-            cls(store._reader, "x", np.array([2**63], np.uint64), 3, "test", 0, 0, 1, None, f32, 1)
+            cls(store._reader, "x", np.array([2**63], np.uint64),
+                _core.GatherSpec(3, "test", 1, "mmaction2", f32, 0), 0, None, 1)
         for bad in (np.array([True]), np.array([0.0]), np.array(["0"])):
             with pytest.raises(TypeError, match="integers"):
-                cls(store._reader, "x", bad, 3, "test", 0, 0, 1, None, f32, 1)
+                cls(store._reader, "x", bad, _core.GatherSpec(3, "test", 1, "mmaction2", f32, 0), 0, None, 1)
         with pytest.raises(ValueError, match="mode must be"):
-            cls(store._reader, "x", np.array([0]), 3, "TRAIN", 0, 0, 1, None, f32, 1)
-        with pytest.raises(ValueError, match="sampling must be"):
-            cls(store._reader, "x", np.array([0]), 3, "train", 0, 0, 1, None, f32, 1, sampling="tsn")
+            cls(store._reader, "x", np.array([0]), _core.GatherSpec(3, "TRAIN", 1, "mmaction2", f32, 0), 0, None, 1)
+        with pytest.raises(ValueError, match="rule must be"):
+            cls(store._reader, "x", np.array([0]), _core.GatherSpec(3, "train", 1, "tsn", f32, 0), 0, None, 1)
 
 
 def test_mode_and_sampling_are_validated_everywhere(store):
@@ -212,15 +216,15 @@ def test_mode_and_sampling_are_validated_everywhere(store):
             store.loader("x", batch_size=4, num_segments=3, mode=mode)
         with pytest.raises(ValueError, match="mode must be"):
             _core.sample_segments(12, 3, 1, mode)
-    with pytest.raises(ValueError, match="sampling must be"):
-        store.gather("x", [0], num_segments=3, sampling="tsn")
-    with pytest.raises(ValueError, match="sampling must be"):
-        store.loader("x", batch_size=4, num_segments=3, sampling="Exact")
+    with pytest.raises(ValueError, match="rule must be"):
+        store.gather("x", [0], num_segments=3, mode="test", rule="tsn")
+    with pytest.raises(ValueError, match="rule must be"):
+        store.loader("x", batch_size=4, num_segments=3, mode="train", rule="Exact")
     for kw, exc in (({"seed": -1}, ValueError), ({"epoch": -1}, ValueError), ({"seed": 2**64}, ValueError),
                     ({"clip_len": 0}, ValueError), ({"threads": 0}, ValueError), ({"seed": 1.5}, TypeError),
                     ({"num_segments": True}, TypeError), ({"threads": "2"}, TypeError)):
         with pytest.raises(exc, match=next(iter(kw))):
-            store.gather("x", [0], **{"num_segments": 3, **kw})
+            store.gather("x", [0], **{"num_segments": 3, "mode": "test", **kw})
 
 
 def test_sampling_is_threaded_through_gather_loader_and_jobs(store):
@@ -229,13 +233,14 @@ def test_sampling_is_threaded_through_gather_loader_and_jobs(store):
     f = store.column("x")
     kw = dict(num_segments=5, clip_len=2, mode="test")
     mm = store.gather("x", idx, **kw)
-    exact = store.gather("x", idx, sampling="exact", **kw)
+    exact = store.gather("x", idx, rule="exact", **kw)
     np.testing.assert_array_equal(mm[:, ::2], f[idx][:, [0, 2, 5, 8, 10]])
     np.testing.assert_array_equal(exact[:, ::2], f[idx][:, [1, 3, 5, 7, 9]])
     for sampling, expected in (("mmaction2", mm), ("exact", exact)):
-        loader = store.loader("x", batch_size=50, shuffle=False, sampling=sampling, **kw)
+        loader = store.loader("x", batch_size=50, shuffle=False, rule=sampling, **kw)
         np.testing.assert_array_equal(np.concatenate([b.features for b in loader]), expected)
-        job = _core.GatherJob(store._reader, "x", idx, 5, "test", 0, 0, 2, None, np.dtype("float32"), 2, sampling)
+        job = _core.GatherJob(store._reader, "x", idx,
+                              _core.GatherSpec(5, "test", 2, sampling, np.dtype("float32"), 0), 0, None, 2)
         np.testing.assert_array_equal(job.wait(), expected)
 
 
@@ -250,11 +255,12 @@ def test_jobs_belong_to_their_process_across_fork(store):
         import finegym_store as fgs
         from finegym_store import _core
         s = fgs.open(sys.argv[1])
-        loader = s.loader("x", batch_size=16, num_segments=3, prefetch=3)
+        loader = s.loader("x", batch_size=16, num_segments=3, mode="train", prefetch=3)
         it = iter(loader)
         first = next(it)
         idx = np.arange(len(s))
-        job = _core.GatherJob(s._reader, "x", idx, 3, "train", 1, 2, 1, None, np.dtype("float32"), 2)
+        job = _core.GatherJob(s._reader, "x", idx,
+                              _core.GatherSpec(3, "train", 1, "mmaction2", np.dtype("float32"), 1), 2, None, 2)
         expected = s.gather("x", idx, num_segments=3, mode="train", seed=1, epoch=2)
 
         def child_checks():
@@ -273,10 +279,11 @@ def test_jobs_belong_to_their_process_across_fork(store):
             else:
                 return 4
             # New work here runs on this process's own threads.
-            again = _core.GatherJob(s._reader, "x", idx, 3, "train", 1, 2, 1, None, np.dtype("float32"), 2)
+            again = _core.GatherJob(s._reader, "x", idx,
+                                    _core.GatherSpec(3, "train", 1, "mmaction2", np.dtype("float32"), 1), 2, None, 2)
             if not np.array_equal(again.wait(), expected):
                 return 5
-            batches = list(s.loader("x", batch_size=16, num_segments=3, prefetch=3))
+            batches = list(s.loader("x", batch_size=16, num_segments=3, mode="train", prefetch=3))
             if sum(len(b) for b in batches) != len(s):
                 return 6
             return 0
@@ -333,11 +340,11 @@ def test_threads_are_capped_and_reused(store):
             return len(os.listdir("/proc/self/task"))
         s = fgs.open(sys.argv[1])
         base = threads()
-        ref = s.gather("x", np.arange(len(s)), num_segments=3, threads=1)
-        got = s.gather("x", np.arange(len(s)), num_segments=3, threads=1000)
+        ref = s.gather("x", np.arange(len(s)), num_segments=3, mode="test", threads=1)
+        got = s.gather("x", np.arange(len(s)), num_segments=3, mode="test", threads=1000)
         assert np.array_equal(ref, got)
         after_big = threads()
-        loader = s.loader("x", batch_size=8, num_segments=3, prefetch=3)
+        loader = s.loader("x", batch_size=8, num_segments=3, mode="train", prefetch=3)
         list(loader)
         after_one = threads()
         for _ in range(3):
@@ -371,7 +378,7 @@ def test_store_pickles_by_absolute_path(store, tmp_path, monkeypatch):
 
 
 def test_batch_unpacks_and_keeps_attributes(store):
-    b = next(iter(store.loader("x", batch_size=10, num_segments=3)))
+    b = next(iter(store.loader("x", batch_size=10, num_segments=3, mode="train")))
     features, labels, indices = b
     assert isinstance(b, Batch) and isinstance(b, tuple)
     assert features is b.features and labels is b.labels and indices is b.indices

@@ -40,7 +40,7 @@ def stores(tmp_path_factory):
     for name, c in (("small", 8), ("big", 1024)):
         fix = {k: rng.standard_normal((4, c)).astype(np.float32) for k in ids}
         rag = {k: rng.standard_normal((t, c)).astype(np.float32) for k, t in zip(ids, RAG_T)}
-        fgs.convert(d / f"{name}.fgs", {"fix": fix, "rag": rag}, split=d / "split.txt", categories=d / "cats.txt",
+        fgs.convert({"fix": fix, "rag": rag}, d / f"{name}.fgs", split=d / "split.txt", categories=d / "cats.txt",
                     progress=False)
         paths[name] = str(d / f"{name}.fgs")
     return paths
@@ -55,14 +55,14 @@ CHILD = textwrap.dedent(
     path, action, arg = sys.argv[1], sys.argv[2], sys.argv[3]
     faulthandler.enable()  # as pytest does: it hooks SIGBUS too
     store = fgs.open(path)
-    store.gather("fix", [0, 1], num_segments=2)  # installs the guard's handler (chained to faulthandler's)
+    store.gather("fix", [0, 1], num_segments=2, mode="test")  # installs the guard's handler (chained to faulthandler's)
     faulthandler.disable()
     faulthandler.enable()  # now faulthandler sits on top of the guard: the guard must notice and re-install
     before = {
         "lengths": store.column("rag").lengths().tolist(),
         "offsets": store.column("rag").offsets.tolist(),
         "ids": store.ids.to_list(),
-        "gather": store.gather("rag", list(range(len(store))), num_segments=3).tolist(),
+        "gather": store.gather("rag", list(range(len(store))), num_segments=3, mode="test").tolist(),
         "features": [store.features("rag", i).tolist() for i in range(len(store))],
     }
 
@@ -76,12 +76,12 @@ CHILD = textwrap.dedent(
         raise SystemExit("unknown action " + action)
 
     def loader_batch():
-        return next(iter(store.loader("rag", batch_size=4, num_segments=2, threads=2))).features
+        return next(iter(store.loader("rag", batch_size=4, num_segments=2, mode="train", threads=2))).features
 
     ops = {
         "gather_fix": lambda: store.gather("fix", list(range(len(store))), threads=2),
-        "gather_rag": lambda: store.gather("rag", list(range(len(store))), num_segments=3, threads=2),
-        "gather_f16": lambda: store.gather("rag", [0, -1], num_segments=2, dtype=np.float16),
+        "gather_rag": lambda: store.gather("rag", list(range(len(store))), num_segments=3, mode="test", threads=2),
+        "gather_f16": lambda: store.gather("rag", [0, -1], num_segments=2, mode="test", dtype=np.float16),
         "features": lambda: [store.features("rag", i).tolist() for i in range(len(store))],
         "column_index": lambda: store.column("fix")[0],
         "values": lambda: store.column("fix").values,
@@ -226,11 +226,11 @@ def test_open_store_survives_its_file_being_replaced_by_rename(stores, tmp_path)
     path = str(tmp_path / "r.fgs")
     shutil.copyfile(stores["small"], path)
     store = fgs.open(path)
-    ref = store.gather("rag", range(N), num_segments=3)
+    ref = store.gather("rag", range(N), num_segments=3, mode="test")
     tmp = tmp_path / "new.fgs"
     shutil.copyfile(stores["big"], tmp)
     os.replace(tmp, path)
-    np.testing.assert_array_equal(store.gather("rag", range(N), num_segments=3), ref)
+    np.testing.assert_array_equal(store.gather("rag", range(N), num_segments=3, mode="test"), ref)
     assert store.verify() == []
 
 
@@ -242,7 +242,7 @@ OUTSIDE = textwrap.dedent(
     path, what = sys.argv[1], sys.argv[2]
     faulthandler.enable()
     store = fgs.open(path)
-    store.gather("fix", [0], num_segments=2)  # the guard's handler is installed now
+    store.gather("fix", [0], num_segments=2, mode="test")  # the guard's handler is installed now
     view = store.column("fix").values  # a view handed out before the change: not protected
     if what == "kill":
         os.kill(os.getpid(), signal.SIGBUS)

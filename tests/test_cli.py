@@ -266,7 +266,7 @@ def test_info_histogram_lists_only_present_classes(tmp_path):
     split = tmp_path / "s.txt"
     synth.write_split(split, ids, labels)
     out = tmp_path / "two.fgs"
-    fgs.convert(out, {"x": synth.make_features(ids, labels, (2, 3), seed=2)}, split=split, progress=False)
+    fgs.convert({"x": synth.make_features(ids, labels, (2, 3), seed=2)}, out, split=split, progress=False)
     info = json.loads(cli("info", out, "--json").stdout)
     assert info["classes_present"] == 2
     assert [row[:2] for row in info["largest"]] == [[0, 5], [3, 2]]
@@ -275,7 +275,7 @@ def test_info_histogram_lists_only_present_classes(tmp_path):
 
 def test_info_on_a_store_without_labels_or_hierarchy(inputs, tmp_path):
     out = tmp_path / "plain.fgs"
-    fgs.convert(out, {"tsn": inputs["tables"]["tsn"]}, progress=False)
+    fgs.convert({"tsn": inputs["tables"]["tsn"]}, out, progress=False)
     proc = cli("info", out)
     assert proc.returncode == 0, proc.stderr
     assert f"instances: {N} (0 labelled)" in proc.stdout

@@ -41,7 +41,7 @@ def _pickle(path, obj, protocol: int = 4):
 
 def _convert(tmp_path, features, **kw):
     kw.setdefault("progress", False)
-    return fgs.convert(tmp_path / "out.fgs", features, **kw)
+    return fgs.convert(features, tmp_path / "out.fgs", **kw)
 
 
 def _no_output(tmp_path):
@@ -417,9 +417,9 @@ def test_output_exists(tmp_path):
     out = tmp_path / "out.fgs"
     out.write_bytes(b"precious")
     with pytest.raises(FileExistsError, match=r"out\.fgs exists; pass overwrite=True"):
-        fgs.convert(out, {"x": _table(n=2)}, progress=False)
+        fgs.convert({"x": _table(n=2)}, out, progress=False)
     assert out.read_bytes() == b"precious"
-    store = fgs.convert(out, {"x": _table(n=3, seed=5)}, overwrite=True, progress=False)
+    store = fgs.convert({"x": _table(n=3, seed=5)}, out, overwrite=True, progress=False)
     assert len(store) == 3
     np.testing.assert_array_equal(store.features("x", 2), _table(n=3, seed=5)["id002"].reshape(4, 8))
     assert sorted(os.listdir(tmp_path)) == ["out.fgs"]
@@ -427,7 +427,7 @@ def test_output_exists(tmp_path):
 
 def test_output_folder_missing(tmp_path):
     with pytest.raises(FileNotFoundError):
-        fgs.convert(tmp_path / "no" / "out.fgs", {"x": _table(n=2)}, progress=False)
+        fgs.convert({"x": _table(n=2)}, tmp_path / "no" / "out.fgs", progress=False)
 
 
 # -- values that must be accepted -----------------------------------------------------------------
@@ -531,7 +531,6 @@ def test_ragged_round_trip(tmp_path):
 
 def test_ragged_row_count_larger_than_staging(tmp_path, monkeypatch):
     # Instances that do not fit the staging buffer together still land in order.
-    conv = __import__("sys").modules["finegym_store.convert"]
     monkeypatch.setattr(sys.modules["finegym_store._write"], "STAGING_BYTES", 4 * 9 * 5)  # 5 rows of 9 float32
     rng = np.random.default_rng(7)
     lengths = [3, 4, 8, 1, 2]
@@ -571,3 +570,12 @@ def test_non_contiguous_input(tmp_path):
     store = _convert(tmp_path, {"x": table})
     assert store.features("x", 0).tobytes() == np.ascontiguousarray(table["a"]).tobytes()
     assert store.features("x", 1).tobytes() == np.ascontiguousarray(table["b"]).tobytes()
+
+
+def test_convert_takes_features_then_out_and_names_the_swap(tmp_path):
+    out = tmp_path / "out.fgs"
+    with pytest.raises(TypeError, match=r"convert\(features, out\): the features mapping comes first"):
+        fgs.convert(out, {"x": _table(n=2)}, progress=False)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        fgs.convert({"x": _table(n=2)}, out, None)  # type: ignore[misc] - options are keyword-only
+    assert not out.exists()

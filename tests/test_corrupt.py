@@ -114,7 +114,7 @@ def base(tmp_path_factory) -> Base:
     rag = {k: rng.standard_normal((t, RAG_C)).astype(np.float32) for k, t in zip(ids, RAG_T)}
     (d / "split.txt").write_text("".join(f"{k} {i % 3}\n" for i, k in enumerate(ids)))
     (d / "cats.txt").write_text(CATS)
-    store = fgs.convert(d / "base.fgs", {"fix": fix, "rag": rag}, split=d / "split.txt",
+    store = fgs.convert({"fix": fix, "rag": rag}, d / "base.fgs", split=d / "split.txt",
                         categories=d / "cats.txt", progress=False)
     assert store.column("rag").ragged and store.classes is not None and store.verify() == []
     sections = {s["name"]: s for s in store.sections()}
@@ -603,10 +603,11 @@ FUZZ = textwrap.dedent(
             if n:
                 idx = list(range(n)) + [-1]
                 store.gather(name, idx, num_segments=3, mode="train", seed=i, threads=2)
-                store.gather(name, idx, num_segments=2, dtype=np.float16)
+                store.gather(name, idx, num_segments=2, mode="test", dtype=np.float16)
                 if not col.ragged:
                     store.gather(name, idx)
-                batch = next(iter(store.loader(name, batch_size=min(n, 4), num_segments=2, prefetch=1, threads=2)))
+                batch = next(iter(store.loader(name, batch_size=min(n, 4), num_segments=2, mode="train",
+                                               prefetch=1, threads=2)))
                 assert batch.features.shape[:2] == (min(n, 4), 2)
         meta = store.meta
         strings = [store.ids, meta.video]
@@ -633,7 +634,7 @@ FUZZ = textwrap.dedent(
         if kind == "cut" or rnd.random() < 0.1:  # and now truncate it under the open reader
             os.truncate(path, rnd.randrange(len(data)))
             for op in (lambda: store.verify(), lambda: store.ids.to_list(), lambda: store.features(store.columns[0], 0),
-                       lambda: store.gather(store.columns[0], list(range(n)), num_segments=2)):
+                       lambda: store.gather(store.columns[0], list(range(n)), num_segments=2, mode="test")):
                 try:
                     op()
                 except OSError as e:
@@ -673,7 +674,7 @@ def test_fuzz_open_never_crashes(base, tmp_path):
 
 def test_invalid_utf8_in_ids_raises_format_error(tmp_path):
     table = {"abc": np.ones((2, 3), np.float32), "abd": np.ones((2, 3), np.float32)}
-    store = fgs.convert(tmp_path / "u.fgs", {"x": table}, progress=False)
+    store = fgs.convert({"x": table}, tmp_path / "u.fgs", progress=False)
     data = store.sections()
     ids = next(s for s in data if s["name"] == "ids/data")
     raw = bytearray((tmp_path / "u.fgs").read_bytes())
@@ -729,7 +730,7 @@ def test_zero_row_last_instance_is_refused(base, damaged):
 def test_empty_strings_are_still_fine(tmp_path):
     # T > 0 is for feature rows; strings may be empty (meta/video of ids that do not parse is "").
     table = {"a": np.ones((2, 3), np.float32), "b": np.ones((1, 3), np.float32)}
-    store = fgs.convert(tmp_path / "s.fgs", {"x": table}, progress=False)
+    store = fgs.convert({"x": table}, tmp_path / "s.fgs", progress=False)
     assert store.meta.video.to_list() == ["", ""]
     assert store.verify() == []
 
@@ -749,7 +750,7 @@ def test_writer_refuses_zero_rows(tmp_path):
 def test_converter_refuses_zero_rows(tmp_path):
     table = {"a": np.ones((2, 3), np.float32), "b": np.ones((0, 3), np.float32)}
     with pytest.raises(fgs.ConversionError, match=r"key 'b': empty array of shape \(0, 3\)"):
-        fgs.convert(tmp_path / "z.fgs", {"x": table}, progress=False)
+        fgs.convert({"x": table}, tmp_path / "z.fgs", progress=False)
     assert not (tmp_path / "z.fgs").exists()
 
 
@@ -875,7 +876,7 @@ def test_column_names_that_collide_with_suffixes_are_refused_up_front(tmp_path, 
             raise AssertionError("features were read before the column name was checked")
 
     with pytest.raises(fgs.ConversionError, match=rf"column name '{name}' must be .* and not 'offsets'"):
-        fgs.convert(tmp_path / "c.fgs", {"x": {"a": np.ones((1, 2), np.float32)}, name: Exploding(a=1)},
+        fgs.convert({"x": {"a": np.ones((1, 2), np.float32)}, name: Exploding(a=1)}, tmp_path / "c.fgs",
                     progress=False)
     assert not (tmp_path / "c.fgs").exists()
     w = _core.Writer(str(tmp_path / "w.fgs"), 1)
@@ -891,7 +892,7 @@ def test_a_column_named_data_is_valid(tmp_path):
     # converts, opens and gathers like any other column.
     assert _core.valid_column_name("data")
     table = {"a": np.arange(6, dtype=np.float32).reshape(3, 2), "b": np.ones((3, 2), np.float32)}
-    s = fgs.convert(tmp_path / "d.fgs", {"data": table}, progress=False)
+    s = fgs.convert({"data": table}, tmp_path / "d.fgs", progress=False)
     assert s.columns == ("data",) and s.verify() == []
     np.testing.assert_array_equal(s.gather("data", [0]), table["a"][None])
 

@@ -172,7 +172,7 @@ def test_convert_real_gym99_val(tmp_path):
     # dict order differs from the split order: the split must decide the order
     table = dict(sorted(table.items()))
 
-    store = fgs.convert(tmp_path / "gym99_val.fgs", {"tsn": table}, split=split_path,
+    store = fgs.convert({"tsn": table}, tmp_path / "gym99_val.fgs", split=split_path,
                         categories=cats_path, progress=False)
     assert len(store) == 8521
     assert store.format_version == fgs.FORMAT_VERSION

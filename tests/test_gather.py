@@ -53,7 +53,7 @@ def mm_train_deterministic(T: int, K: int, L: int) -> np.ndarray | None:
     return mm_expand(offsets, T, L)
 
 
-# The same rules in exact integer arithmetic (sampling="exact").
+# The same rules in exact integer arithmetic (rule="exact").
 def exact_test(T: int, K: int, L: int) -> np.ndarray:
     span = T - L + 1
     offsets = np.array([(2 * k + 1) * span // (2 * K) for k in range(K)]) if span > 0 else np.zeros(K, np.int64)
@@ -104,19 +104,19 @@ def test_train_mode_deterministic_branches_are_bit_exact_with_mmaction2():
 def test_tie_cases(T, K, L, mode, mm, exact):
     assert _core.sample_segments(T, K, L, mode)[::L].tolist() == mm
     assert mm_test(T, K, L)[::L].tolist() == mm if mode == "test" else mm_train_deterministic(T, K, L)[::L].tolist() == mm
-    assert _core.sample_segments(T, K, L, mode, sampling="exact")[::L].tolist() == exact
+    assert _core.sample_segments(T, K, L, mode, rule="exact")[::L].tolist() == exact
 
 
 def test_exact_sampling_rules():
     for T, K, L in SWEEP:
-        np.testing.assert_array_equal(_core.sample_segments(T, K, L, "test", sampling="exact"), exact_test(T, K, L))
+        np.testing.assert_array_equal(_core.sample_segments(T, K, L, "test", rule="exact"), exact_test(T, K, L))
         if (T - L + 1) // K == 0 and not T > max(K, L):
-            np.testing.assert_array_equal(_core.sample_segments(T, K, L, "train", seed=1, sampling="exact"),
+            np.testing.assert_array_equal(_core.sample_segments(T, K, L, "train", seed=1, rule="exact"),
                                           exact_train_deterministic(T, K, L))
     # TSN's centred formula for clip_len = 1, as the README states it.
     for T in range(1, 30):
         for K in range(1, 17):
-            assert _core.sample_segments(T, K, 1, "test", sampling="exact").tolist() == \
+            assert _core.sample_segments(T, K, 1, "test", rule="exact").tolist() == \
                 [math.floor((k + 0.5) * T / K) for k in range(K)]
 
 
@@ -143,7 +143,7 @@ def test_train_randomness_known_answers_from_xxhash(sampling):
     for T, K, L in cases:
         for _ in range(20):
             seed, epoch, index = (int(v) for v in rng.integers(0, 2**63, 3, dtype=np.uint64))
-            got = _core.sample_segments(T, K, L, "train", seed=seed, epoch=epoch, index=index, sampling=sampling)
+            got = _core.sample_segments(T, K, L, "train", seed=seed, epoch=epoch, index=index, rule=sampling)
             assert got.tolist() == expected_train(T, K, L, seed, epoch, index), (T, K, L, seed, epoch, index)
     big = 2**64 - 1  # the whole u64 range of the key
     assert _core.sample_segments(50, 3, 1, "train", seed=big, epoch=big, index=big).tolist() == \
@@ -193,8 +193,8 @@ def test_sample_segments_argument_errors():
     for mode in ("TRAIN", "val", "", "Test"):
         with pytest.raises(ValueError, match="mode must be 'train' or 'test'"):
             _core.sample_segments(12, 3, 1, mode)
-    with pytest.raises(ValueError, match="sampling must be"):
-        _core.sample_segments(12, 3, 1, "test", sampling="tsn")
+    with pytest.raises(ValueError, match="rule must be"):
+        _core.sample_segments(12, 3, 1, "test", rule="tsn")
     with pytest.raises(ValueError, match="at least 1"):
         _core.sample_segments(0, 3, 1, "test")
 
@@ -206,7 +206,7 @@ def store(tmp_path_factory):
     table = {f"id{i:04d}": rng.standard_normal((12, 32, 1, 1)).astype(np.float32) for i in range(300)}
     ragged = {k: rng.standard_normal((int(rng.integers(1, 30)), 8)).astype(np.float32) for k in table}
     path = tmp_path_factory.mktemp("gather") / "s.fgs"
-    return fgs.convert(path, {"x": table, "r": ragged}, progress=False)
+    return fgs.convert({"x": table, "r": ragged}, path, progress=False)
 
 
 def reference_gather(store, column, indices, K, mode, seed, epoch, L=1):
@@ -256,28 +256,28 @@ def test_gather_clip_len(store):
     assert got.shape == (2, 12, 32)
     np.testing.assert_array_equal(got, reference_gather(store, "x", idx, 3, "train", 1, 0, L=4))
     with pytest.raises(ValueError, match="clip_len"):
-        store.gather("x", idx, num_segments=None, clip_len=2)
+        store.gather("x", idx, num_segments=None, mode="test", clip_len=2)
 
 
 def test_gather_out_is_filled_without_allocation(store):
     out = np.empty((4, 3, 32), np.float32)
-    res = store.gather("x", [1, 2, 3, 4], num_segments=3, out=out)
+    res = store.gather("x", [1, 2, 3, 4], num_segments=3, mode="test", out=out)
     assert res is out or np.shares_memory(res, out)
     np.testing.assert_array_equal(out, reference_gather(store, "x", [1, 2, 3, 4], 3, "test", 0, 0))
     for bad in (np.empty((4, 3, 31), np.float32), np.empty((4, 3, 32), np.float64),
                 np.empty((4, 32, 3), np.float32).transpose(0, 2, 1)):
         with pytest.raises(ValueError, match="out must be"):
-            store.gather("x", [1, 2, 3, 4], num_segments=3, out=bad)
+            store.gather("x", [1, 2, 3, 4], num_segments=3, mode="test", out=bad)
 
 
 def test_gather_float16_output_and_storage(store, tmp_path):
     idx = [0, 10, 20]
-    half = store.gather("x", idx, num_segments=3, dtype="float16")
+    half = store.gather("x", idx, num_segments=3, mode="test", dtype="float16")
     assert half.dtype == np.float16
-    np.testing.assert_array_equal(half, store.gather("x", idx, num_segments=3).astype(np.float16))
+    np.testing.assert_array_equal(half, store.gather("x", idx, num_segments=3, mode="test").astype(np.float16))
     table = {f"k{i}": np.random.default_rng(i).standard_normal((12, 16)).astype(np.float32) * 100 for i in range(20)}
     table["k0"][0, :4] = [np.inf, -np.inf, np.nan, 1e-7]
-    s16 = fgs.convert(tmp_path / "h.fgs", {"x": table}, dtype="float16", progress=False)
+    s16 = fgs.convert({"x": table}, tmp_path / "h.fgs", dtype="float16", progress=False)
     got16 = s16.gather("x", np.arange(20))
     assert got16.dtype == np.float16
     widened = s16.gather("x", np.arange(20), dtype="float32")
@@ -290,7 +290,7 @@ def test_float_half_conversions_match_numpy(store, tmp_path):
     # Every float16 bit pattern widened by our C++ equals numpy's widening.
     every = np.arange(65536, dtype=np.uint16).view(np.float16).reshape(4096, 16)
     table = {f"k{i:04d}": every[i : i + 1] for i in range(4096)}
-    s = fgs.convert(tmp_path / "all16.fgs", {"x": table}, dtype="float16", progress=False)
+    s = fgs.convert({"x": table}, tmp_path / "all16.fgs", dtype="float16", progress=False)
     wide = s.gather("x", np.arange(4096), dtype="float32").reshape(-1)
     ref = every.reshape(-1).astype(np.float32)
     np.testing.assert_array_equal(wide.view(np.uint32)[~np.isnan(ref)], ref.view(np.uint32)[~np.isnan(ref)])
@@ -303,7 +303,7 @@ def test_float_half_conversions_match_numpy(store, tmp_path):
     vals = bits.view(np.float32)
     vals = vals[~np.isnan(vals)][: 16 * 12000]
     table = {f"v{i:05d}": vals[i * 16 : (i + 1) * 16][None, :] for i in range(len(vals) // 16)}
-    s32 = fgs.convert(tmp_path / "f32.fgs", {"x": table}, progress=False)
+    s32 = fgs.convert({"x": table}, tmp_path / "f32.fgs", progress=False)
     with np.errstate(over="ignore"):
         expected = np.stack([table[k] for k in s32.ids]).astype(np.float16)
     got = s32.gather("x", np.arange(len(s32)), dtype="float16")
@@ -318,12 +318,12 @@ def test_gather_index_errors(store):
     with pytest.raises(KeyError, match="no feature column 'nope'"):
         store.gather("nope", [0])
     with pytest.raises(ValueError, match="num_segments must be at least 1"):
-        store.gather("x", [0], num_segments=0)
+        store.gather("x", [0], num_segments=0, mode="test")
     with pytest.raises(ValueError, match="mode must be"):
         store.gather("x", [0], num_segments=3, mode="val")
     with pytest.raises(TypeError, match="indices must be"):
         store.gather("x", [0.5, 1.0])
-    assert store.gather("x", np.zeros(0, np.int64), num_segments=3).shape == (0, 3, 32)
+    assert store.gather("x", np.zeros(0, np.int64), num_segments=3, mode="test").shape == (0, 3, 32)
 
 
 @pytest.mark.filterwarnings("ignore:.*multi-threaded.*fork:DeprecationWarning")
@@ -344,7 +344,7 @@ def test_fork_while_another_thread_gathers(store):
             pid = os.fork()
             if pid == 0:  # child: die by SIGALRM rather than hang on a deadlock
                 signal.alarm(20)
-                ok = store.gather("x", [0, 1], num_segments=None).shape == (2, 12, 32)
+                ok = store.gather("x", [0, 1], num_segments=None, mode="test").shape == (2, 12, 32)
                 os._exit(0 if ok else 1)
             _, status = os.waitpid(pid, 0)
             assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
@@ -361,19 +361,20 @@ def test_gather_output_is_page_aligned_and_keeps_its_memory(store):
     import mmap
 
     for idx, K in (([0], 1), ([3, 1, 4], None), (np.arange(300), 5), ([], 3)):
-        got = store.gather("x", idx, num_segments=K)
+        got = store.gather("x", idx, num_segments=K, mode="test")
         assert got.ctypes.data % mmap.PAGESIZE == 0, (len(idx), K, hex(got.ctypes.data))
         assert got.flags.c_contiguous and got.flags.writeable and got.dtype == np.float32
         if len(idx):
             np.testing.assert_array_equal(got, reference_gather(store, "x", np.asarray(idx, np.int64), K, "test", 0, 0))
-    job = _core.GatherJob(store._reader, "x", np.arange(7), 3, "test", 0, 0, 1, None, np.dtype("float32"), 2)
+    job = _core.GatherJob(store._reader, "x", np.arange(7),
+                          _core.GatherSpec(3, "test", 1, "mmaction2", np.dtype("float32"), 0), 0, None, 2)
     assert job.wait().ctypes.data % mmap.PAGESIZE == 0
 
 
 def test_gather_output_survives_the_store(tmp_path):
     table = {f"k{i}": np.full((12, 16), i, np.float32) for i in range(10)}
-    s = fgs.convert(tmp_path / "a.fgs", {"x": table}, progress=False)
-    got = s.gather("x", [9, 2], num_segments=2)
+    s = fgs.convert({"x": table}, tmp_path / "a.fgs", progress=False)
+    got = s.gather("x", [9, 2], num_segments=2, mode="test")
     del s
     import gc
 
@@ -390,7 +391,7 @@ def test_gather_into_out_at_every_offset_within_a_page(tmp_path, channels):
     # not a multiple of 64) also vary the distance from row to row.
     rng = np.random.default_rng(3)
     table = {f"k{i}": rng.standard_normal((12, channels)).astype(np.float32) for i in range(24)}
-    s = fgs.convert(tmp_path / "rows.fgs", {"x": table}, progress=False)
+    s = fgs.convert({"x": table}, tmp_path / "rows.fgs", progress=False)
     section = np.frombuffer(s._reader.section("features/x"), np.uint8)
     idx = np.array([5, 0, 23, 5, 11])
     row = channels * 4
@@ -420,13 +421,14 @@ def store_gather(s, idx, K, out):
 def test_gather_dtype_spellings(store):
     # Native-order float32 and float16 in any spelling; other byte orders refused.
     idx = [1, 2]
-    ref = store.gather("x", idx, num_segments=3)
+    ref = store.gather("x", idx, num_segments=3, mode="test")
     for dt in (np.float32, "float32", "f4", np.dtype("=f4"), np.dtype(np.float32).newbyteorder("=")):
-        np.testing.assert_array_equal(store.gather("x", idx, num_segments=3, dtype=dt), ref)
+        np.testing.assert_array_equal(store.gather("x", idx, num_segments=3, mode="test", dtype=dt), ref)
     for dt in (np.float16, "f2", np.dtype("=f2")):
-        assert store.gather("x", idx, num_segments=3, dtype=dt).dtype == np.float16
+        assert store.gather("x", idx, num_segments=3, mode="test", dtype=dt).dtype == np.float16
     swapped = np.dtype("f4").newbyteorder("S")
     with pytest.raises(ValueError, match="float32 or float16"):
-        store.gather("x", idx, num_segments=3, dtype=swapped)
+        store.gather("x", idx, num_segments=3, mode="test", dtype=swapped)
     with pytest.raises(ValueError, match="gather output has dtype"):
-        _core.gather(store._reader, "x", np.array(idx), 3, "test", 0, 0, 1, None, swapped, 1)
+        _core.gather(store._reader, "x", np.array(idx),
+                     _core.GatherSpec(3, "test", 1, "mmaction2", swapped, 0), 0, None, 1)

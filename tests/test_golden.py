@@ -181,7 +181,7 @@ def test_block_checksums_cover_several_blocks(tmp_path):
     n, t, c = 5, 4, block // 32  # 5 * 4 * c * 4 bytes = 2.5 blocks
     ids = [f"v{i:02d}_E_0_1_A_0_1" for i in range(n)]
     table = {k: np.full((t, c), i, np.float32) + np.arange(c, dtype=np.float32) for i, k in enumerate(ids)}
-    store = fgs.convert(tmp_path / "b.fgs", {"feat": table}, progress=False)
+    store = fgs.convert({"feat": table}, tmp_path / "b.fgs", progress=False)
     raw = (tmp_path / "b.fgs").read_bytes()
     by_name = {s["name"]: s for s in store.sections()}
     feat, sums = by_name["features/feat"], by_name["features/feat/blocks"]
@@ -231,7 +231,7 @@ def test_fresh_float16_conversion_is_exact_on_golden_values(tmp_path):
     dtype = "float16"
     g = make_golden.golden_inputs()
     make_golden.write_split(tmp_path / "s.txt", g)
-    store = fgs.convert(tmp_path / "h.fgs", g["columns"], split=tmp_path / "s.txt", dtype=dtype, progress=False)
+    store = fgs.convert(g["columns"], tmp_path / "h.fgs", split=tmp_path / "s.txt", dtype=dtype, progress=False)
     for name, table in g["columns"].items():
         assert store.column(name).dtype == np.dtype(dtype)
         for i, key in enumerate(g["ids"]):

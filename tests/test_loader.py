@@ -23,7 +23,7 @@ def collect(loader):
 
 
 def test_batches_cover_the_epoch_once(store):
-    loader = store.loader("x", batch_size=64, num_segments=3)
+    loader = store.loader("x", batch_size=64, num_segments=3, mode="train")
     batches = collect(loader)
     assert len(batches) == len(loader) == 16
     idx = np.concatenate([b.indices for b in batches])
@@ -36,7 +36,7 @@ def test_batches_cover_the_epoch_once(store):
 
 
 def test_epochs_advance_and_are_reproducible(store):
-    loader = store.loader("x", batch_size=100, num_segments=3, seed=7)
+    loader = store.loader("x", batch_size=100, num_segments=3, mode="train", seed=7)
     e0 = np.concatenate([b.indices for b in loader])
     e1 = np.concatenate([b.indices for b in loader])
     assert not np.array_equal(e0, e1)
@@ -44,7 +44,7 @@ def test_epochs_advance_and_are_reproducible(store):
     loader.set_epoch(0)
     again = collect(loader)
     np.testing.assert_array_equal(np.concatenate([b.indices for b in again]), e0)
-    other = store.loader("x", batch_size=100, num_segments=3, seed=7)
+    other = store.loader("x", batch_size=100, num_segments=3, mode="train", seed=7)
     first = collect(other)
     for a, b in zip(again, first):
         assert a.features.tobytes() == b.features.tobytes()
@@ -56,7 +56,8 @@ def test_epochs_advance_and_are_reproducible(store):
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_shards_match_distributed_sampler_contract(store, world_size, drop_last):
     n = len(store)
-    shards = [store.loader("x", batch_size=32, num_segments=1, rank=r, world_size=world_size, drop_last=drop_last,
+    shards = [store.loader("x", batch_size=32, num_segments=1, mode="train",
+                           rank=r, world_size=world_size, drop_last=drop_last,
                            seed=5).indices(epoch=3) for r in range(world_size)]
     sizes = {len(s) for s in shards}
     assert len(sizes) == 1
@@ -99,7 +100,7 @@ def test_len_and_drop_last(store):
 
 
 def test_balanced_sampler_draws_classes_uniformly(store):
-    loader = store.loader("x", batch_size=256, num_segments=1, sampler="balanced", seed=1)
+    loader = store.loader("x", batch_size=256, num_segments=1, mode="train", sampler="balanced", seed=1)
     labels = np.concatenate([store.labels[loader.indices(epoch=e)] for e in range(30)])
     counts = np.bincount(labels, minlength=20)
     frac = counts / counts.sum()
@@ -111,7 +112,7 @@ def test_balanced_sampler_draws_classes_uniformly(store):
 
 
 def test_yielded_batches_are_never_overwritten(store):
-    loader = store.loader("x", batch_size=50, num_segments=3, prefetch=3)
+    loader = store.loader("x", batch_size=50, num_segments=3, mode="train", prefetch=3)
     kept = [(b, b.features.copy()) for b in loader]
     for b, snapshot in kept:
         assert b.features.tobytes() == snapshot.tobytes()
@@ -119,7 +120,8 @@ def test_yielded_batches_are_never_overwritten(store):
 
 
 def test_reuse_buffers_recycles_only_after_the_next_request(store):
-    loader = store.loader("x", batch_size=50, num_segments=3, prefetch=2, reuse_buffers=True, drop_last=True)
+    loader = store.loader("x", batch_size=50, num_segments=3, mode="train",
+                          prefetch=2, reuse_buffers=True, drop_last=True)
     addresses = set()
     for b in loader:
         # While the caller holds a batch, the prefetch jobs running meanwhile
@@ -144,7 +146,7 @@ def test_prefetch_keeps_exactly_its_lookahead(store, monkeypatch, prefetch):
         return real(*args)
 
     monkeypatch.setattr(loader_module._core, "GatherJob", counting)
-    loader = store.loader("x", batch_size=64, num_segments=3, prefetch=prefetch)
+    loader = store.loader("x", batch_size=64, num_segments=3, mode="train", prefetch=prefetch)
     n = len(loader)
     for b, batch in enumerate(loader):
         assert len(made) == min(n, b + 1 + prefetch), (b, len(made))
@@ -164,7 +166,8 @@ def test_background_jobs_finish_without_a_waiter(store):
     expected = store.gather("x", idx, num_segments=3, mode="test")
     for gap in (0.0, 0.0003, 0.05):  # back to back; within the polling phase; after it (5 ms)
         time.sleep(gap)
-        job = _core.GatherJob(store._reader, "x", idx, 3, "test", 0, 0, 1, None, np.dtype("float32"), 2)
+        job = _core.GatherJob(store._reader, "x", idx,
+                              _core.GatherSpec(3, "test", 1, "mmaction2", np.dtype("float32"), 0), 0, None, 2)
         deadline = time.monotonic() + 30
         while not job.done and time.monotonic() < deadline:
             time.sleep(0.0005)
@@ -180,9 +183,9 @@ def os_threads() -> int:
 def test_abandoned_iterator_stops_its_threads(store):
     # The C++ pools (gather's and the background jobs') exist from here on:
     # their threads are persistent, started once per process.
-    next(iter(store.loader("x", batch_size=10, num_segments=3)))
+    next(iter(store.loader("x", batch_size=10, num_segments=3, mode="train")))
     before = os_threads()
-    loader = store.loader("x", batch_size=10, num_segments=3, prefetch=4)
+    loader = store.loader("x", batch_size=10, num_segments=3, mode="train", prefetch=4)
     it = iter(loader)
     next(it)  # prefetch jobs now run (or ran) on the background threads
     del it
@@ -201,16 +204,30 @@ def test_loader_argument_errors(store):
     with pytest.raises(KeyError, match="no feature column"):
         store.loader("y", batch_size=4)
     with pytest.raises(ValueError, match="num_segments"):
-        store.loader("x", batch_size=4, num_segments=0)
+        store.loader("x", batch_size=4, num_segments=0, mode="train")
 
 
 def test_loader_pickles_for_spawn(store):
     import pickle
 
-    loader = store.loader("x", batch_size=64, num_segments=3, seed=2, rank=1, world_size=2)
+    loader = store.loader("x", batch_size=64, num_segments=3, mode="train", seed=2, rank=1, world_size=2)
     loader.set_epoch(5)
     clone = pickle.loads(pickle.dumps(loader))
     assert clone.store.path == store.path and clone.epoch == 5
     a, b = next(iter(loader)), next(iter(clone))
     np.testing.assert_array_equal(a.indices, b.indices)
     assert a.features.tobytes() == b.features.tobytes()
+
+
+def test_absurd_world_size_is_refused_before_allocating(store):
+    n = len(store)
+    with pytest.raises(ValueError, match=r"world_size must be at most 2147483648, got 1099511627776"):
+        store.loader("x", batch_size=8, world_size=2**40)
+    with pytest.raises(ValueError, match=rf"world_size=16777217 pads each epoch of {n} instances to 16777217 "
+                                         r"indices .* at most 16777216"):
+        store.loader("x", batch_size=8, world_size=2**24 + 1)
+    # More ranks than instances is served by padding (each rank gets one index), or
+    # with drop_last by nothing at all; neither allocates beyond the limit.
+    padded = store.loader("x", batch_size=8, world_size=2 * n, rank=2 * n - 1)
+    assert len(padded.indices(epoch=0)) == 1
+    assert len(store.loader("x", batch_size=8, world_size=2**31, rank=5, drop_last=True).indices(epoch=0)) == 0

@@ -147,7 +147,7 @@ def test_bad_shapes_and_types_are_refused():
         top1_accuracy([0, 5], np.zeros((2, 3)))
     with pytest.raises(ValueError, match="class ids >= 0"):
         top1_accuracy([0, 1], [0, -1])
-    with pytest.raises(ValueError, match="k must be an integer >= 1"):
+    with pytest.raises(ValueError, match="k must be at least 1, got 0"):
         topk_accuracy([0], np.zeros((1, 3)), 0)
     with pytest.raises(ValueError, match="num_classes is 2 but labels contain class id 2"):
         confusion_matrix([0, 2], [0, 1], num_classes=2)
@@ -155,6 +155,27 @@ def test_bad_shapes_and_types_are_refused():
         confusion_matrix([0, 1], [0, 3], num_classes=2)
     with pytest.raises(ValueError, match="refused"):
         confusion_matrix([0, 2**31 - 1], [0, 1])  # would be a 2**62-cell matrix
+
+
+@pytest.mark.parametrize("fn", [top1_accuracy, mean_class_accuracy, per_class_accuracy, confusion_matrix])
+def test_ids_beyond_int64_are_refused_not_wrapped(fn):
+    # uint64 2**63 would become -2**63 as int64; 2**64 is an object array.
+    with pytest.raises(ValueError, match=r"labels\[1\] is 9223372036854775808, outside the int64 range"):
+        fn(np.array([0, 2**63], np.uint64), [0, 1])
+    with pytest.raises(ValueError, match=r"predictions\[0\] is 18446744073709551615, outside the int64 range"):
+        fn([0, 1], np.array([2**64 - 1, 1], np.uint64))
+    with pytest.raises(ValueError, match="labels holds integers outside the int64 range"):
+        fn([0, 2**64], [0, 1])
+    with pytest.raises(ValueError, match="predictions holds integers outside the int64 range"):
+        fn([0, 1], [0, -(2**70)])
+    with pytest.raises(ValueError, match="labels must be integer class ids, got dtype bool"):
+        fn(np.array([True, False]), [0, 1])
+    with pytest.raises(ValueError, match="labels must be integer class ids, got dtype <U1"):
+        fn(np.array(["0", "1"]), [0, 1])
+
+
+def test_uint64_ids_in_range_still_work():
+    assert top1_accuracy(np.array([0, 1, 2], np.uint64), np.array([0, 1, 1], np.uint64)) == pytest.approx(2 / 3)
 
 
 # -- against scikit-learn ------------------------------------------------------

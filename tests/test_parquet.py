@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import os
+
 import numpy as np
 import pytest
 
@@ -74,7 +76,7 @@ def test_byte_stream_split_zstd(store: fgs.Store, parquet: Path, tmp_path: Path)
         for chunk in _chunks(path, col):
             assert "BYTE_STREAM_SPLIT" in chunk.encodings and chunk.compression == "ZSTD"
     assert_same_store(store, fgs.from_parquet(path, tmp_path / "z.fgs", progress=False))
-    with pytest.raises(ValueError, match="compression='lzma'"):
+    with pytest.raises(ValueError, match="compression must be one of .*got .lzma."):
         store.to_parquet(tmp_path / "bad.parquet", compression="lzma")
     assert not (tmp_path / "bad.parquet").exists()
 
@@ -187,3 +189,16 @@ def test_cli_export_import(store: fgs.Store, tmp_path: Path, capsys: pytest.Capt
     assert "'nope'" in capsys.readouterr().err
     assert main(["import", str(tmp_path / "missing.parquet"), str(tmp_path / "m.fgs"), "-q"]) == 2
     assert not (tmp_path / "x.parquet").exists() and not (tmp_path / "m.fgs").exists()
+
+
+def test_compression_none_means_uncompressed_as_in_pyarrow(tmp_path):
+    store = make_store(tmp_path)
+    a = store.to_parquet(tmp_path / "a.parquet", compression=None)
+    b = store.to_parquet(tmp_path / "b.parquet", compression="none")
+    assert pq.ParquetFile(a).metadata.row_group(0).column(0).compression == "UNCOMPRESSED"
+    assert os.path.getsize(a) == os.path.getsize(b)
+    with pytest.raises(ValueError, match="compression must be one of"):
+        store.to_parquet(tmp_path / "c.parquet", compression="zip")
+    with pytest.raises(TypeError, match="compression must be one of"):
+        store.to_parquet(tmp_path / "c.parquet", compression=3)
+    assert not (tmp_path / "c.parquet").exists()

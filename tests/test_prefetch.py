@@ -11,7 +11,7 @@ import pytest
 
 import finegym_store as fgs
 from finegym_store import _core
-from finegym_store.bench import evict, resident_pages
+from finegym_store.bench.pagecache import evict, resident_pages
 
 C = 1024  # float32 rows of 4 KiB: one page each on x86-64
 LONG, LONG_ROWS = 7, 12000
@@ -33,13 +33,13 @@ def files(tmp_path):
     lengths = [LONG_ROWS if i == LONG else int(rng.integers(1, 40)) for i in range(len(ids))]
     ragged = {k: rng.standard_normal((t, C)).astype(np.float32) for k, t in zip(ids, lengths)}
     path = tmp_path / "p.fgs"
-    fgs.convert(path, {"x": fixed, "r": ragged}, progress=False)
+    fgs.convert({"x": fixed, "r": ragged}, path, progress=False)
     return path, fixed, ragged, ids
 
 
 def _gather(store, column, idx, k, prefetch, dtype=np.float32):
-    return _core.gather(store._reader, column, idx, k, "test", 0, 0, 1, None, np.dtype(dtype), 2, prefetch,
-                        "mmaction2")
+    return _core.gather(store._reader, column, idx,
+                        _core.GatherSpec(k, "test", 1, "mmaction2", np.dtype(dtype), 0), 0, None, 2, prefetch)
 
 
 def _expected(table, ids, idx, k, dtype=np.float32):
@@ -129,5 +129,5 @@ def test_auto_sees_a_batch_with_every_other_instance_resident_as_partly_cold(fil
 
 def test_prefetch_must_be_a_known_mode(files):
     store = fgs.open(files[0])
-    with pytest.raises(ValueError, match="prefetch must be 'auto', 'on' or 'off', got 'always'"):
+    with pytest.raises(ValueError, match="readahead must be 'auto', 'on' or 'off', got 'always'"):
         _gather(store, "x", np.array([0]), 3, "always")

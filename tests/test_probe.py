@@ -49,6 +49,7 @@ def plain_pair(folder: Path, n_train: int, n_val: int, unlabelled_every: int = 0
     n = n_train + n_val
     ids = synth.make_ids(n, seed=3)
     labels = synth.long_tailed_labels(n, 10, seed=3)
+    labels[:10] = np.arange(10)  # every class in train: the probe refuses val labels that are not train classes
     table = synth.make_features(ids, labels, (4, 8, 1, 1), seed=3, signal=1.5)
     stored = labels.copy()
     if unlabelled_every:
@@ -56,7 +57,7 @@ def plain_pair(folder: Path, n_train: int, n_val: int, unlabelled_every: int = 0
     out = []
     for part, sl in (("train", slice(0, n_train)), ("val", slice(n_train, n))):
         synth.write_split(folder / f"{part}.txt", ids[sl], stored[sl])
-        out.append(fgs.convert(folder / f"{part}.fgs", {"x": {k: table[k] for k in ids[sl]}},
+        out.append(fgs.convert({"x": {k: table[k] for k in ids[sl]}}, folder / f"{part}.fgs",
                                split=folder / f"{part}.txt", categories=categories, progress=False))
     return out[0], out[1], labels[n_train:]
 
@@ -135,13 +136,13 @@ def test_refusals(tmp_path):
         run_probe(tr, va, "x", head="svm")
     with pytest.raises(ValueError, match="level must be one of"):
         run_probe(tr, va, "x", levels=("video",))
-    with pytest.raises(ValueError, match="epochs must be an integer >= 1"):
+    with pytest.raises(ValueError, match="epochs must be at least 1"):
         run_probe(tr, va, "x", epochs=0)
     with pytest.raises(ValueError, match="lr must be a positive number"):
         run_probe(tr, va, "x", lr=float("nan"))
-    with pytest.raises(ValueError, match="compute_threads must be an integer >= 1"):
+    with pytest.raises(ValueError, match="compute_threads must be at least 1"):
         run_probe(tr, va, "x", compute_threads=0)
-    with pytest.raises(ValueError, match="threads must be an integer >= 1"):
+    with pytest.raises(ValueError, match="threads must be at least 1"):
         run_probe(tr, va, "x", threads=0)
     with pytest.raises(ValueError, match="backend must be one of"):
         run_probe(tr, va, "x", backend="jax")
@@ -156,7 +157,7 @@ def test_channel_mismatch_and_all_unlabelled(tmp_path):
     tr, _, _ = plain_pair(d1, 40, 20)
     ids = synth.make_ids(20, seed=9)
     synth.write_split(d2 / "s.txt", ids, np.full(20, -1, np.int32))
-    wide = fgs.convert(d2 / "wide.fgs", {"x": synth.make_features(ids, np.zeros(20, np.int32), (4, 9, 1, 1))},
+    wide = fgs.convert({"x": synth.make_features(ids, np.zeros(20, np.int32), (4, 9, 1, 1))}, d2 / "wide.fgs",
                        split=d2 / "s.txt", progress=False)
     with pytest.raises(ValueError, match=r"column 'x' has 8 channels in .*train\.fgs but 9 in .*wide\.fgs"):
         run_probe(tr, wide, "x", backend="numpy")
@@ -225,7 +226,7 @@ def event_of_set(set_id: int) -> str:
 def hierarchy_of(tmp_path: Path, categories: Path) -> Hierarchy:
     ids = synth.make_ids(2, seed=1)
     synth.write_split(tmp_path / "s.txt", ids, np.array([0, 1], np.int32))
-    store = fgs.convert(tmp_path / "h.fgs", {"x": synth.make_features(ids, np.array([0, 1]), (1, 2, 1, 1))},
+    store = fgs.convert({"x": synth.make_features(ids, np.array([0, 1]), (1, 2, 1, 1))}, tmp_path / "h.fgs",
                         split=tmp_path / "s.txt", categories=categories, progress=False)
     h = Hierarchy.from_store(store)
     assert h is not None
@@ -345,14 +346,91 @@ def test_cli_probe_json_to_stdout_and_quiet(pair, capsys):
 @pytest.mark.parametrize("args, message", [
     (["{tr}"], "TRAIN VAL pairs; got 1 paths"),
     (["{tr}", "{va}", "--column", "nope"], "no feature column 'nope'"),
-    (["{tr}", "{va}", "--column", "a", "--epochs", "0"], "epochs must be an integer >= 1"),
-    (["{tr}", "{va}", "--column", "a", "--num-segments", "-1"], "--num-segments must be >= 0"),
     (["{tr}", "{tmp}/missing.fgs"], "missing.fgs"),
 ])
 def test_cli_probe_errors(tmp_path, pair, capsys, args, message):
     tr, va = pair
     rc = main(["probe", *(a.format(tr=tr.path, va=va.path, tmp=tmp_path) for a in args), "-q"])
     assert rc == 2 and message in capsys.readouterr().err
+
+
+BAD_PROBE_ARGS = [
+    (["--hidden", "1e9"], "argument --hidden: expected an integer, got '1e9'"),
+    (["--hidden", "1000000000"], "argument --hidden: must be between 1 and 16777216, got 1000000000"),
+    (["--hidden", "0"], "argument --hidden: must be between 1 and"),
+    (["--epochs", "0"], "argument --epochs: must be between 1 and"),
+    (["--epochs", "2.5"], "argument --epochs: expected an integer"),
+    (["--batch-size", "0"], "argument --batch-size: must be between 1 and"),
+    (["--batch-size", "-4"], "argument --batch-size: must be between 1 and"),
+    (["--lr", "0"], "argument --lr: must be a finite number > 0, got 0"),
+    (["--lr", "nan"], "argument --lr: must be a finite number > 0, got nan"),
+    (["--lr", "inf"], "argument --lr: must be a finite number > 0, got inf"),
+    (["--lr", "fast"], "argument --lr: expected a number, got 'fast'"),
+    (["--weight-decay=-1e-4"], "argument --weight-decay: must be a finite number >= 0, got -1e-4"),
+    (["--weight-decay", "inf"], "argument --weight-decay: must be a finite number >= 0"),
+    (["--num-segments", "-1"], "argument --num-segments: must be between 0 and 1024, got -1"),
+    (["--num-segments", "100000"], "argument --num-segments: must be between 0 and 1024"),
+    (["--threads", "0"], "argument --threads: must be between 1 and 1024, got 0"),
+    (["--compute-threads", "-2"], "argument --compute-threads: must be between 1 and 1024, got -2"),
+    (["--seed", "-1"], "argument --seed: must be between 0 and"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_PROBE_ARGS)
+def test_cli_probe_refuses_each_bad_number_with_one_line(tmp_path, capsys, args, message):
+    # Refused while parsing: the stores are never opened (they do not exist).
+    with pytest.raises(SystemExit) as e:
+        main(["probe", str(tmp_path / "t.fgs"), str(tmp_path / "v.fgs"), *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and err[0].startswith("usage: finegym-store probe TRAIN VAL"), err
+    assert err[1].startswith("finegym-store probe: error: ") and message in err[1], err
+
+
+def test_run_probe_refuses_bad_python_arguments(tmp_path):
+    tr, va, _ = plain_pair(tmp_path, 60, 30)
+    for kw, exc, message in [
+        (dict(epochs=True), TypeError, "epochs must be an integer, got True"),
+        (dict(batch_size=2.5), TypeError, "batch_size must be an integer, got float 2.5"),
+        (dict(hidden="64"), TypeError, "hidden must be an integer, got str '64'"),
+        (dict(num_segments=np.bool_(True)), TypeError, "num_segments must be an integer"),
+        (dict(threads=1.5), TypeError, "threads must be an integer"),
+        (dict(seed=-1), ValueError, "seed must be at least 0"),
+        (dict(prefetch=-1), ValueError, "prefetch must be at least 0"),
+        (dict(lr=True), TypeError, "lr must be a number, got bool True"),
+        (dict(lr="0.1"), TypeError, "lr must be a number, got str"),
+        (dict(lr=-1.0), ValueError, "lr must be a positive number (finite), got -1.0"),
+        (dict(lr=float("inf")), ValueError, "lr must be a positive number"),
+        (dict(weight_decay=float("nan")), ValueError, "weight_decay must be a number >= 0 (finite), got nan"),
+        (dict(weight_decay=-0.1), ValueError, "weight_decay must be a number >= 0"),
+        (dict(weight_decay=False), TypeError, "weight_decay must be a number, got bool"),
+    ]:
+        with pytest.raises(exc, match=re.escape(message)):
+            run_probe(tr, va, "x", backend="numpy", **{**FAST, **kw})
+
+
+def test_run_probe_refuses_floats_as_counts_as_every_entry_point_does(tmp_path):
+    tr, va, _ = plain_pair(tmp_path, 60, 30)
+    with pytest.raises(TypeError, match="epochs must be an integer, got float 1.0"):
+        run_probe(tr, va, "x", backend="numpy", **{**FAST, "epochs": 1.0})
+
+
+def test_run_probe_refuses_a_model_too_large_before_allocating(tmp_path, monkeypatch):
+    from finegym_store import probe
+
+    tr, va, _ = plain_pair(tmp_path, 60, 30)
+    monkeypatch.setattr(probe, "_memory_bytes", lambda: 10**11)  # a 100 GB machine
+    # 8 x 1e9 + 1e9 x 10 weights, 32 bytes each, and 60 x (1e9 + 10) activations, 16 bytes each.
+    with pytest.raises(ValueError, match=r"hidden=1000000000: the mlp classifier \(8 x 1000000000 x 10, "
+                                         r"19,000,000,010 parameters\) needs about 1,568\.0 GB .* "
+                                         r"more than this machine's 100\.0 GB of memory"):
+        run_probe(tr, va, "x", head="mlp", backend="numpy", **{**FAST, "hidden": 10**9})
+    # With 1 GB, a 10M-unit MLP is refused too, and so are batches too large for it.
+    monkeypatch.setattr(probe, "_memory_bytes", lambda: 10**9)
+    with pytest.raises(ValueError, match="more than this machine's 1.0 GB of memory; use a smaller hidden"):
+        run_probe(tr, va, "x", head="mlp", backend="numpy", **{**FAST, "hidden": 10**7})
+    with pytest.raises(ValueError, match=r"num_segments=100000000, batch_size=32: .* use fewer segments"):
+        run_probe(tr, va, "x", backend="numpy", **{**FAST, "num_segments": 10**8, "batch_size": 32})
 
 
 def test_cli_probe_help():
@@ -376,15 +454,15 @@ def test_refuses_huge_labels_nan_features_and_divergence(tmp_path):
     big = labels.copy()
     big[5] = 50_000
     synth.write_split(tmp_path / "big.txt", ids, big)
-    s_big = fgs.convert(tmp_path / "big.fgs", {"x": table}, split=tmp_path / "big.txt", progress=False)
+    s_big = fgs.convert({"x": table}, tmp_path / "big.fgs", split=tmp_path / "big.txt", progress=False)
     with pytest.raises(ValueError, match=r"big\.fgs: labels go up to 50000; the probe takes class ids below 10000"):
         run_probe(s_big, s_big, "x", backend="numpy")
     synth.write_split(tmp_path / "ok.txt", ids, labels)
     nan_table = {k: v.copy() for k, v in table.items()}
     nan_table[ids[7]][1, 2] = np.nan
-    s_nan = fgs.convert(tmp_path / "nan.fgs", {"x": nan_table}, split=tmp_path / "ok.txt", progress=False)
+    s_nan = fgs.convert({"x": nan_table}, tmp_path / "nan.fgs", split=tmp_path / "ok.txt", progress=False)
     with pytest.raises(ValueError, match=r"nan\.fgs: column 'x' holds NaN or infinite values \(instance 7\)"):
         run_probe(s_nan, s_nan, "x", num_segments=None, backend="numpy")
-    s_ok = fgs.convert(tmp_path / "ok.fgs", {"x": table}, split=tmp_path / "ok.txt", progress=False)
+    s_ok = fgs.convert({"x": table}, tmp_path / "ok.fgs", split=tmp_path / "ok.txt", progress=False)
     with pytest.raises(ValueError, match="training diverged"):
         run_probe(s_ok, s_ok, "x", backend="numpy", lr=1e30, epochs=3, batch_size=4, threads=1, compute_threads=1)

@@ -34,7 +34,7 @@ def _make(folder: Path, name: str = "s.fgs", seed: int = 0) -> fgs.Store:
     fix = {k: rng.standard_normal((12, 512)).astype(np.float32) for k in ids}  # ~5.6 MiB: 6 blocks
     rag = {k: rng.standard_normal((int(rng.integers(1, 30)), 128)).astype(np.float32) for k in ids}
     synth.write_split(folder / "split.txt", ids, synth.long_tailed_labels(N, 10, seed=seed))
-    return fgs.convert(folder / name, {"fix": fix, "rag": rag}, split=folder / "split.txt",
+    return fgs.convert({"fix": fix, "rag": rag}, folder / name, split=folder / "split.txt",
                        progress=False)
 
 
@@ -85,8 +85,8 @@ def test_gathers_equal_the_local_store_over_http(served, tmp_path):
     for column in ("fix", "rag"):
         for mode in ("train", "test"):
             idx = rng.integers(-N, N, 40)
-            np.testing.assert_array_equal(store.gather(column, idx, 5, mode=mode, seed=3),
-                                          local.gather(column, idx, 5, mode=mode, seed=3))
+            np.testing.assert_array_equal(store.gather(column, idx, num_segments=5, mode=mode, seed=3),
+                                          local.gather(column, idx, num_segments=5, mode=mode, seed=3))
     assert store.verify() == []
     assert store.column("fix").values.tobytes() == local.column("fix").values.tobytes()
 
@@ -96,9 +96,9 @@ def test_gathers_equal_the_local_store_over_s3(served, moto, tmp_path):
     store = fgs.open("s3://bkt/data/s.fgs", storage_options={**s3_options(moto), **FAST}, cache_dir=tmp_path)
     idx = np.arange(0, N, 7)
     for column in ("fix", "rag"):
-        np.testing.assert_array_equal(store.gather(column, idx, 3), local.gather(column, idx, 3))
-    batches = [b.features for b in store.loader("rag", 16, num_segments=4, seed=5)]
-    want = [b.features for b in local.loader("rag", 16, num_segments=4, seed=5)]
+        np.testing.assert_array_equal(store.gather(column, idx, num_segments=3, mode="test"), local.gather(column, idx, num_segments=3, mode="test"))
+    batches = [b.features for b in store.loader("rag", 16, num_segments=4, mode="train", seed=5)]
+    want = [b.features for b in local.loader("rag", 16, num_segments=4, mode="train", seed=5)]
     assert len(batches) == len(want)
     for a, b in zip(batches, want):
         np.testing.assert_array_equal(a, b)
@@ -109,7 +109,7 @@ def test_s3_credentials_and_endpoint_come_from_the_environment(served, moto, tmp
                  "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}.items():
         monkeypatch.setenv(k, v)
     store = fgs.open("s3://bkt/data/s.fgs", storage_options=FAST, cache_dir=tmp_path)
-    np.testing.assert_array_equal(store.gather("fix", [1, 2], 2), served[1].gather("fix", [1, 2], 2))
+    np.testing.assert_array_equal(store.gather("fix", [1, 2], num_segments=2, mode="test"), served[1].gather("fix", [1, 2], num_segments=2, mode="test"))
 
 
 def test_open_fetches_no_feature_bytes(served, tmp_path):
@@ -133,18 +133,18 @@ def test_open_fetches_no_feature_bytes(served, tmp_path):
 def test_rows_are_fetched_once_and_a_second_epoch_makes_no_request(served, tmp_path):
     server, local, _ = served
     store = _open_http(served, tmp_path)
-    loader = store.loader("fix", 32, num_segments=4, prefetch=2)
+    loader = store.loader("fix", 32, num_segments=4, mode="train", prefetch=2)
     first = [b.features.copy() for b in loader]
     server.reset_counts()
     second = [b.features.copy() for b in loader]
     assert server.requests == []
-    ref = local.loader("fix", 32, num_segments=4, prefetch=2)
+    ref = local.loader("fix", 32, num_segments=4, mode="train", prefetch=2)
     for got, want in zip(first + second, [b.features for b in ref] + [b.features for b in ref]):
         np.testing.assert_array_equal(got, want)
     # A new process-level open of the same cache fetches nothing either (only HEAD).
     again = _open_http(served, tmp_path)
     server.reset_counts()
-    again.gather("fix", np.arange(N), 4)
+    again.gather("fix", np.arange(N), num_segments=4, mode="test")
     assert server.requests == []
 
 
@@ -152,7 +152,7 @@ def test_a_gather_fetches_only_the_blocks_it_needs(served, tmp_path):
     server, local, _ = served
     store = _open_http(served, tmp_path)
     server.reset_counts()
-    store.gather("fix", [0], 12)  # instance 0: 24 KiB, inside the first block
+    store.gather("fix", [0], num_segments=12, mode="test")  # instance 0: 24 KiB, inside the first block
     lo, _hi = _feature_ranges(local)[0]
     assert _served_ranges(server) == [(lo, lo + fgs._core.BLOCK_SIZE)]
 
@@ -186,11 +186,11 @@ def test_two_processes_share_one_cache(served, tmp_path):
         halves = pool.starmap(_child_gather, [(url, str(tmp_path), 0), (url, str(tmp_path), 1)])
     for part, got in enumerate(halves):
         idx = np.arange(part, N, 2)
-        np.testing.assert_array_equal(got, local.gather("fix", idx, 4))
+        np.testing.assert_array_equal(got, local.gather("fix", idx, num_segments=4, mode="test"))
     # Everything the children fetched is in the shared cache: no feature request here.
     store = _open_http(served, tmp_path)
     server.reset_counts()
-    np.testing.assert_array_equal(store.gather("fix", np.arange(N), 4), local.gather("fix", np.arange(N), 4))
+    np.testing.assert_array_equal(store.gather("fix", np.arange(N), num_segments=4, mode="test"), local.gather("fix", np.arange(N), num_segments=4, mode="test"))
     assert server.requests == []
     # A pickled store (what a spawn DataLoader worker gets) reopens the same cache.
     clone = pickle.loads(pickle.dumps(store))
@@ -199,14 +199,14 @@ def test_two_processes_share_one_cache(served, tmp_path):
 
 def _child_gather(url: str, cache: str, part: int) -> np.ndarray:
     store = fgs.open(url, cache_dir=cache, storage_options=FAST)
-    return store.gather("fix", np.arange(part, N, 2), 4)
+    return store.gather("fix", np.arange(part, N, 2), num_segments=4, mode="test")
 
 
 def test_a_damaged_cache_block_is_refetched(served, tmp_path):
     server, local, _ = served
     store = _open_http(served, tmp_path)
-    want = local.gather("fix", np.arange(N), 12)
-    np.testing.assert_array_equal(store.gather("fix", np.arange(N), 12), want)
+    want = local.gather("fix", np.arange(N), num_segments=12, mode="test")
+    np.testing.assert_array_equal(store.gather("fix", np.arange(N), num_segments=12, mode="test"), want)
     lo, _ = _feature_ranges(local)[0]
     block = fgs._core.BLOCK_SIZE
     with open(store.cache_path, "r+b") as f:  # damage the second block of the cache
@@ -215,7 +215,7 @@ def test_a_damaged_cache_block_is_refetched(served, tmp_path):
     del store
     server.reset_counts()
     again = _open_http(served, tmp_path)
-    np.testing.assert_array_equal(again.gather("fix", np.arange(N), 12), want)
+    np.testing.assert_array_equal(again.gather("fix", np.arange(N), num_segments=12, mode="test"), want)
     assert _served_ranges(server) == [(lo + block, lo + 2 * block)]  # header, table, metadata: from the cache
 
 
@@ -224,13 +224,13 @@ def test_a_changed_object_gets_a_fresh_cache(served, tmp_path):
     other = _make(tmp_path, "v.fgs", seed=7)
     shutil.copyfile(root / "s.fgs", root / "changing.fgs")
     old = _open_http(served, tmp_path / "c", "changing.fgs")
-    old_values = old.gather("fix", np.arange(10), 3)
+    old_values = old.gather("fix", np.arange(10), num_segments=3, mode="test")
     time.sleep(0.01)
     shutil.copyfile(tmp_path / "v.fgs", root / "changing.fgs")  # new ETag and content
     new = _open_http(served, tmp_path / "c", "changing.fgs")
     assert new.cache_path != old.cache_path
-    np.testing.assert_array_equal(new.gather("fix", np.arange(10), 3), other.gather("fix", np.arange(10), 3))
-    assert not np.array_equal(old_values, new.gather("fix", np.arange(10), 3))
+    np.testing.assert_array_equal(new.gather("fix", np.arange(10), num_segments=3, mode="test"), other.gather("fix", np.arange(10), num_segments=3, mode="test"))
+    assert not np.array_equal(old_values, new.gather("fix", np.arange(10), num_segments=3, mode="test"))
 
 
 def test_damaged_remote_feature_bytes_raise_format_error(served, tmp_path):
@@ -240,9 +240,9 @@ def test_damaged_remote_feature_bytes_raise_format_error(served, tmp_path):
     data[lo + 10] ^= 0xFF
     (root / "damaged.fgs").write_bytes(bytes(data))
     store = _open_http(served, tmp_path, "damaged.fgs")  # metadata intact: opens
-    np.testing.assert_array_equal(store.gather("fix", [N - 1], 3), local.gather("fix", [N - 1], 3))
+    np.testing.assert_array_equal(store.gather("fix", [N - 1], num_segments=3, mode="test"), local.gather("fix", [N - 1], num_segments=3, mode="test"))
     with pytest.raises(fgs.FormatError, match=r"damaged\.fgs: feature block at byte \d+ does not match its checksum"):
-        store.gather("fix", [0], 3)
+        store.gather("fix", [0], num_segments=3, mode="test")
     with pytest.raises(fgs.FormatError, match=r"damaged\.fgs: feature block"):
         store.features("fix", 0)
 
@@ -255,8 +255,8 @@ def test_a_version_1_store_opens_remotely(served, tmp_path):
     local = fgs.open(golden)
     assert store.format_version == 1
     for column in local.columns:
-        np.testing.assert_array_equal(store.gather(column, np.arange(len(local)), 2),
-                                      local.gather(column, np.arange(len(local)), 2))
+        np.testing.assert_array_equal(store.gather(column, np.arange(len(local)), num_segments=2, mode="test"),
+                                      local.gather(column, np.arange(len(local)), num_segments=2, mode="test"))
     assert store.verify() == [] and store.attrs == local.attrs
 
 
@@ -292,10 +292,10 @@ def test_a_server_failing_after_open_raises_oserror_after_retries(tmp_path):
         server.reset_counts()
         with pytest.raises(OSError, match=rf"^{server.url.replace('.', '[.]')}/s[.]fgs: GET of \d+ byte ranges "
                                           r"failed: .*503"):
-            store.gather("fix", [0], 3)
+            store.gather("fix", [0], num_segments=3, mode="test")
         assert len(server.requests) == 1 + FAST["max_retries"]
         server.failing = False  # nothing was cached from the failure: the next gather fetches
-        np.testing.assert_array_equal(store.gather("fix", [0], 3), fgs.open(root / "s.fgs").gather("fix", [0], 3))
+        np.testing.assert_array_equal(store.gather("fix", [0], num_segments=3, mode="test"), fgs.open(root / "s.fgs").gather("fix", [0], num_segments=3, mode="test"))
     finally:
         server.stop()
 
@@ -327,7 +327,7 @@ def test_dataloader_workers_over_a_remote_store(served, tmp_path):
     dl = torch.utils.data.DataLoader(ds, batch_size=16, num_workers=2, collate_fn=collate,
                                      multiprocessing_context="spawn")
     got = torch.cat([b.features for b in dl]).numpy()
-    np.testing.assert_array_equal(got, local.gather("fix", np.arange(N), 4))
+    np.testing.assert_array_equal(got, local.gather("fix", np.arange(N), num_segments=4, mode="test"))
 
 
 # -- writing to object storage ---------------------------------------------------------
@@ -361,19 +361,19 @@ def test_to_parquet_and_convert_write_to_s3(served, moto, tmp_path, local_scratc
     (tmp_path / "got.parquet").write_bytes(_s3_bytes(moto, "out/s.parquet"))
     assert pq.read_table(tmp_path / "got.parquet").equals(pq.read_table(local.to_parquet(tmp_path / "want.parquet")))
     with pytest.raises(FileExistsError, match=r"s3://bkt/out/s\.parquet exists; pass overwrite=True"):
-        local.to_parquet(url, storage_options=opts, overwrite=False)
-    local.to_parquet(url, storage_options=opts, columns=["id", "label"])  # overwrite=True: replaced
+        local.to_parquet(url, storage_options=opts)
+    local.to_parquet(url, ["id", "label"], storage_options=opts, overwrite=True)  # replaced
     (tmp_path / "small.parquet").write_bytes(_s3_bytes(moto, "out/s.parquet"))
     assert pq.read_table(tmp_path / "small.parquet").column_names == ["id", "label"]
 
     table = {k: local.features("fix", i).copy() for i, k in enumerate(local.ids)}
-    store = fgs.convert("s3://bkt/out/c.fgs", {"fix": table}, progress=False, storage_options=opts)
+    store = fgs.convert({"fix": table}, "s3://bkt/out/c.fgs", progress=False, storage_options=opts)
     assert store.path == "s3://bkt/out/c.fgs" and store.format_version == fgs.FORMAT_VERSION
     order = store.index_of(local.ids.to_list())  # without a split, a conversion sorts by id
-    np.testing.assert_array_equal(store.gather("fix", order, 12), local.gather("fix", np.arange(N), 12))
+    np.testing.assert_array_equal(store.gather("fix", order, num_segments=12, mode="test"), local.gather("fix", np.arange(N), num_segments=12, mode="test"))
     assert store.verify() == []
     with pytest.raises(FileExistsError, match=r"s3://bkt/out/c\.fgs exists"):
-        fgs.convert("s3://bkt/out/c.fgs", {"fix": table}, progress=False, storage_options=opts)
+        fgs.convert({"fix": table}, "s3://bkt/out/c.fgs", progress=False, storage_options=opts)
     assert list(local_scratch.iterdir()) == []  # staging files removed, after success and failure
 
 

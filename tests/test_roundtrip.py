@@ -15,7 +15,7 @@ def test_fixed_roundtrip_is_byte_equal(tmp_path):
     table = synth.make_features(ids, labels, (12, 16, 1, 1), seed=1)
     split = tmp_path / "split.txt"
     synth.write_split(split, ids, labels)
-    store = fgs.convert(tmp_path / "s.fgs", {"tsn": table}, split=split, progress=False)
+    store = fgs.convert({"tsn": table}, tmp_path / "s.fgs", split=split, progress=False)
     assert len(store) == 50
     assert list(store.ids) == ids
     np.testing.assert_array_equal(store.labels, labels)
@@ -29,7 +29,7 @@ def test_fixed_roundtrip_is_byte_equal(tmp_path):
 
 def test_views_keep_mapping_alive(tmp_path):
     table = {"a": np.arange(24, dtype=np.float32).reshape(2, 12)}
-    store = fgs.convert(tmp_path / "s.fgs", {"x": table}, progress=False)
+    store = fgs.convert({"x": table}, tmp_path / "s.fgs", progress=False)
     view = store.features("x", 0)
     del store
     assert view.sum() == sum(range(24))
@@ -40,7 +40,7 @@ def test_views_keep_mapping_alive(tmp_path):
 
 def test_store_pickles_by_path(tmp_path):
     table = {"a": np.ones((3, 4), np.float32), "b": np.zeros((3, 4), np.float32)}
-    store = fgs.convert(tmp_path / "s.fgs", {"x": table}, progress=False)
+    store = fgs.convert({"x": table}, tmp_path / "s.fgs", progress=False)
     clone = pickle.loads(pickle.dumps(store))
     assert clone.path == store.path
     np.testing.assert_array_equal(clone.features("x", 1), store.features("x", 1))
@@ -60,7 +60,7 @@ def test_dropping_a_store_unmaps_the_file_without_gc(tmp_path):
     import gc
     import weakref
 
-    store = fgs.convert(tmp_path / "s.fgs", {"x": {"a": np.ones((2, 3), np.float32)}}, progress=False)
+    store = fgs.convert({"x": {"a": np.ones((2, 3), np.float32)}}, tmp_path / "s.fgs", progress=False)
     store.column("x")  # columns exist and must not keep the store alive in a cycle
     ref = weakref.ref(store._reader)
     gc.disable()

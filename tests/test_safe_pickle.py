@@ -123,7 +123,7 @@ def test_convert_refuses_malicious_pickle(tmp_path):
     path = _dump(tmp_path / "evil.pkl", _payloads(marker)["posix.system"])
     out = tmp_path / "out.fgs"
     with pytest.raises(fgs.UnsafePickleError, match=r"evil\.pkl: refusing to unpickle global 'posix\.system'"):
-        fgs.convert(out, {"x": path}, progress=False)
+        fgs.convert({"x": path}, out, progress=False)
     assert not marker.exists()
     assert not out.exists()
     assert sorted(os.listdir(tmp_path)) == ["evil.pkl"]
@@ -134,7 +134,7 @@ def test_convert_refuses_malicious_second_column(tmp_path):
     good = _dump(tmp_path / "good.pkl", {"a": np.zeros((2, 3), np.float32)})
     evil = _dump(tmp_path / "evil.pkl", {"a": _payloads(marker)["subprocess.call"]})
     with pytest.raises(fgs.UnsafePickleError, match=r"evil\.pkl.*'subprocess\.call'"):
-        fgs.convert(tmp_path / "out.fgs", {"x": good, "y": evil}, progress=False)
+        fgs.convert({"x": good, "y": evil}, tmp_path / "out.fgs", progress=False)
     assert not marker.exists()
     assert sorted(os.listdir(tmp_path)) == ["evil.pkl", "good.pkl"]
 
@@ -179,9 +179,9 @@ def test_convert_trust_pickle(tmp_path):
     table["b"] = np.zeros((2, 3), np.float32)
     path = _dump(tmp_path / "dd.pkl", table)
     with pytest.raises(fgs.UnsafePickleError, match=r"'collections\.defaultdict'"):
-        fgs.convert(tmp_path / "out.fgs", {"x": path}, progress=False)
+        fgs.convert({"x": path}, tmp_path / "out.fgs", progress=False)
     assert not (tmp_path / "out.fgs").exists()
-    store = fgs.convert(tmp_path / "out.fgs", {"x": path}, trust_pickle=True, progress=False)
+    store = fgs.convert({"x": path}, tmp_path / "out.fgs", trust_pickle=True, progress=False)
     assert list(store.ids) == ["a", "b"]
     np.testing.assert_array_equal(store.features("x", 0), np.ones((2, 3)))
 
@@ -229,7 +229,7 @@ def test_convert_from_pickle_of_protocol(tmp_path, protocol):
     table = {k: v for k, v in _table().items() if k in ("a",)}
     table["z"] = table["a"] * 2
     path = _dump(tmp_path / "feats.pkl", table, protocol)
-    store = fgs.convert(tmp_path / "out.fgs", {"x": path}, progress=False)
+    store = fgs.convert({"x": path}, tmp_path / "out.fgs", progress=False)
     assert store.features("x", 1).tobytes() == (table["a"] * 2).reshape(12, 16).tobytes()
 
 
@@ -317,7 +317,7 @@ def test_python2_pickle_loads(tmp_path):
     assert list(got) == ["a"]
     assert got["a"].dtype == np.float32
     np.testing.assert_array_equal(got["a"], x)
-    store = fgs.convert(tmp_path / "out.fgs", {"x": path}, progress=False)
+    store = fgs.convert({"x": path}, tmp_path / "out.fgs", progress=False)
     np.testing.assert_array_equal(store.features("x", 0), x)
 
 
@@ -329,7 +329,7 @@ def test_ordered_dict_top_level(tmp_path, protocol):
     got = safe_pickle.load(path)
     assert type(got) is collections.OrderedDict
     assert list(got) == ["z", "m", "a"]
-    store = fgs.convert(tmp_path / "out.fgs", {"x": path}, progress=False)
+    store = fgs.convert({"x": path}, tmp_path / "out.fgs", progress=False)
     assert list(store.ids) == ["a", "m", "z"]  # no split: sorted by id
     np.testing.assert_array_equal(store.features("x", 0), np.full((2, 4), 2))
 
@@ -605,7 +605,7 @@ for case in json.load(open(sys.argv[1])):
         if case["mode"] == "load":
             safe_pickle.load(case["path"])
         else:
-            fgs.convert(case["out"], {"x": case["path"]}, progress=False)
+            fgs.convert({"x": case["path"]}, case["out"], progress=False)
         out = {"type": None}
     except Exception as e:
         out = {"type": type(e).__name__, "message": str(e), "conversion_error": isinstance(e, fgs.ConversionError)}

@@ -39,7 +39,7 @@ def test_dataset_items_and_batches(store):
     np.testing.assert_array_equal(batch.features.numpy(),
                                   store.gather("x", [1, 2, 3], num_segments=3, mode="train", seed=2))
     # Zero copy: the tensor shares the gathered array's memory.
-    arr = store.gather("x", [1], num_segments=3)
+    arr = store.gather("x", [1], num_segments=3, mode="test")
     t = torch.from_numpy(arr)
     assert t.data_ptr() == arr.__array_interface__["data"][0]
 
@@ -54,7 +54,7 @@ def _loader_batches(store, num_workers, context):
 @fork_ok
 @pytest.mark.parametrize("context", ["fork", "spawn"])
 def test_dataloader_workers_give_the_plain_loader_data(store, context):
-    store.gather("x", [0], num_segments=3)  # the C++ pool has run in the parent before forking
+    store.gather("x", [0], num_segments=3, mode="test")  # the C++ pool has run in the parent before forking
     plain = _loader_batches(store, 0, None)
     workers = _loader_batches(store, 2, context)
     assert len(plain) == len(workers) == 10
@@ -85,7 +85,7 @@ def test_store_survives_fork_after_pool_ran(store):
 
 
 def test_tensor_batches_from_loader(store):
-    loader = store.loader("x", batch_size=64, num_segments=3, seed=3)
+    loader = store.loader("x", batch_size=64, num_segments=3, mode="train", seed=3)
     batches = list(tensor_batches(loader))
     assert sum(len(b.indices) for b in batches) == len(store)
     assert batches[0].features.shape == (64, 3, 16) and batches[0].labels.dtype == torch.int64
@@ -101,7 +101,7 @@ DIST_SCRIPT = textwrap.dedent("""
     rank, world, path, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     dist.init_process_group("gloo", rank=rank, world_size=world)
     store = fgs.open(path)
-    loader = store.loader("x", batch_size=16, num_segments=3, rank=rank, world_size=world, seed=5)
+    loader = store.loader("x", batch_size=16, num_segments=3, mode="train", rank=rank, world_size=world, seed=5)
     result = {}
     for epoch in range(2):
         mine = torch.from_numpy(np.concatenate([b.indices for b in loader]))
@@ -162,13 +162,13 @@ class _ThreadsProbe(StoreDataset):
 @fork_ok
 def test_dataset_threads_default_splits_the_cores_between_workers(store):
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    ds = _ThreadsProbe(store, "x", num_segments=3)
+    ds = _ThreadsProbe(store, "x", num_segments=3, mode="test")
     assert ds.gather_threads() is None  # the main process: every available core
     for workers in (1, 2):
         dl = torch.utils.data.DataLoader(ds, batch_size=100, num_workers=workers, collate_fn=lambda b: b,
                                          multiprocessing_context="fork")
         assert {int(t) for t in dl} == {max(1, cores // workers)}
-    explicit = _ThreadsProbe(store, "x", num_segments=3, threads=5)
+    explicit = _ThreadsProbe(store, "x", num_segments=3, mode="test", threads=5)
     dl = torch.utils.data.DataLoader(explicit, batch_size=100, num_workers=2, collate_fn=lambda b: b,
                                      multiprocessing_context="fork")
     assert {int(t) for t in dl} == {5}
@@ -192,7 +192,7 @@ def test_set_epoch_changes_train_segments_under_a_dataloader(store):
 
 
 def test_dataset_index_and_argument_errors(store):
-    ds = StoreDataset(store, "x", num_segments=3)
+    ds = StoreDataset(store, "x", num_segments=3, mode="test")
     n = len(store)
     for bad in (n, -n - 1, 2**63, 2**70):
         with pytest.raises(IndexError, match="out of range"):
@@ -207,11 +207,11 @@ def test_dataset_index_and_argument_errors(store):
     assert int(ds[-1][1]) == int(store.labels[n - 1])
     with pytest.raises(ValueError, match="mode must be"):
         StoreDataset(store, "x", num_segments=3, mode="TRAIN")
-    with pytest.raises(ValueError, match="sampling must be"):
-        StoreDataset(store, "x", num_segments=3, sampling="tsn")
-    exact = StoreDataset(store, "x", num_segments=5, clip_len=2, sampling="exact")
+    with pytest.raises(ValueError, match="rule must be"):
+        StoreDataset(store, "x", num_segments=3, mode="test", rule="tsn")
+    exact = StoreDataset(store, "x", num_segments=5, mode="test", clip_len=2, rule="exact")
     np.testing.assert_array_equal(exact.__getitems__([0, 1]).features.numpy(),
-                                  store.gather("x", [0, 1], num_segments=5, clip_len=2, sampling="exact"))
+                                  store.gather("x", [0, 1], num_segments=5, mode="test", clip_len=2, rule="exact"))
 
 
 def _shared_report(batch):

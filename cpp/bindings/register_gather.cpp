@@ -1,8 +1,9 @@
-// Batch gathering: finegym_store._core.gather (blocking) and
-// finegym_store._core.GatherJob (runs in the background; the loader's
+// Batch gathering: finegym_store._core.GatherSpec (a validated spec, built
+// once per finegym_store.SegmentSpec), finegym_store._core.gather (blocking)
+// and finegym_store._core.GatherJob (runs in the background; the loader's
 // prefetch). The job itself (its thread, fork rules, waiting) is
-// finegym::GatherJob in the core; this file parses arguments, keeps the
-// Python objects alive and releases the GIL.
+// finegym::GatherJob in the core; this file converts argument types, keeps
+// the Python objects alive and releases the GIL.
 //
 // GIL: the C++ work reads only the mapping (owned by the Reader) and the
 // indices, and writes only `out`; the Reader and both arrays are held as
@@ -24,23 +25,63 @@ namespace {
 
 using IndexArray = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>;
 
+// Strings to the core's enums. finegym_store checks these choices (naming
+// the argument) before they get here; these errors are for direct callers.
 finegym::SampleMode parse_mode(const std::string& mode) {
     if (mode == "test") return finegym::SampleMode::Test;
     if (mode == "train") return finegym::SampleMode::Train;
     throw py::value_error("mode must be 'train' or 'test', got '" + mode + "'");
 }
 
-finegym::Sampling parse_sampling(const std::string& sampling) {
-    if (sampling == "mmaction2") return finegym::Sampling::MMAction2;
-    if (sampling == "exact") return finegym::Sampling::Exact;
-    throw py::value_error("sampling must be 'mmaction2' or 'exact', got '" + sampling + "'");
+finegym::Sampling parse_rule(const std::string& rule) {
+    if (rule == "mmaction2") return finegym::Sampling::MMAction2;
+    if (rule == "exact") return finegym::Sampling::Exact;
+    throw py::value_error("rule must be 'mmaction2' or 'exact', got '" + rule + "'");
 }
 
-finegym::Prefetch parse_prefetch(const std::string& prefetch) {
-    if (prefetch == "auto") return finegym::Prefetch::Auto;
-    if (prefetch == "on") return finegym::Prefetch::On;
-    if (prefetch == "off") return finegym::Prefetch::Off;
-    throw py::value_error("prefetch must be 'auto', 'on' or 'off', got '" + prefetch + "'");
+finegym::Readahead parse_readahead(const std::string& readahead) {
+    if (readahead == "auto") return finegym::Readahead::Auto;
+    if (readahead == "on") return finegym::Readahead::On;
+    if (readahead == "off") return finegym::Readahead::Off;
+    throw py::value_error("readahead must be 'auto', 'on' or 'off', got '" + readahead + "'");
+}
+
+// The native spec from Python values (types only; finegym::validate checks
+// what the values mean).
+GatherSpec make_spec(const py::object& num_segments, const py::object& mode, std::uint64_t clip_len,
+                     const std::string& rule, const py::object& dtype, std::uint64_t seed) {
+    GatherSpec spec;
+    if (!num_segments.is_none()) {
+        if (!py::isinstance<py::int_>(num_segments) || py::isinstance<py::bool_>(num_segments))
+            throw py::type_error("num_segments must be an int or None");
+        const auto k = num_segments.cast<py::int_>();
+        if (k < py::int_(1))
+            throw py::value_error("num_segments must be at least 1 (or None for every segment), got " +
+                                  py::str(k).cast<std::string>());
+        if (k > py::int_(finegym::kMaxSampleCount))
+            throw py::value_error("num_segments = " + py::str(k).cast<std::string>() + " is too large (at most 2^53)");
+        spec.num_segments = k.cast<std::uint64_t>();
+    }
+    if (!mode.is_none()) spec.mode = parse_mode(mode.cast<std::string>());
+    spec.clip_len = clip_len;
+    spec.rule = parse_rule(rule);
+    if (!dtype.is_none()) spec.out_dtype = from_numpy(py::dtype::from_args(dtype), "gather output");
+    spec.seed = seed;
+    finegym::validate(spec);
+    return spec;
+}
+
+// numpy's dtype for a gather output without a string lookup (per call).
+py::dtype output_numpy_dtype(finegym::DType t) {
+    constexpr int kNpyHalf = 23;  // NPY_HALF
+    if (t == finegym::DType::Float32) return py::dtype::of<float>();
+    if (t == finegym::DType::Float16) return py::dtype(kNpyHalf);
+    return to_numpy(t);
+}
+
+const char* mode_name(const GatherSpec& spec) {
+    if (!spec.mode) return nullptr;
+    return *spec.mode == finegym::SampleMode::Train ? "train" : "test";
 }
 
 // Indices as a C-contiguous int64 array. Signed integers are taken as they
@@ -65,32 +106,6 @@ IndexArray to_indices(const py::handle& obj) {
                              (kind == 'b' ? " (bools are not indices)" : ""));
     }
     return IndexArray::ensure(a);  // a safe cast now (forcecast only lets uint64 through, checked above)
-}
-
-GatherSpec make_spec(const py::object& num_segments, const std::string& mode, std::uint64_t seed,
-                     std::uint64_t epoch, std::uint64_t clip_len, const py::dtype& dtype, unsigned threads,
-                     const std::string& sampling) {
-    GatherSpec spec;
-    if (!num_segments.is_none()) {
-        if (!py::isinstance<py::int_>(num_segments) || py::isinstance<py::bool_>(num_segments))
-            throw py::type_error("num_segments must be an int or None");
-        const auto k = num_segments.cast<py::int_>();
-        if (k < py::int_(1))
-            throw py::value_error("num_segments must be at least 1 (or None for every segment), got " +
-                                  py::str(k).cast<std::string>());
-        if (k > py::int_(finegym::kMaxSampleCount))
-            throw py::value_error("num_segments = " + py::str(k).cast<std::string>() + " is too large (at most 2^53)");
-        spec.num_segments = k.cast<std::uint64_t>();
-    }
-    spec.mode = parse_mode(mode);
-    spec.sampling = parse_sampling(sampling);
-    if (clip_len < 1) throw py::value_error("clip_len must be at least 1");
-    spec.clip_len = clip_len;
-    spec.seed = seed;
-    spec.epoch = epoch;
-    spec.out_dtype = from_numpy(dtype, "gather output");
-    spec.threads = threads;
-    return spec;
 }
 
 // Checks `out` against the batch and returns it, or allocates a fresh array.
@@ -133,10 +148,10 @@ py::array prepare_out(py::object out, std::size_t batch, std::uint64_t rows, std
 class PyGatherJob {
 public:
     PyGatherJob(py::object reader, IndexArray indices, py::array out, const finegym::FeatureColumn& col,
-                const GatherSpec& spec)
+                const GatherSpec& spec, const finegym::GatherOptions& options)
         : reader_(std::move(reader)), indices_(std::move(indices)), out_(std::move(out)) {
         job_ = std::make_unique<finegym::GatherJob>(reader_.cast<const StoreReader&>(), col, indices_.data(),
-                                                    static_cast<std::size_t>(indices_.size()), spec,
+                                                    static_cast<std::size_t>(indices_.size()), spec, options,
                                                     out_.mutable_data());
     }
     ~PyGatherJob() {
@@ -170,48 +185,70 @@ private:
 void register_gather(py::module_& m) {
     py::register_exception<finegym::ForkedJobError>(m, "ForkedJobError", PyExc_RuntimeError);
 
+    py::class_<GatherSpec>(m, "GatherSpec",
+                           "The native form of finegym_store.SegmentSpec: built (and validated) once, passed to "
+                           "every gather.")
+        .def(py::init(&make_spec), py::arg("num_segments"), py::arg("mode"), py::arg("clip_len"), py::arg("rule"),
+             py::arg("dtype"), py::arg("seed"))
+        .def_property_readonly("num_segments",
+                               [](const GatherSpec& s) -> py::object {
+                                   if (s.num_segments == 0) return py::none();
+                                   return py::int_(s.num_segments);
+                               })
+        .def_property_readonly("mode", [](const GatherSpec& s) -> py::object {
+            const char* m_ = mode_name(s);
+            return m_ ? py::object(py::str(m_)) : py::object(py::none());
+        })
+        .def_readonly("clip_len", &GatherSpec::clip_len)
+        .def_property_readonly("rule",
+                               [](const GatherSpec& s) {
+                                   return s.rule == finegym::Sampling::Exact ? "exact" : "mmaction2";
+                               })
+        .def_property_readonly("dtype", [](const GatherSpec& s) -> py::object {
+            if (!s.out_dtype) return py::none();
+            return to_numpy(*s.out_dtype);
+        })
+        .def_readonly("seed", &GatherSpec::seed);
+
     m.def(
         "gather",
-        [](py::object reader, const std::string& column, py::object indices, py::object num_segments,
-           const std::string& mode, std::uint64_t seed, std::uint64_t epoch, std::uint64_t clip_len, py::object out,
-           py::dtype dtype, unsigned threads, const std::string& prefetch, const std::string& sampling) {
+        [](py::object reader, const std::string& column, py::object indices, const GatherSpec& spec,
+           std::uint64_t epoch, py::object out, unsigned threads, const std::string& readahead) {
             const auto& r = reader.cast<const StoreReader&>();
             const auto& col = r.column(column);
-            auto spec = make_spec(num_segments, mode, seed, epoch, clip_len, dtype, threads, sampling);
-            spec.prefetch = parse_prefetch(prefetch);
+            const finegym::GatherOptions options{epoch, threads, parse_readahead(readahead)};
             IndexArray idx_array = to_indices(indices);
             const auto batch = static_cast<std::size_t>(idx_array.size());
             const std::int64_t* idx = idx_array.data();
-            finegym::check_indices(idx, batch, r.num_instances());  // before allocating
-            py::array result = prepare_out(std::move(out), batch, finegym::output_rows(col, spec), col.channels, dtype);
+            py::array result = prepare_out(std::move(out), batch, finegym::output_rows(col, spec), col.channels,
+                                           output_numpy_dtype(finegym::output_dtype(col, spec)));
             void* dst = result.mutable_data();
             {
                 py::gil_scoped_release release;  // see the note at the top of this file
-                finegym::gather(r, col, idx, batch, spec, dst, *finegym::ThreadPool::shared(threads));
+                // Indices are range-checked here, before anything is copied.
+                finegym::gather(r, col, idx, batch, spec, options, dst, *finegym::ThreadPool::shared(threads));
             }
             return result;
         },
-        py::arg("reader"), py::arg("column"), py::arg("indices"), py::arg("num_segments"), py::arg("mode"),
-        py::arg("seed"), py::arg("epoch"), py::arg("clip_len"), py::arg("out"), py::arg("dtype"), py::arg("threads"),
-        py::arg("prefetch") = "auto", py::arg("sampling") = "mmaction2");
+        py::arg("reader"), py::arg("column"), py::arg("indices"), py::arg("spec"), py::arg("epoch"), py::arg("out"),
+        py::arg("threads"), py::arg("readahead") = "auto");
 
     py::class_<PyGatherJob>(m, "GatherJob", "A gather running in the background (internal; see Store.loader).")
-        .def(py::init([](py::object reader, const std::string& column, py::object indices, py::object num_segments,
-                         const std::string& mode, std::uint64_t seed, std::uint64_t epoch, std::uint64_t clip_len,
-                         py::object out, py::dtype dtype, unsigned threads, const std::string& sampling) {
+        .def(py::init([](py::object reader, const std::string& column, py::object indices, const GatherSpec& spec,
+                         std::uint64_t epoch, py::object out, unsigned threads, const std::string& readahead) {
                  const auto& r = reader.cast<const StoreReader&>();
                  const auto& col = r.column(column);
-                 auto spec = make_spec(num_segments, mode, seed, epoch, clip_len, dtype, threads, sampling);
+                 const finegym::GatherOptions options{epoch, threads, parse_readahead(readahead)};
                  IndexArray idx = to_indices(indices);
-                 // Index errors surface here, at submission, not later in wait().
-                 finegym::check_indices(idx.data(), static_cast<std::size_t>(idx.size()), r.num_instances());
                  py::array result = prepare_out(std::move(out), static_cast<std::size_t>(idx.size()),
-                                                finegym::output_rows(col, spec), col.channels, dtype);
-                 return std::make_unique<PyGatherJob>(std::move(reader), std::move(idx), std::move(result), col, spec);
+                                                finegym::output_rows(col, spec), col.channels,
+                                                output_numpy_dtype(finegym::output_dtype(col, spec)));
+                 // Index errors surface in the constructor (at submission), not later in wait().
+                 return std::make_unique<PyGatherJob>(std::move(reader), std::move(idx), std::move(result), col, spec,
+                                                      options);
              }),
-             py::arg("reader"), py::arg("column"), py::arg("indices"), py::arg("num_segments"), py::arg("mode"),
-             py::arg("seed"), py::arg("epoch"), py::arg("clip_len"), py::arg("out"), py::arg("dtype"),
-             py::arg("threads"), py::arg("sampling") = "mmaction2")
+             py::arg("reader"), py::arg("column"), py::arg("indices"), py::arg("spec"), py::arg("epoch"),
+             py::arg("out"), py::arg("threads"), py::arg("readahead") = "auto")
         .def("wait", &PyGatherJob::wait,
              "Block until done (GIL released); the output array, or the job's error. ForkedJobError (a "
              "RuntimeError) in a process forked after the job started.")
@@ -220,26 +257,32 @@ void register_gather(py::module_& m) {
                                "True once the gather has finished (wait() then returns at once); ForkedJobError "
                                "in a process forked after the job started.");
 
+    // Segment indices of one instance of T segments, by a spec or by its fields.
+    auto sample = [](std::uint64_t T, const GatherSpec& spec, std::uint64_t epoch, std::uint64_t index) {
+        if (spec.num_segments == 0) throw py::value_error("sample_segments needs num_segments=K");
+        if (T < 1) throw py::value_error("T must be at least 1");
+        const std::uint64_t rows = finegym::clip_rows(spec.num_segments, spec.clip_len);
+        finegym::output_bytes(2, rows, 1, sizeof(std::uint64_t));  // two buffers below
+        py::array_t<std::int64_t> out(static_cast<py::ssize_t>(rows));
+        std::vector<std::uint64_t> segs(static_cast<std::size_t>(rows));
+        finegym::sample_segments(T, spec.num_segments, spec.clip_len, *spec.mode,
+                                 finegym::SampleKey{spec.seed, epoch, index}, segs.data(), spec.rule);
+        auto w = out.mutable_unchecked<1>();
+        for (std::size_t i = 0; i < segs.size(); ++i)
+            w(static_cast<py::ssize_t>(i)) = static_cast<std::int64_t>(segs[i]);
+        return out;
+    };
+    m.def("sample_segments", sample, py::arg("T"), py::arg("spec"), py::kw_only(), py::arg("epoch") = 0,
+          py::arg("index") = 0, "Segment indices one instance would get (for tests and docs).");
     m.def(
         "sample_segments",
-        [](std::uint64_t T, std::uint64_t K, std::uint64_t L, const std::string& mode, std::uint64_t seed,
-           std::uint64_t epoch, std::uint64_t index, const std::string& sampling) {
-            const auto m_ = parse_mode(mode);
-            const auto s_ = parse_sampling(sampling);
-            if (T < 1 || K < 1 || L < 1) throw py::value_error("T, K and L must be at least 1");
-            const std::uint64_t rows = finegym::clip_rows(K, L);  // ValueError when K * L is too large
-            finegym::output_bytes(2, rows, 1, sizeof(std::uint64_t));  // two buffers below
-            py::array_t<std::int64_t> out(static_cast<py::ssize_t>(rows));
-            std::vector<std::uint64_t> segs(static_cast<std::size_t>(rows));
-            finegym::sample_segments(T, K, L, m_, finegym::SampleKey{seed, epoch, index}, segs.data(), s_);
-            auto w = out.mutable_unchecked<1>();
-            for (std::size_t i = 0; i < segs.size(); ++i)
-                w(static_cast<py::ssize_t>(i)) = static_cast<std::int64_t>(segs[i]);
-            return out;
+        [sample](std::uint64_t T, py::object num_segments, std::uint64_t clip_len, py::object mode,
+                 std::uint64_t seed, std::uint64_t epoch, std::uint64_t index, const std::string& rule) {
+            return sample(T, make_spec(num_segments, mode, clip_len, rule, py::none(), seed), epoch, index);
         },
-        py::arg("T"), py::arg("K"), py::arg("L"), py::arg("mode"), py::arg("seed") = 0, py::arg("epoch") = 0,
-        py::arg("index") = 0, py::arg("sampling") = "mmaction2",
-        "Segment indices one instance would get (for tests and docs).");
+        py::arg("T"), py::arg("num_segments"), py::arg("clip_len"), py::arg("mode"), py::kw_only(),
+        py::arg("seed") = 0, py::arg("epoch") = 0, py::arg("index") = 0, py::arg("rule") = "mmaction2",
+        "Segment indices one instance would get, the spec given by its fields.");
     m.def("default_threads", &finegym::ThreadPool::default_threads);
     m.def("max_threads", &finegym::ThreadPool::max_threads, "The cap on a gather's threads (the number of cores).");
 }

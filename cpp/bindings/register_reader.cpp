@@ -46,7 +46,13 @@ py::array readonly_view(py::handle owner, DType dtype, std::vector<py::ssize_t> 
     // mapping itself is PROT_READ, so numpy cannot write through it.
     py::array out(to_numpy(dtype), std::move(shape), std::move(strides),
                   const_cast<unsigned char*>(data), owner);
-    py::detail::array_proxy(out.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
+    // numpy.ndarray.setflags, looked up once and called unbound with
+    // positional arguments: the cheapest public way to clear the flag.
+    PYBIND11_CONSTINIT static py::gil_safe_call_once_and_store<py::object> setflags;
+    const py::object& clear = setflags
+        .call_once_and_store_result([] { return py::module_::import("numpy").attr("ndarray").attr("setflags"); })
+        .get_stored();
+    clear(out, false);
     return out;
 }
 

@@ -100,10 +100,11 @@ void read_guarded(const StoreReader& r, ThreadPool& pool) {
             GatherSpec spec;
             spec.num_segments = 3;
             spec.mode = mode;
-            spec.threads = 1;
             spec.out_dtype = (mode == SampleMode::Test) ? DType::Float32 : DType::Float16;
+            GatherOptions options;
+            options.threads = 1;
             std::vector<unsigned char> out(idx.size() * 3 * row * 2);
-            gather(r, col, idx.data(), n == 0 ? 0 : idx.size(), spec, out.data(), pool);
+            gather(r, col, idx.data(), n == 0 ? 0 : idx.size(), spec, options, out.data(), pool);
         }
     }
     for (const char* base : {"ids", "meta/video", "classes/name", "classes/event"}) {

@@ -71,8 +71,23 @@ std::uint16_t float_to_half(float f) noexcept {
 }
 
 // ---- gather -----------------------------------------------------------------------------
-std::uint64_t output_rows(const FeatureColumn& col, const GatherSpec& spec) {
+void validate(const GatherSpec& spec) {
     if (spec.clip_len == 0) throw std::invalid_argument("clip_len must be at least 1");
+    if (spec.out_dtype && *spec.out_dtype != DType::Float32 && *spec.out_dtype != DType::Float16)
+        throw std::invalid_argument("dtype must be float32 or float16 (or None for the column's)");
+    if (spec.num_segments == 0) {
+        if (spec.clip_len != 1)
+            throw std::invalid_argument("clip_len > 1 needs num_segments=K (clips of clip_len segments)");
+        return;
+    }
+    if (!spec.mode)
+        throw std::invalid_argument("num_segments=" + std::to_string(spec.num_segments) +
+                                    " needs a mode: pass mode=\"train\" (training: a random segment in each part) "
+                                    "or mode=\"test\" (evaluation: centred segments)");
+    clip_rows(spec.num_segments, spec.clip_len);  // K * L within kMaxSampleCount
+}
+
+std::uint64_t output_rows(const FeatureColumn& col, const GatherSpec& spec) {
     if (spec.num_segments == 0) {
         if (col.ragged())
             throw std::invalid_argument("column '" + col.name +
@@ -83,6 +98,10 @@ std::uint64_t output_rows(const FeatureColumn& col, const GatherSpec& spec) {
         return col.segments;
     }
     return clip_rows(spec.num_segments, spec.clip_len);
+}
+
+DType output_dtype(const FeatureColumn& col, const GatherSpec& spec) noexcept {
+    return spec.out_dtype ? *spec.out_dtype : col.dtype;
 }
 
 std::size_t output_bytes(std::uint64_t batch, std::uint64_t rows, std::uint64_t channels, std::size_t itemsize) {
@@ -207,20 +226,20 @@ void check_indices(const std::int64_t* indices, std::size_t batch, std::uint64_t
 }
 
 void gather(const StoreReader& reader, const FeatureColumn& col, const std::int64_t* indices, std::size_t batch,
-            const GatherSpec& spec, void* out, ThreadPool& pool) {
-    if (spec.out_dtype != DType::Float32 && spec.out_dtype != DType::Float16)
-        throw std::invalid_argument("gather output must be float32 or float16");
+            const GatherSpec& spec, const GatherOptions& options, void* out, ThreadPool& pool) {
+    validate(spec);
+    const DType out_dtype = output_dtype(col, spec);
     const std::uint64_t rows_out = output_rows(col, spec);
-    output_bytes(batch, rows_out, col.channels, dtype_size(spec.out_dtype));  // the caller's `out` has this size
+    output_bytes(batch, rows_out, col.channels, dtype_size(out_dtype));  // the caller's `out` has this size
     const auto n = static_cast<std::int64_t>(reader.num_instances());
     check_indices(indices, batch, reader.num_instances());
     std::vector<Rows> sources(batch);
     for (std::size_t b = 0; b < batch; ++b) sources[b] = reader.instance(col, indices[b]);
     if (batch == 0) return;
     const std::size_t in_row = col.channels * dtype_size(col.dtype);
-    const std::size_t out_row = col.channels * dtype_size(spec.out_dtype);
+    const std::size_t out_row = col.channels * dtype_size(out_dtype);
     auto* dst = static_cast<unsigned char*>(out);
-    const unsigned threads = spec.threads;
+    const unsigned threads = options.threads;
 
     // The segments of instance b, into `s` (rows_out entries).
     auto choose = [&](std::size_t b, std::uint64_t* s) {
@@ -230,8 +249,8 @@ void gather(const StoreReader& reader, const FeatureColumn& col, const std::int6
         }
         std::int64_t i = indices[b];
         if (i < 0) i += n;
-        sample_segments(sources[b].rows, spec.num_segments, spec.clip_len, spec.mode,
-                        SampleKey{spec.seed, spec.epoch, static_cast<std::uint64_t>(i)}, s, spec.sampling);
+        sample_segments(sources[b].rows, spec.num_segments, spec.clip_len, *spec.mode,
+                        SampleKey{spec.seed, options.epoch, static_cast<std::uint64_t>(i)}, s, spec.rule);
     };
     // Every instance's segments, chosen once (by whichever pass reaches the
     // instance first; a parallel_for's end orders its writes before the next
@@ -293,9 +312,9 @@ void gather(const StoreReader& reader, const FeatureColumn& col, const std::int6
     //         missing page are advised: a cold batch queues all its rows, a
     //         partly resident one exactly its missing runs.
     constexpr std::size_t kProbe = 8;
-    bool advise_all = spec.prefetch == Prefetch::On;
+    bool advise_all = options.readahead == Readahead::On;
     bool check_all = false;
-    if (spec.prefetch == Prefetch::Auto) {
+    if (options.readahead == Readahead::Auto) {
         const std::size_t probes = std::min(batch, kProbe);
         // Positions scattered by a multiplicative hash, not evenly spaced: an
         // even spacing aliases with patterns such as "every other instance
@@ -328,6 +347,8 @@ void gather(const StoreReader& reader, const FeatureColumn& col, const std::int6
         const std::uint64_t* s = segments_of(b);
         const unsigned char* src = sources[b].data;
         unsigned char* row_out = dst + b * rows_out * out_row;
+        // Guarded: pointer arithmetic, prefetches and convert_rows() into the
+        // caller's buffer; no allocation, lock or destructor (fault_guard.hpp).
         if (!guard_sigbus([&] {
             // Touch the first line of every page of every row up front: the
             // address translations (TLB misses, costly under virtualisation) and
@@ -336,7 +357,7 @@ void gather(const StoreReader& reader, const FeatureColumn& col, const std::int6
             for (std::uint64_t r = 0; r < rows_out; ++r)
                 for (std::size_t off = 0; off < in_row; off += 4096) __builtin_prefetch(src + s[r] * in_row + off);
             for_each_run(s, rows_out, [&](std::uint64_t r, std::uint64_t run) {
-                convert_rows(src + s[r] * in_row, col.dtype, row_out + r * out_row, spec.out_dtype,
+                convert_rows(src + s[r] * in_row, col.dtype, row_out + r * out_row, out_dtype,
                              static_cast<std::size_t>(run) * col.channels);
             });
         }))

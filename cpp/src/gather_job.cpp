@@ -17,21 +17,23 @@ struct GatherJob::State {
 };
 
 GatherJob::GatherJob(const StoreReader& reader, const FeatureColumn& col, const std::int64_t* indices,
-                     std::size_t batch, const GatherSpec& spec, void* out)
+                     std::size_t batch, const GatherSpec& spec, const GatherOptions& options,
+                     void* out)
     : state_(std::make_shared<State>()), owner_pid_(::getpid()) {
     // Fail at submission, not later in wait(): the same checks gather() starts with.
     check_indices(indices, batch, reader.num_instances());
-    output_bytes(batch, output_rows(col, spec), col.channels, dtype_size(spec.out_dtype));
+    validate(spec);
+    output_bytes(batch, output_rows(col, spec), col.channels, dtype_size(output_dtype(col, spec)));
     // Plain pointers, captured by value; the state by shared_ptr, so a task
     // that outlives this object (it cannot in the owner: ~GatherJob waits)
     // never touches freed memory.
     const StoreReader* r = &reader;
     const FeatureColumn* c = &col;
     std::shared_ptr<State> state = state_;
-    ThreadPool::background()->submit([state, r, c, indices, batch, spec, out] {
+    ThreadPool::background()->submit([state, r, c, indices, batch, spec, options, out] {
         std::exception_ptr error;
         try {
-            gather(*r, *c, indices, batch, spec, out, *ThreadPool::shared(spec.threads));
+            gather(*r, *c, indices, batch, spec, options, out, *ThreadPool::shared(options.threads));
         } catch (...) {
             error = std::current_exception();
         }

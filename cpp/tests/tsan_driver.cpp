@@ -61,23 +61,28 @@ void write_store(const std::string& path) {
     w.commit();
 }
 
-GatherSpec spec_for(unsigned threads, SampleMode mode) {
+GatherSpec spec_for(SampleMode mode) {
     GatherSpec s;
     s.num_segments = 5;
     s.clip_len = 2;
     s.mode = mode;
     s.seed = 7;
-    s.epoch = 3;
-    s.threads = threads;
     return s;
+}
+
+GatherOptions options_for(unsigned threads) {
+    GatherOptions o;
+    o.epoch = 3;
+    o.threads = threads;
+    return o;
 }
 
 std::vector<float> run_gather(const StoreReader& r, const std::vector<std::int64_t>& idx, unsigned threads,
                               SampleMode mode) {
     const auto& col = r.column("x");
-    const auto spec = spec_for(threads, mode);
+    const auto spec = spec_for(mode);
     std::vector<float> out(idx.size() * output_rows(col, spec) * kC);
-    gather(r, col, idx.data(), idx.size(), spec, out.data(), *ThreadPool::shared(threads));
+    gather(r, col, idx.data(), idx.size(), spec, options_for(threads), out.data(), *ThreadPool::shared(threads));
     return out;
 }
 
@@ -112,11 +117,13 @@ int main(int argc, char** argv) {
     for (unsigned t = 0; t < 2; ++t) {
         threads.emplace_back([&, t] {
             for (unsigned i = 0; !stop.load() || i < 10; ++i) {
-                const auto spec = spec_for(1 + (i + t) % 4, SampleMode::Test);
+                const auto spec = spec_for(SampleMode::Test);
+                const auto options = options_for(1 + (i + t) % 4);
                 std::vector<std::vector<float>> outs(3, std::vector<float>(ref_test.size()));
                 std::vector<std::unique_ptr<GatherJob>> jobs;
                 for (auto& o : outs)
-                    jobs.push_back(std::make_unique<GatherJob>(reader, col, idx.data(), idx.size(), spec, o.data()));
+                    jobs.push_back(
+                        std::make_unique<GatherJob>(reader, col, idx.data(), idx.size(), spec, options, o.data()));
                 jobs[0]->wait();
                 require(outs[0] == ref_test, "background job");
                 jobs.clear();  // the others: the destructor waits
@@ -134,7 +141,7 @@ int main(int argc, char** argv) {
                            std::chrono::microseconds(ThreadPool::kPollFor) + std::chrono::milliseconds(3)}) {
         std::this_thread::sleep_for(gap);
         std::vector<float> out(ref_test.size());
-        GatherJob job(reader, col, idx.data(), idx.size(), spec_for(2, SampleMode::Test), out.data());
+        GatherJob job(reader, col, idx.data(), idx.size(), spec_for(SampleMode::Test), options_for(2), out.data());
         const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
         while (!job.done() && std::chrono::steady_clock::now() < deadline)
             std::this_thread::sleep_for(std::chrono::microseconds(50));
@@ -142,7 +149,7 @@ int main(int argc, char** argv) {
         job.wait();
         require(out == ref_test, "a job submitted to polling or parked workers");
         std::this_thread::sleep_for(gap);
-        GatherJob waited(reader, col, idx.data(), idx.size(), spec_for(2, SampleMode::Test), out.data());
+        GatherJob waited(reader, col, idx.data(), idx.size(), spec_for(SampleMode::Test), options_for(2), out.data());
         waited.wait();
         require(waited.done() && out == ref_test, "wait() on a job queued behind a polling worker");
     }
@@ -150,7 +157,8 @@ int main(int argc, char** argv) {
     // fork() while all that runs, a few times; each child runs its checks and exits normally.
     for (int f = 0; f < 3; ++f) {
         std::vector<float> out(ref_test.size());
-        GatherJob inherited(reader, col, idx.data(), idx.size(), spec_for(2, SampleMode::Test), out.data());
+        GatherJob inherited(reader, col, idx.data(), idx.size(), spec_for(SampleMode::Test), options_for(2),
+                            out.data());
         const pid_t pid = ::fork();
         if (pid == 0) {
             bool refused = false;

@@ -113,7 +113,7 @@ def build(out: str | os.PathLike[str], folder: str | os.PathLike[str], overwrite
     categories = Path(folder) / CATEGORIES_NAME
     write_split(split, inputs)
     write_categories(categories, inputs)
-    return fgs.convert(out, inputs["columns"], split=split, categories=categories,
+    return fgs.convert(inputs["columns"], out, split=split, categories=categories,
                        dtype=dtype or inputs["store_dtype"], overwrite=overwrite, progress=False)
 
 

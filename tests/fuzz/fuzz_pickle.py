@@ -254,7 +254,7 @@ class Checker:
                 source = str(path) if path is not None else table
                 if path is None:
                     self.source = "features['x']"
-                self.fgs.convert(out, {"x": source}, overwrite=True, progress=False)
+                self.fgs.convert({"x": source}, out, overwrite=True, progress=False)
                 return "converted"
             except Exception as e:
                 self._expected(e, "convert")

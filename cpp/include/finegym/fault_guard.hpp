@@ -10,14 +10,29 @@
 // How: a process-wide SIGBUS handler (installed on first use, and re-installed
 // by ensure_sigbus_handler() whenever someone else -- faulthandler, a sanitizer
 // runtime -- has replaced it since) and a thread-local jump buffer armed only
-// while a guarded loop runs. A SIGBUS outside a guarded loop, or one raised
-// with kill(), is handed to the handler that was installed before ours (its
-// disposition is restored and the fault re-executes), so crashes elsewhere
-// still crash as they would without us.
+// while a guarded loop runs. A fault (si_code > 0) on a thread whose buffer is
+// armed jumps back out. Every other SIGBUS -- a fault outside a guarded loop,
+// or one sent with kill()/raise()/pthread_kill(), on any thread -- is handed
+// to the disposition that was installed before ours, and ours stays installed
+// for every thread:
+//   - a handler (C, or Python's signal.signal(), which is a C handler) is
+//     called from ours with the same arguments and its signal mask;
+//   - SIG_IGN: a sent signal is dropped; a fault takes the default action
+//     (as the kernel does for an ignored fault: it cannot be ignored);
+//   - SIG_DFL: the default action, so crashes elsewhere still crash as they
+//     would without us: the disposition is reset to SIG_DFL and a fault
+//     re-executes (the process dies at the faulting access, with a core), a
+//     sent signal is raised again;
+//   - a handler that hands the signal back to ours while ours is calling it
+//     (it restores ours as "its previous" and raises again, as faulthandler
+//     does when it and ours each replaced the other) gets the default action
+//     for that second signal instead of a loop.
 //
-// The guarded function must not own anything with a destructor (the jump
-// skips destructors) and must not throw (guard_sigbus is noexcept: a throw
-// terminates): plain pointer loops, memcpy, hashing.
+// The guarded function must run over plain data only: no object with a
+// destructor (the jump skips destructors), no allocation and no lock (the
+// jump would leave the allocator or the lock in whatever state the fault
+// interrupted), and no throw (guard_sigbus is noexcept: a throw terminates):
+// plain pointer loops, memcpy, hashing, conversions into caller-owned memory.
 #pragma once
 
 #include <cstddef>

@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 
 #include "finegym/reader.hpp"
 #include "finegym/sampler.hpp"
@@ -12,28 +13,45 @@
 namespace finegym {
 
 // When to madvise(WILLNEED) the rows of a batch before copying them.
-enum class Prefetch : std::uint8_t {
+enum class Readahead : std::uint8_t {
     Auto = 0,  // per batch: the runs of rows with a page missing from the page cache (mincore; see gather.cpp)
     On = 1,
     Off = 2,
 };
 
+// What a batch is made of: which segments each instance contributes and in
+// which dtype. A value built once (finegym_store.SegmentSpec) and checked
+// once by validate(); everything that changes per call (the epoch) or only
+// affects speed (threads, read-ahead) is a GatherOptions.
 struct GatherSpec {
-    std::uint64_t num_segments = 0;  // K; 0 = every segment (fixed-T columns only)
-    std::uint64_t clip_len = 1;      // L
-    SampleMode mode = SampleMode::Test;
-    Sampling sampling = Sampling::MMAction2;
+    std::uint64_t num_segments = 0;   // K; 0 = every segment (fixed-T columns only)
+    std::uint64_t clip_len = 1;       // L
+    std::optional<SampleMode> mode;   // required when num_segments > 0
+    Sampling rule = Sampling::MMAction2;
+    std::optional<DType> out_dtype;   // float32 or float16; empty = the column's dtype
     std::uint64_t seed = 0;
-    std::uint64_t epoch = 0;
-    DType out_dtype = DType::Float32;  // float32 or float16
-    unsigned threads = 0;              // 0 = every core
-    Prefetch prefetch = Prefetch::Auto;
 };
+
+// Per call: the epoch (train-mode segments are keyed by it) and execution.
+struct GatherOptions {
+    std::uint64_t epoch = 0;
+    unsigned threads = 0;  // 0 = every core
+    Readahead readahead = Readahead::Auto;
+};
+
+// Throws std::invalid_argument, naming the field, for a spec no column can
+// serve: clip_len 0, num_segments without a mode, K * L above
+// kMaxSampleCount, clip_len > 1 without num_segments, an output dtype other
+// than float32/float16.
+void validate(const GatherSpec& spec);
 
 // Rows per instance in the output: K * L, or T when num_segments is 0.
 // Throws std::invalid_argument for a spec that does not fit the column
-// (including K * L above kMaxSampleCount).
+// (or fails validate()).
 std::uint64_t output_rows(const FeatureColumn& col, const GatherSpec& spec);
+
+// The output's element type: spec.out_dtype, or the column's.
+DType output_dtype(const FeatureColumn& col, const GatherSpec& spec) noexcept;
 
 // Bytes of a (batch, rows, channels) output of `itemsize`-byte elements.
 // Throws std::invalid_argument, naming the sizes, when the product overflows
@@ -43,11 +61,11 @@ std::size_t output_bytes(std::uint64_t batch, std::uint64_t rows, std::uint64_t 
 // Throws std::out_of_range naming the first index outside [-n, n) and its position.
 void check_indices(const std::int64_t* indices, std::size_t batch, std::uint64_t num_instances);
 
-// Fills `out` (B x output_rows x C elements of spec.out_dtype, C-contiguous).
+// Fills `out` (B x output_rows x C elements of output_dtype, C-contiguous).
 // Every index is checked before anything is copied: std::out_of_range names
 // the first bad one and its position. Negative indices count from the end.
 void gather(const StoreReader& reader, const FeatureColumn& col, const std::int64_t* indices, std::size_t batch,
-            const GatherSpec& spec, void* out, ThreadPool& pool);
+            const GatherSpec& spec, const GatherOptions& options, void* out, ThreadPool& pool);
 
 // Copies `bytes` from src to dst (not overlapping). Same as memcpy, except
 // when dst lies 1 to 31 bytes past src modulo 4096: there x86 `rep movsb`

@@ -26,11 +26,11 @@ public:
 
 class GatherJob {
 public:
-    // Starts gather(reader, col, indices, batch, spec, out, ThreadPool::shared(spec.threads))
+    // Starts gather(reader, col, indices, batch, spec, options, out, ThreadPool::shared(options.threads))
     // in the background. Index and spec errors are thrown here, at submission.
     // The caller keeps reader, indices and out alive until this job is destroyed.
     GatherJob(const StoreReader& reader, const FeatureColumn& col, const std::int64_t* indices, std::size_t batch,
-              const GatherSpec& spec, void* out);
+              const GatherSpec& spec, const GatherOptions& options, void* out);
     ~GatherJob();
     GatherJob(const GatherJob&) = delete;
     GatherJob& operator=(const GatherJob&) = delete;
