@@ -282,10 +282,13 @@ class Store:
         # its task dies, and the caller waits for a result that never comes.
         # A remote store goes by URL, options and cache folder: the receiver
         # shares the same cache.
-        if self._remote is not None:
-            r = self._remote
+        d = self.__dict__  # not attributes: an _UnopenedStore raises on those
+        if d.get("_remote") is not None:
+            r = d["_remote"]
             return (_reopen_remote, (r.url, r.storage_options, r.cache_root))
-        return (_reopen, (self._abspath,))
+        if "_remote_args" in d:  # a remote store that could not be reopened: try again
+            return (_reopen_remote, d["_remote_args"])
+        return (_reopen, (d["_abspath"],))
 
     # -- instances -------------------------------------------------------------
     @property
@@ -649,7 +652,9 @@ def _reopen_remote(url: str, storage_options: dict[str, Any] | None, cache_dir: 
     try:
         return _open_remote(url, storage_options, cache_dir)
     except Exception as e:
-        return _UnopenedStore(url, e)
+        unopened = _UnopenedStore(url, e)
+        object.__setattr__(unopened, "_remote_args", (url, storage_options, cache_dir))
+        return unopened
 
 
 def open(path: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None,  # noqa: A001

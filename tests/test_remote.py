@@ -394,3 +394,32 @@ def test_cli_export_to_s3_uses_the_aws_environment(served, moto, tmp_path, monke
 def test_http_urls_are_read_only(served, tmp_path, local_scratch):
     with pytest.raises(ValueError, match=r"cannot write to a http:// URL"):
         served[1].to_parquet(f"{served[0].url}/x.parquet")
+
+
+def test_select_from_a_remote_store(served, tmp_path):
+    _server, local, _ = served
+    store = _open_http(served, tmp_path / "c")
+    rows = [5, 1, N - 1]
+    got = store.select(rows, tmp_path / "sel.fgs")
+    want = local.select(rows, tmp_path / "want.fgs")
+    for column in ("fix", "rag"):
+        assert got.column(column).values.tobytes() == want.column(column).values.tobytes()
+
+
+def test_unpickling_never_raises_and_tries_again(served, tmp_path):
+    server, local, root = served
+    shutil.copyfile(root / "s.fgs", root / "moving.fgs")
+    blob = pickle.dumps(_open_http(served, tmp_path, "moving.fgs"))
+    (root / "moving.fgs").rename(root / "moved.fgs")
+    try:
+        other = pickle.loads(blob)  # the object is gone: a Store that raises at first use
+        with pytest.raises(FileNotFoundError, match="could not reopen the store .*moving"):
+            len(other)
+        again = pickle.loads(pickle.dumps(other))
+        with pytest.raises(FileNotFoundError):
+            len(again)
+    finally:
+        (root / "moved.fgs").rename(root / "moving.fgs")
+    back = pickle.loads(pickle.dumps(again))
+    assert type(back) is fgs.Store and len(back) == N and back.path == f"{server.url}/moving.fgs"
+    assert local is not None
