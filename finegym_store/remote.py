@@ -31,6 +31,9 @@ any store, so gathers run the same memory-mapped code as for a local file.
   connect timeouts, bounded retries with exponential backoff, and an overall
   retry timeout. Any failure raises OSError naming the URL
   (FileNotFoundError for a missing object, PermissionError for a denied one).
+* Writes (:func:`upload`: ``to_parquet``, ``to_ipc``, ``convert`` and the
+  command line's export to ``s3://``) go to a local temporary file first,
+  then up in one put, which S3 makes atomic.
 """
 
 from __future__ import annotations
