@@ -423,3 +423,14 @@ def test_unpickling_never_raises_and_tries_again(served, tmp_path):
     back = pickle.loads(pickle.dumps(again))
     assert type(back) is fgs.Store and len(back) == N and back.path == f"{server.url}/moving.fgs"
     assert local is not None
+
+
+def test_a_server_that_never_answers_times_out(tmp_path):
+    # The kernel accepts the connection (listen backlog); nothing ever answers.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/s.fgs"
+        options = {"timeout": 1, "connect_timeout": 1, "max_retries": 1, "retry_timeout": 2}
+        with pytest.raises(OSError, match=rf"^{url.replace('.', '[.]')}: HEAD failed"):
+            fgs.open(url, storage_options=options, cache_dir=tmp_path)
