@@ -434,3 +434,14 @@ def test_a_server_that_never_answers_times_out(tmp_path):
         options = {"timeout": 1, "connect_timeout": 1, "max_retries": 1, "retry_timeout": 2}
         with pytest.raises(OSError, match=rf"^{url.replace('.', '[.]')}: HEAD failed"):
             fgs.open(url, storage_options=options, cache_dir=tmp_path)
+
+
+def test_cli_info_and_verify_open_urls(served, local_scratch, capsys):
+    from finegym_store.cli import main
+
+    url = f"{served[0].url}/s.fgs"
+    assert main(["info", url, "--json"]) == 0
+    out = capsys.readouterr().out
+    assert url in out and '"format_version": 2' in out
+    assert main(["verify", url]) == 0
+    assert "OK" in capsys.readouterr().out
