@@ -18,7 +18,8 @@ any store, so gathers run the same memory-mapped code as for a local file.
 * The cache folder (``cache_dir``, default ``$XDG_CACHE_HOME/finegym-store``
   or ``~/.cache/finegym-store``) is keyed by the URL and by the object's
   ETag, size and modification time, so a changed object starts a fresh
-  cache. Each cache holds ``data`` (the sparse file), ``present`` (one byte
+  cache (and opening it deletes the URL's older caches that no process holds
+  open: a shared flock on ``inuse``). Each cache holds ``data`` (the sparse file), ``present`` (one byte
   per feature block, set only after the block's bytes are written) and
   ``lock``. Processes (DataLoader workers, DDP ranks on one node) share a
   cache: the files are created under an exclusive ``flock``, and a process
@@ -337,10 +338,11 @@ class RemoteCache:
             raise FormatError(f"{url} is not a valid finegym-store file: the object has {size} bytes, "
                               f"less than the {_core.HEADER_SIZE}-byte header")
         self.dir = folder
-        os.makedirs(self.dir, exist_ok=True)
         self.data_path = os.path.join(self.dir, "data")
         fds: list[int] = []
         try:
+            self._inuse_fd = _hold_in_use(folder)
+            fds.append(self._inuse_fd)
             self._lock_fd = os.open(os.path.join(self.dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             fds.append(self._lock_fd)
             self._create_file("data", size)
@@ -371,7 +373,8 @@ class RemoteCache:
         _LIVE.add(self)
         self._fetch_metadata()
         self._finalizer = weakref.finalize(self, RemoteCache._close_fds, self._lock_fd, self._data_fd,
-                                           self._present_fd)
+                                           self._present_fd, self._inuse_fd)
+        _remove_unused_versions(folder)
 
     @staticmethod
     def _close_fds(*fds: int) -> None:
@@ -666,6 +669,60 @@ class RowMap:
             starts = self.offsets[idx] * self.row_bytes
             ends = self.offsets[idx + 1] * self.row_bytes
         return self.cache.rows_blocks(self.column, starts, ends)
+
+
+def _hold_in_use(folder: str) -> int:
+    """Create `folder` if needed and hold a shared flock on its ``inuse``
+    file for as long as the returned descriptor is open: a cleaner never
+    removes a cache some process has open. Retries if the folder was removed
+    (by a cleaner) between creating and locking it."""
+    for _ in range(16):
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, "inuse")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except FileNotFoundError:
+            continue
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+    raise OSError(f"{folder}: the cache folder keeps disappearing while it is opened")
+
+
+def _remove_unused_versions(folder: str) -> None:
+    """Delete the caches of other versions of the same URL that no process
+    has open (their objects were replaced: they would never be read again)."""
+    parent, mine = os.path.split(folder)
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        other = os.path.join(parent, name)
+        if name == mine or "." in name or not os.path.isdir(other):
+            continue
+        try:
+            fd = os.open(os.path.join(other, "inuse"), os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            continue  # being created (no inuse file yet) or already gone
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue  # open somewhere
+        try:
+            doomed = f"{other}.{os.getpid()}.removing"
+            os.rename(other, doomed)  # atomically out of reach of a new opener, which recreates the folder
+            shutil.rmtree(doomed, ignore_errors=True)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 #: This process's open caches by folder: stores opened twice share one

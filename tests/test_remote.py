@@ -231,6 +231,15 @@ def test_a_changed_object_gets_a_fresh_cache(served, tmp_path):
     assert new.cache_path != old.cache_path
     np.testing.assert_array_equal(new.gather("fix", np.arange(10), num_segments=3, mode="test"), other.gather("fix", np.arange(10), num_segments=3, mode="test"))
     assert not np.array_equal(old_values, new.gather("fix", np.arange(10), num_segments=3, mode="test"))
+    # The old version's cache stays while a store has it open, and goes once none has.
+    assert os.path.exists(old.cache_path)
+    old_cache = old.cache_path
+    del old
+    shutil.copyfile(root / "s.fgs", root / "changing.fgs")  # a third version
+    third = _open_http(served, tmp_path / "c", "changing.fgs")
+    assert not os.path.exists(old_cache) and os.path.exists(new.cache_path) and os.path.exists(third.cache_path)
+    assert sorted(os.listdir(Path(third.cache_path).parent.parent)) == sorted(
+        Path(p).parent.name for p in (new.cache_path, third.cache_path))
 
 
 def test_damaged_remote_feature_bytes_raise_format_error(served, tmp_path):
