@@ -15,8 +15,8 @@ any store, so gathers run the same memory-mapped code as for a local file.
   once, then raises FormatError. Version-1 stores have no block checksums:
   their feature blocks are used as received (``Store.verify()`` fetches
   everything and checks whole sections).
-* The cache folder (``cache_dir``, default ``$XDG_CACHE_HOME/finegym-store``
-  or ``~/.cache/finegym-store``) is keyed by the URL and by the object's
+* The cache folder (``cache_dir``, default ``$XDG_CACHE_HOME/finegym-store/remote``
+  or ``~/.cache/finegym-store/remote``) is keyed by the URL and by the object's
   ETag, size and modification time, so a changed object starts a fresh
   cache (and opening it deletes the URL's older caches that no process holds
   open: a shared flock on ``inuse``). Each cache holds ``data`` (the sparse file), ``present`` (one byte
@@ -82,7 +82,7 @@ def is_url(path: Any) -> bool:
 
 def default_cache_dir() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "finegym-store")
+    return os.path.join(base, "finegym-store", "remote")
 
 
 def _obstore() -> Any:

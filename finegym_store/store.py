@@ -669,7 +669,7 @@ def open(path: str | os.PathLike[str], *, storage_options: dict[str, Any] | None
     ``http://...`` (a remote store, README "Remote stores": needs the
     ``remote`` extra) or ``file://PATH``. A remote store fetches its
     non-feature bytes at open and feature rows on first use into a cache
-    under ``cache_dir`` (default ``$XDG_CACHE_HOME/finegym-store``);
+    under ``cache_dir`` (default ``$XDG_CACHE_HOME/finegym-store/remote``);
     ``storage_options`` configure the client (credentials, region, endpoint,
     timeouts) on top of the standard AWS environment variables."""
     from .remote import is_url

@@ -323,7 +323,7 @@ def test_open_arguments_are_checked(served, tmp_path):
 def test_default_cache_folder_follows_xdg(served, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     store = fgs.open(f"{served[0].url}/s.fgs", storage_options=FAST)
-    assert store.cache_path.startswith(str(tmp_path / "xdg" / "finegym-store") + os.sep)
+    assert store.cache_path.startswith(str(tmp_path / "xdg" / "finegym-store" / "remote") + os.sep)
 
 
 def test_dataloader_workers_over_a_remote_store(served, tmp_path):
