@@ -9,9 +9,12 @@ FORMAT_VERSION: int
 HEADER_SIZE: int
 SECTION_ENTRY_SIZE: int
 FEATURE_ALIGN: int
+MIN_FORMAT_VERSION: int
+#: Bytes per block of a feature column's block checksums (format version 2).
+BLOCK_SIZE: int
 #: The schema's section names (format.hpp): "ids", "labels", "meta_video",
 #: "meta_ints", "feature_prefix", "offsets_suffix", "data_suffix",
-#: "class_ints", "class_strings", "attrs".
+#: "class_ints", "class_strings", "attrs", "blocks_suffix".
 SECTIONS: dict[str, Any]
 
 class FormatError(ValueError): ...

@@ -219,7 +219,7 @@ def _row_bytes(store: Store, names: Sequence[str]) -> float:
     for n in names:
         if n in store.columns:
             c = store.column(n)
-            total += c.values.nbytes / max(1, len(store))
+            total += c.nbytes / max(1, len(store))
     return total + 64.0  # id, label and parsed fields
 
 
@@ -258,6 +258,7 @@ def _guarded_batches(store: Store, schema: pa.Schema, tensor_type: str, rows: in
 
     def feature_array(field: pa.Field, s: int, e: int) -> pa.Array:
         col = store.column(field.name)
+        col._fetch(np.arange(s, e, dtype=np.int64))  # a remote store: these rows into its cache first
         name = sec["feature_prefix"] + field.name
         row = col.channels * col.dtype.itemsize
         vt = _value_type(col.dtype)
@@ -333,12 +334,24 @@ def _parquet_options(schema: pa.Schema, compression: str | None, byte_stream_spl
     }
 
 
-def check_target(store: Store, path: str, overwrite: bool, flag: str = "overwrite=True") -> None:
+def check_target(store: Store, path: str, overwrite: bool, flag: str = "overwrite=True",
+                 storage_options: Any = None) -> None:
     """Refuse an export target that must not be replaced: ValueError for the
     store's own file (same st_dev/st_ino, also through a symlink or hard link)
     and for anything but a regular file (a directory, FIFO, device, or a
     symlink to one); FileExistsError for an existing file unless
-    ``overwrite``. ``flag`` is how the message spells the fix."""
+    ``overwrite``. ``flag`` is how the message spells the fix. An ``s3://``
+    target: FileExistsError for an existing object unless ``overwrite``."""
+    from .remote import exists, is_url
+
+    if isinstance(path, str) and is_url(path):
+        if not path.lower().startswith("file://"):
+            if not overwrite and exists(path, storage_options):
+                raise FileExistsError(f"{path} exists; pass {flag} to replace it")
+            return
+        from urllib.parse import unquote, urlparse
+
+        path = unquote(urlparse(path).path)
     try:
         target = os.stat(path)
     except FileNotFoundError:
@@ -397,9 +410,23 @@ def _publish(tmp: str, path: str, overwrite: bool) -> None:
 
 
 def _write_streaming(store: Store, path: str | os.PathLike[str], columns: Any, rows: int, tensor_type: str,
-                     progress: bool, overwrite: bool, open_writer: Any, write: Any) -> str:
+                     progress: bool, overwrite: bool, open_writer: Any, write: Any,
+                     storage_options: Any = None) -> str:
     from tqdm.auto import tqdm
 
+    from .remote import is_url
+
+    if isinstance(path, str) and is_url(path) and not path.lower().startswith("file://"):
+        # Object storage: written locally, then uploaded in one atomic put.
+        from .remote import upload
+
+        with upload(path, storage_options, overwrite) as local:
+            _write_streaming(store, local, columns, rows, tensor_type, progress, overwrite, open_writer, write)
+        return path
+    if isinstance(path, str) and path.lower().startswith("file://"):
+        from urllib.parse import unquote, urlparse
+
+        path = unquote(urlparse(path).path)
     path = os.fspath(path)
     schema = arrow_schema(store, columns, tensor_type)
     check_target(store, path, overwrite)
@@ -426,14 +453,16 @@ def _write_streaming(store: Store, path: str | os.PathLike[str], columns: Any, r
 def to_parquet(store: Store, path: str | os.PathLike[str], columns: Sequence[str] | str | None = None,
                row_group_size: int | None = None, compression: str | None = "none", byte_stream_split: bool = False,
                compression_level: int | None = None, tensor_type: str = "nested", progress: bool = False,
-               overwrite: bool = False) -> str:
+               overwrite: bool = False, storage_options: Any = None) -> str:
     """Write a Parquet file one row group at a time (see Store.to_parquet)
     from batches copied out of the mapping under the SIGBUS guard: a store
     truncated meanwhile raises OSError naming it. Atomic: written to a hidden
     temporary file in the target folder, renamed over ``path`` at the end,
     removed on any failure. FileExistsError if ``path`` exists unless
     ``overwrite``; ValueError, even with it, if ``path`` is not a regular file
-    (a directory, FIFO, device, or a symlink to one) or is the store itself."""
+    (a directory, FIFO, device, or a symlink to one) or is the store itself.
+    An ``s3://`` path is written locally, then uploaded in one atomic put
+    (remote.upload)."""
     import pyarrow.parquet as pq
 
     rows = _rows(row_group_size, store, columns, "row_group_size")
@@ -442,13 +471,13 @@ def to_parquet(store: Store, path: str | os.PathLike[str], columns: Sequence[str
     return _write_streaming(
         store, path, columns, rows, tensor_type, progress, overwrite,
         lambda f, s: pq.ParquetWriter(f, s, **options),
-        lambda w, b: w.write_batch(b, row_group_size=rows),
+        lambda w, b: w.write_batch(b, row_group_size=rows), storage_options,
     )
 
 
 def to_ipc(store: Store, path: str | os.PathLike[str], columns: Sequence[str] | str | None = None,
            batch_size: int | None = None, compression: str | None = "none", tensor_type: str = "nested",
-           progress: bool = False, overwrite: bool = False) -> str:
+           progress: bool = False, overwrite: bool = False, storage_options: Any = None) -> str:
     """Write an Arrow IPC file (Feather v2, ``.arrow``), one record batch per
     ``batch_size`` rows; ``compression`` is none, lz4 or zstd. Guarded,
     atomic and refusing targets as :func:`to_parquet`."""
@@ -459,5 +488,5 @@ def to_ipc(store: Store, path: str | os.PathLike[str], columns: Sequence[str] | 
     return _write_streaming(
         store, path, columns, rows, tensor_type, progress, overwrite,
         lambda f, s: pa.ipc.new_file(f, s, options=options),
-        lambda w, b: w.write_batch(b),
+        lambda w, b: w.write_batch(b), storage_options,
     )

@@ -224,7 +224,7 @@ def _info(path: str) -> dict:
             name: {
                 "dtype": str(col.dtype),
                 "shape": list(col.shape),
-                "bytes": int(col.values.nbytes),
+                "bytes": col.nbytes,
             }
             for name, col in ((n, store.column(n)) for n in store.columns)
         },
@@ -279,7 +279,11 @@ def _export(args: argparse.Namespace) -> None:
                          args.byte_stream_split, None, args.tensor_type, progress=not args.quiet,
                          overwrite=args.overwrite)
         kind = "Parquet"
-    print(f"wrote {args.out}: {kind}, {len(store)} rows, {os.path.getsize(args.out) / 2**20:.1f} MiB")
+    from .remote import RemoteFile, is_url
+
+    remote = is_url(args.out) and not args.out.lower().startswith("file://")
+    size = RemoteFile(args.out).size if remote else os.path.getsize(args.out)
+    print(f"wrote {args.out}: {kind}, {len(store)} rows, {size / 2**20:.1f} MiB")
 
 
 def _import(args: argparse.Namespace) -> None:

@@ -189,6 +189,7 @@ def convert(
     missing: str = "error",
     extra: str = "error",
     allow_label_mismatch: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Store:
     """Convert feature tables into a store at ``out`` and open it
     (``convert(features, out)``: what is read first, where it goes second,
@@ -203,7 +204,10 @@ def convert(
     ``categories`` adds the label hierarchy; the split's labels must fit it
     (README, "Label spaces") unless ``allow_label_mismatch``. Pickles are
     loaded through an allow-list unless ``trust_pickle``. The file appears
-    only once complete.
+    only once complete. ``out`` may be an ``s3://`` URL: the store is
+    written to a local temporary file, then uploaded in one atomic put
+    (``storage_options`` as for :func:`finegym_store.open`), and the remote
+    store is returned.
 
     Every table must hold exactly the split's ids (without a split: the first
     column's). ``missing="drop"`` leaves out the ids some table lacks (across
@@ -216,6 +220,21 @@ def convert(
     if isinstance(features, (str, os.PathLike)) and isinstance(out, Mapping):
         raise TypeError("convert(features, out): the features mapping comes first and the output path second "
                         "(as in from_arrow(source, out)); swap the two arguments")
+    from .remote import is_url
+
+    if isinstance(out, str) and is_url(out) and not out.lower().startswith("file://"):
+        from .remote import upload
+        from .store import open as open_store
+
+        with upload(out, storage_options, overwrite) as local:
+            convert(features, local, split=split, categories=categories, dtype=dtype, progress=progress,
+                    trust_pickle=trust_pickle, missing=missing, extra=extra,
+                    allow_label_mismatch=allow_label_mismatch)
+        return open_store(out, storage_options=dict(storage_options or {}))
+    if isinstance(out, str) and out.lower().startswith("file://"):
+        from urllib.parse import unquote, urlparse
+
+        out = unquote(urlparse(out).path)
     out = os.fspath(out)
     stored_as = store_dtype(dtype, "convert")
     if missing not in MISSING:

@@ -170,7 +170,10 @@ class Loader:
         def top_up(b: int, jobs: int) -> None:
             # Submit jobs for the batches after b until `jobs` are pending.
             while len(pending) < jobs and b + len(pending) < len(batches):
-                chunk = batches[b + len(pending)]
+                k = b + len(pending)
+                chunk = batches[k]
+                # A remote store: this batch's rows into the cache, the next ones' in the background.
+                self.store._ensure_rows(self.column, chunk, ahead=batches[k + 1 : k + 3 + self.prefetch])
                 out = None
                 if free and free[-1].shape[0] == len(chunk):
                     out = free.pop()

@@ -180,6 +180,7 @@ def select(store: Store, rows_or_ids: Any, out: str | os.PathLike[str], *, overw
                     w.append(chunk.reshape(-1, col.channels))
                 w.close(None)
             else:
+                store._ensure_rows(name, rows)  # a remote store: all these rows in parallel requests, once
                 for r in rows.tolist():
                     w.append(store.features(name, r))
                 w.close(col.lengths()[rows])

@@ -119,7 +119,8 @@ class Column:
     an (n, T, C) view and an integer array gives a copy (numpy fancy indexing).
     """
 
-    def __init__(self, reader: _core.Reader, name: str, dtype: str, length: int | None, channels: int) -> None:
+    def __init__(self, reader: _core.Reader, name: str, dtype: str, length: int | None, channels: int,
+                 remote: Any = None) -> None:
         # The reader, not the Store: no reference cycle, so dropping the last
         # reference to a Store unmaps the file at once (not at the next GC).
         self._reader = reader
@@ -128,6 +129,24 @@ class Column:
         #: T, the segments stored per instance; None when ragged.
         self.length = length
         self.channels = channels
+        # A remote store's row map (finegym_store.remote.RowMap): every read of
+        # feature bytes fetches them into the cache first. None when local.
+        self._remote = remote
+
+    def _fetch(self, indices: Any = None) -> None:
+        """Remote stores: fetch the rows of ``indices`` (all when None) into the cache."""
+        if self._remote is not None:
+            cache = self._remote.cache
+            if indices is None:
+                cache.ensure_blocks(cache.column_blocks(self.name))
+            else:
+                cache.ensure_blocks(self._remote.blocks(indices))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the column's feature section (nothing is read)."""
+        name = _S["feature_prefix"] + self.name
+        return next(int(s["length"]) for s in self._reader.sections() if s["name"] == name)
 
     @property
     def ragged(self) -> bool:
@@ -141,7 +160,9 @@ class Column:
 
     @property
     def values(self) -> np.ndarray:
-        """The whole column buffer: (N, T, C), or (total rows, C) when ragged."""
+        """The whole column buffer: (N, T, C), or (total rows, C) when ragged.
+        A remote store fetches the whole column first."""
+        self._fetch()
         return self._reader.section(_S["feature_prefix"] + self.name)
 
     @property
@@ -163,12 +184,21 @@ class Column:
 
     def __getitem__(self, index: Any) -> np.ndarray | list[np.ndarray]:
         if isinstance(index, (int, np.integer)) and not isinstance(index, (bool, np.bool_)):
-            return self._reader.features(self.name, _args.integer(index))
+            i = _args.integer(index)
+            if self._remote is not None and -len(self) <= i < len(self):
+                self._fetch(np.array([i % len(self)]))
+            return self._reader.features(self.name, i)
         if self.ragged:
             if isinstance(index, slice):
                 index = range(*index.indices(len(self)))
-            return [self._reader.features(self.name, int(i)) for i in np.asarray(index).ravel()]
-        return self.values[index]
+            index = np.asarray(index).ravel()
+            if self._remote is not None:
+                self._fetch(_args.indices(index, len(self)) % max(1, len(self)))
+            return [self._reader.features(self.name, int(i)) for i in index]
+        if self._remote is not None:
+            first = index[0] if isinstance(index, tuple) and index else index  # col[i, t, c]: instances from i
+            self._fetch(np.arange(len(self), dtype=np.int64)[first].ravel())
+        return self._reader.section(_S["feature_prefix"] + self.name)[index]
 
     def __repr__(self) -> str:
         t = "T" if self.ragged else self.length
@@ -178,7 +208,9 @@ class Column:
 class Store:
     """A finegym-store file, memory-mapped. Open with :func:`finegym_store.open`."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, _remote: Any = None) -> None:
+        # _remote: a finegym_store.remote.RemoteCache; `path` is then its cache file.
+        self._remote = _remote
         self._reader = _core.Reader(os.fspath(path))
         # Resolved now: a later chdir must not change which file a pickled
         # Store (a spawn worker, say) reopens.
@@ -187,16 +219,46 @@ class Store:
         # even after the path was given to another file.
         st = os.stat(self._abspath)
         self._identity = (st.st_dev, st.st_ino)
-        self._columns = {
-            name: Column(self._reader, name, dtype, t, c) for name, dtype, t, c in self._reader.columns()
-        }
+        self._columns = {name: Column(self._reader, name, dtype, t, c, self._row_map(name, dtype, t, c))
+                         for name, dtype, t, c in self._reader.columns()}
         self._index: dict[str, int] | None = None
         self._labels_copy: np.ndarray | None = None
+
+    def _row_map(self, name: str, dtype: str, t: int | None, c: int) -> Any:
+        if self._remote is None:
+            return None
+        from .remote import RowMap
+
+        offsets = None if t is not None else self._reader.section(_S["feature_prefix"] + name + _S["offsets_suffix"])
+        return RowMap(self._remote, name, np.dtype(dtype).itemsize * c, t, offsets)
+
+    def _ensure_rows(self, column: str, indices: np.ndarray, ahead: Sequence[np.ndarray] = ()) -> None:
+        """Remote stores: fetch the rows of ``indices`` (valid, non-negative or
+        negative instance indices) of ``column`` into the cache before they are
+        read, and start fetching the rows of ``ahead`` (the next batches'
+        indices) in the background. Nothing for a local store, or once every
+        block of the column is in the cache and checked."""
+        if self._remote is None or self._remote.column_ready(column):
+            return
+        col = self.column(column)
+        n = len(self)
+        if len(indices):
+            col._fetch(np.asarray(indices, dtype=np.int64) % n)
+        if ahead:
+            self._remote.prefetch(column, col._remote.blocks(np.concatenate(ahead) % n))
 
     # -- identity -------------------------------------------------------------
     @property
     def path(self) -> str:
-        return self._reader.path
+        """The file's path, or a remote store's URL."""
+        return self._remote.url if self._remote is not None else self._reader.path
+
+    @property
+    def cache_path(self) -> str | None:
+        """A remote store's local cache file (None for a local store). Only
+        the bytes this store has fetched are valid there: read it through the
+        Store, never as a store of its own."""
+        return self._reader.path if self._remote is not None else None
 
     @property
     def format_version(self) -> int:
@@ -213,12 +275,20 @@ class Store:
         cols = ", ".join(repr(c) for c in self._columns.values())
         return f"<Store {self.path!r}: {len(self)} instances; {cols}>"
 
-    def __reduce__(self) -> tuple[Any, tuple[str]]:
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         # Crosses process boundaries by absolute path: the receiver maps the
         # file itself, whatever its working directory. Unpickling never
         # raises (_reopen): a multiprocessing worker that fails to unpickle
         # its task dies, and the caller waits for a result that never comes.
-        return (_reopen, (self._abspath,))
+        # A remote store goes by URL, options and cache folder: the receiver
+        # shares the same cache.
+        d = self.__dict__  # not attributes: an _UnopenedStore raises on those
+        if d.get("_remote") is not None:
+            r = d["_remote"]
+            return (_reopen_remote, (r.url, r.storage_options, r.cache_root))
+        if "_remote_args" in d:  # a remote store that could not be reopened: try again
+            return (_reopen_remote, d["_remote_args"])
+        return (_reopen, (d["_abspath"],))
 
     # -- instances -------------------------------------------------------------
     @property
@@ -369,6 +439,8 @@ class Store:
 
     def features(self, column: str, index: int) -> np.ndarray:
         """Read-only (T_i, C) view of instance ``index`` in ``column``; no copy."""
+        if self._remote is not None:
+            return self.column(column)[_args.integer(index)]  # type: ignore[return-value]
         return self._reader.features(column, _args.integer(index))
 
     # -- batches -----------------------------------------------------------------
@@ -410,7 +482,9 @@ class Store:
         non-integer one (bools and floats included)."""
         if spec_keywords or type(spec) is not SegmentSpec:
             spec = resolve(spec, spec_keywords, "gather()")
-        return _core.gather(self._reader, column, _args.indices(indices, len(self)), spec._native,
+        idx = _args.indices(indices, len(self))
+        self._ensure_rows(column, idx)
+        return _core.gather(self._reader, column, idx, spec._native,
                             _args.count(epoch, "epoch"), out, self._threads(threads),
                             _args.choice(readahead, "readahead", READAHEAD))
 
@@ -448,7 +522,10 @@ class Store:
         """Checksum every section; returns the names of damaged ones (empty:
         intact). Raises FormatError when the checksums match but two
         instances share an id, and OSError when the file was truncated or
-        rewritten since it was opened."""
+        rewritten since it was opened. A remote store fetches every byte
+        first."""
+        if self._remote is not None:
+            self._remote.ensure_all()
         return self._reader.verify()
 
     def sections(self) -> list[dict[str, Any]]:
@@ -482,7 +559,8 @@ class Store:
     def to_parquet(self, path: str | os.PathLike[str], columns: Sequence[str] | str | None = None, *,
                    row_group_size: int | None = None, compression: str | None = "none", byte_stream_split: bool = False,
                    compression_level: int | None = None, tensor_type: str = "nested",
-                   progress: bool = False, overwrite: bool = False) -> str:
+                   progress: bool = False, overwrite: bool = False,
+                   storage_options: dict[str, Any] | None = None) -> str:
         """Write a Parquet file one row group at a time (memory: one row
         group; default about 128 MiB of features), atomically. No dictionary
         pages for floats; ``byte_stream_split=True`` with
@@ -491,12 +569,14 @@ class Store:
         meanwhile raises OSError naming it and leaves nothing at ``path``.
         FileExistsError if ``path`` exists unless ``overwrite``; ValueError,
         even with it, if ``path`` is not a regular file (a directory, FIFO,
-        device, or a symlink to one) or is this store's own file. Returns
-        the path."""
+        device, or a symlink to one) or is this store's own file. ``path``
+        may be an ``s3://`` URL: written locally, then uploaded in one
+        atomic put (``storage_options`` as for :func:`open`), an existing
+        object refused unless ``overwrite``. Returns the path."""
         from . import arrow
 
         return arrow.to_parquet(self, path, columns, row_group_size, compression, byte_stream_split,
-                                compression_level, tensor_type, progress, overwrite)
+                                compression_level, tensor_type, progress, overwrite, storage_options)
 
     def classes_table(self) -> Any:
         """The label hierarchy as a pyarrow.Table (label, glabel, set, event,
@@ -567,10 +647,46 @@ def _reopen(path: str) -> Store:
         return _UnopenedStore(path, e)
 
 
-def open(path: str | os.PathLike[str]) -> Store:  # noqa: A001 - the natural name
+def _reopen_remote(url: str, storage_options: dict[str, Any] | None, cache_dir: str) -> Store:
+    """Unpickles a remote Store, never raising (as _reopen)."""
+    try:
+        return _open_remote(url, storage_options, cache_dir)
+    except Exception as e:
+        unopened = _UnopenedStore(url, e)
+        object.__setattr__(unopened, "_remote_args", (url, storage_options, cache_dir))
+        return unopened
+
+
+def open(path: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None,  # noqa: A001
+         cache_dir: str | os.PathLike[str] | None = None) -> Store:
     """Open a store read-only. The file is mapped, not read: opening reads the
     header, section table, padding and the int64 offsets arrays (8 bytes per
     instance per string or ragged column), never feature bytes. Raises
     FormatError for a damaged or foreign file and OSError
-    (FileNotFoundError, ...) when it cannot be opened or read."""
+    (FileNotFoundError, ...) when it cannot be opened or read.
+
+    ``path`` may be a URL: ``s3://BUCKET/KEY``, ``https://...``,
+    ``http://...`` (a remote store, README "Remote stores": needs the
+    ``remote`` extra) or ``file://PATH``. A remote store fetches its
+    non-feature bytes at open and feature rows on first use into a cache
+    under ``cache_dir`` (default ``$XDG_CACHE_HOME/finegym-store/remote``);
+    ``storage_options`` configure the client (credentials, region, endpoint,
+    timeouts) on top of the standard AWS environment variables."""
+    from .remote import is_url
+
+    if isinstance(path, str) and is_url(path):
+        if path.lower().startswith("file://"):
+            from urllib.parse import unquote, urlparse
+
+            return Store(unquote(urlparse(path).path))
+        return _open_remote(path, storage_options, cache_dir)
+    if storage_options is not None or cache_dir is not None:
+        raise ValueError(f"storage_options and cache_dir are for remote stores (URLs), not the local file {path!r}")
     return Store(path)
+
+
+def _open_remote(url: str, storage_options: dict[str, Any] | None, cache_dir: str | os.PathLike[str] | None) -> Store:
+    from .remote import open_remote
+
+    cache = open_remote(url, storage_options, cache_dir)
+    return Store(cache.data_path, _remote=cache)

@@ -165,8 +165,8 @@ HEADER_CASES = [
     ("magic", lambda b: b"FGSTORX\0", r"bad magic"),
     ("magic", lambda b: b"\0" * 8, r"bad magic"),
     ("magic", lambda b: b"FGSTORE1", r"bad magic"),
-    ("version", lambda b: 0, r"format version 0 is not supported; this build reads version 1"),
-    ("version", lambda b: 2, r"format version 2 is not supported"),
+    ("version", lambda b: 0, r"format version 0 is not supported; this build reads versions 1 to 2"),
+    ("version", lambda b: 3, r"format version 3 is not supported"),
     ("version", lambda b: 2**32 - 1, r"format version 4294967295 is not supported"),
     ("header_size", lambda b: 128, r"header_size is 128, expected 64"),
     ("header_size", lambda b: 0, r"header_size is 0, expected 64"),
@@ -807,7 +807,7 @@ def test_overlap_message(base, damaged):
 
 def test_store_without_feature_columns_is_refused(base, damaged):
     rows = [r for r in _table(base.data) if not _entry_name(r).startswith("features/")]
-    assert len(rows) == base.section_count - 3
+    assert len(rows) == base.section_count - 5  # two columns' features and blocks, one's offsets
     open_fails(damaged(_with_table(base.data, rows)),
                r"no feature column \(no 'features/NAME' section\); a store needs at least one")
 
@@ -960,9 +960,35 @@ def test_sections_dict_names_the_schema(base):
                 s["meta_video"] + s["offsets_suffix"], s["meta_video"] + s["data_suffix"], *s["meta_ints"],
                 *s["class_ints"], *(c + x for c in s["class_strings"] for x in (s["offsets_suffix"], s["data_suffix"])),
                 s["attrs"], s["feature_prefix"] + "fix", s["feature_prefix"] + "rag",
-                s["feature_prefix"] + "rag" + s["offsets_suffix"]}
+                s["feature_prefix"] + "rag" + s["offsets_suffix"],
+                *(s["feature_prefix"] + c + s["blocks_suffix"] for c in ("fix", "rag"))}
     assert set(base.sections) == expected
     # The spelling of docs/FORMAT.md, independently of the code.
     assert s["meta_ints"] == ("meta/event_start", "meta/event_end", "meta/element_start", "meta/element_end")
     assert s["class_ints"] == ("classes/label", "classes/glabel", "classes/set")
     assert (s["ids"], s["feature_prefix"], s["offsets_suffix"], s["attrs"]) == ("ids", "features/", "/offsets", "attrs")
+    assert s["blocks_suffix"] == "/blocks"
+
+
+# -- format version 2: block checksums ------------------------------------------------
+
+
+def test_block_checksum_section_of_the_wrong_length_is_refused(base, damaged):
+    buf = bytearray(base.data)
+    at = entries(buf)["features/fix/blocks"]
+    put(buf, "length", 16, ENTRY, at)
+    struct.pack_into("<Q", buf, at + 96, 2)  # shape (2,): one block of features/fix needs (1,)
+    rehash(buf)
+    open_fails(damaged(buf), r"section 'features/fix/blocks' is int64\(2,\), expected int64\(1,\)")
+
+
+def test_missing_block_checksums_are_refused_in_version_2(base, damaged):
+    rows = [r for r in _table(base.data) if _entry_name(r) != "features/rag/blocks"]
+    open_fails(damaged(_with_table(base.data, rows)), r"required section 'features/rag/blocks' is missing")
+
+
+def test_block_checksums_in_a_version_1_file_are_refused(base, damaged):
+    buf = bytearray(base.data)
+    put(buf, "version", 1)
+    rehash(buf)
+    open_fails(damaged(buf), r"section 'features/fix/blocks': column name must be")

@@ -1,7 +1,7 @@
 """Golden stores: committed files of every format version must keep opening
-with the same content. tests/data/golden_v1.fgs was made once by
-tests/data/make_golden.py; these tests read the committed bytes and never
-regenerate them."""
+with the same content. tests/data/golden_v1.fgs and golden_v2.fgs were each
+made once by tests/data/make_golden.py; these tests read the committed bytes
+and never regenerate them."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ def _load_make_golden():
 
 make_golden = _load_make_golden()
 GOLDEN_V1 = DATA / "golden_v1.fgs"
+GOLDEN_V2 = DATA / "golden_v2.fgs"
 
 #: The section names a store made from golden_inputs() has, in format v1.
 V1_SECTIONS = {
@@ -37,6 +38,12 @@ V1_SECTIONS = {
     "classes/name/offsets", "classes/name/data", "classes/event/offsets", "classes/event/data",
     "attrs",
 }
+#: Format v2 adds the block checksums of every feature column.
+V2_SECTIONS = V1_SECTIONS | {"features/tsn/blocks", "features/frames/blocks"}
+
+
+def _is_feature(name: str) -> bool:
+    return name.startswith("features/") and "/" not in name[len("features/"):]
 
 
 def assert_golden_content(store: fgs.Store) -> None:
@@ -97,10 +104,10 @@ def assert_golden_content(store: fgs.Store) -> None:
 # -- the committed golden files ---------------------------------------------------
 
 
-def test_format_version_is_1():
+def test_format_version_is_2():
     # Bumping the format version must add tests/data/golden_v{N}.fgs (keeping the
     # old ones opening, as far as the new reader promises) and update this file.
-    assert fgs.FORMAT_VERSION == 1
+    assert fgs.FORMAT_VERSION == 2
 
 
 def test_a_golden_file_exists_for_every_version():
@@ -128,8 +135,7 @@ def test_golden_v1_opens_with_its_content():
     assert store.file_size == GOLDEN_V1.stat().st_size
     assert {s["name"] for s in store.sections()} == V1_SECTIONS
     for s in store.sections():
-        assert s["offset"] % (4096 if s["name"].startswith("features/") and not s["name"].endswith("/offsets")
-                              else 64) == 0, s
+        assert s["offset"] % (4096 if _is_feature(s["name"]) else 64) == 0, s
     assert_golden_content(store)
     attrs = store.attrs
     assert attrs["split"] == make_golden.SPLIT_NAME
@@ -146,16 +152,57 @@ def test_golden_v1_sources_have_the_declared_dtypes():
     assert -1 in g["labels"].tolist()
 
 
+def test_golden_v2_opens_with_its_content_and_block_checksums():
+    raw = GOLDEN_V2.read_bytes()
+    assert struct.unpack_from("<I", raw, 8)[0] == 2
+    store = fgs.open(GOLDEN_V2)
+    assert store.format_version == 2
+    assert {s["name"] for s in store.sections()} == V2_SECTIONS
+    assert_golden_content(store)
+    by_name = {s["name"]: s for s in store.sections()}
+    block = fgs._core.BLOCK_SIZE
+    assert block == 1 << 20
+    for col in store.columns:
+        feat, sums = by_name[f"features/{col}"], by_name[f"features/{col}/blocks"]
+        assert sums["dtype"] == "int64" and sums["shape"] == (-(-feat["length"] // block),)
+        want = [fgs._core.hash64(raw[o : min(o + block, feat["offset"] + feat["length"])])
+                for o in range(feat["offset"], feat["offset"] + feat["length"], block)]
+        got = np.frombuffer(raw, "<u8", len(want), sums["offset"]).tolist()
+        assert got == want, col
+    # Same content sections as version 1, byte for byte.
+    v1 = {s["name"]: s for s in fgs.open(GOLDEN_V1).sections()}
+    for name in V1_SECTIONS - {"attrs"}:
+        assert by_name[name]["checksum"] == v1[name]["checksum"], name
+
+
+def test_block_checksums_cover_several_blocks(tmp_path):
+    # A column of 2.5 blocks: three checksums, the last over a short block.
+    block = fgs._core.BLOCK_SIZE
+    n, t, c = 5, 4, block // 32  # 5 * 4 * c * 4 bytes = 2.5 blocks
+    ids = [f"v{i:02d}_E_0_1_A_0_1" for i in range(n)]
+    table = {k: np.full((t, c), i, np.float32) + np.arange(c, dtype=np.float32) for i, k in enumerate(ids)}
+    store = fgs.convert({"feat": table}, tmp_path / "b.fgs", progress=False)
+    raw = (tmp_path / "b.fgs").read_bytes()
+    by_name = {s["name"]: s for s in store.sections()}
+    feat, sums = by_name["features/feat"], by_name["features/feat/blocks"]
+    assert feat["length"] == n * t * c * 4 and sums["shape"] == (3,)
+    ends = [feat["offset"] + min(k + block, feat["length"]) for k in range(0, feat["length"], block)]
+    want = [fgs._core.hash64(raw[e - min(block, e - feat["offset"] - k) : e])
+            for k, e in zip(range(0, feat["length"], block), ends)]
+    assert np.frombuffer(raw, "<u8", 3, sums["offset"]).tolist() == want
+    assert store.verify() == []
+
+
 # -- a fresh conversion gives the same content --------------------------------------
 
 
 def test_fresh_conversion_has_the_golden_content(tmp_path):
     store = make_golden.build(tmp_path / "fresh.fgs", tmp_path)
     assert store.format_version == fgs.FORMAT_VERSION
-    assert {s["name"] for s in store.sections()} == V1_SECTIONS
+    assert {s["name"] for s in store.sections()} == V2_SECTIONS
     assert_golden_content(store)
 
-    golden = fgs.open(GOLDEN_V1)
+    golden = fgs.open(GOLDEN_V2)
     by_name = {s["name"]: s for s in golden.sections()}
     for s in store.sections():
         if s["name"] == "attrs":  # provenance: paths differ
@@ -214,7 +261,7 @@ def test_golden_v1_f16_opens_with_its_content(tmp_path):
     # A fresh float16 conversion writes the same sections (attrs aside).
     fresh = make_golden.build(tmp_path / "fresh16.fgs", tmp_path, dtype="float16")
     for s in fresh.sections():
-        if s["name"] != "attrs":
+        if s["name"] != "attrs" and not s["name"].endswith("/blocks"):  # blocks: version 2 only
             assert s["checksum"] == by_name[s["name"]]["checksum"], s["name"]
 
 
@@ -231,18 +278,18 @@ def _layout_of(data: bytes):
     return out, toff, count
 
 
-def test_golden_files_meet_the_version_1_layout_rules():
-    # The rules FORMAT.md states for every version-1 file (table ends the
+def test_golden_files_meet_the_layout_rules():
+    # The rules FORMAT.md states for every file (table ends the
     # file, no overlap, only minimal zero padding, T > 0, unique ids), checked
     # on the committed golden bytes independently of the reader: tightening
     # the reader must not turn away files that version 1 always wrote.
-    for path in sorted(DATA.glob("golden_v1*.fgs")):
+    for path in sorted(DATA.glob("golden_v*.fgs")):
         data = path.read_bytes()
         sections, toff, count = _layout_of(data)
         assert toff + 128 * count == len(data), path
         end = 64
         for name, offset, length, _, _ in sorted(sections, key=lambda s: (s[1], s[2])):
-            align = 4096 if name.startswith("features/") and not name.endswith("/offsets") else 64
+            align = 4096 if _is_feature(name) else 64
             assert offset >= end and offset - end < align, (path, name)
             assert data[end:offset] == bytes(offset - end), (path, name)
             end = offset + length

@@ -54,4 +54,6 @@ void register_errors(py::module_& m) {
     m.attr("HEADER_SIZE") = finegym::kHeaderSize;
     m.attr("SECTION_ENTRY_SIZE") = finegym::kSectionEntrySize;
     m.attr("FEATURE_ALIGN") = finegym::kFeatureAlign;
+    m.attr("MIN_FORMAT_VERSION") = finegym::kMinFormatVersion;
+    m.attr("BLOCK_SIZE") = finegym::kBlockSize;
 }

@@ -75,6 +75,7 @@ void register_reader(py::module_& m) {
     sections["feature_prefix"] = std::string(sc::kFeaturePrefix);
     sections["offsets_suffix"] = std::string(sc::kOffsetsSuffix);
     sections["data_suffix"] = std::string(sc::kDataSuffix);
+    sections["blocks_suffix"] = std::string(sc::kBlocksSuffix);  // version 2: features/COL/blocks
     py::tuple class_ints(sc::kClassInts.size());
     for (std::size_t i = 0; i < sc::kClassInts.size(); ++i) class_ints[i] = std::string(sc::kClassInts[i]);
     sections["class_ints"] = class_ints;  // label, glabel, set

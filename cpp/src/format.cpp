@@ -103,9 +103,10 @@ Header decode_header(const unsigned char* b, std::uint64_t actual_size, const st
         fail(path, "bad magic (the first 8 bytes are not \"FGSTORE\\0\"); is this a finegym-store file?");
     Header h;
     h.version = get<std::uint32_t>(b, hdr::version);
-    if (h.version != kFormatVersion)
-        fail(path, "format version " + std::to_string(h.version) + " is not supported; this build reads version " +
-                       std::to_string(kFormatVersion) + " (upgrade finegym-store, or re-convert)");
+    if (h.version < kMinFormatVersion || h.version > kFormatVersion)
+        fail(path, "format version " + std::to_string(h.version) + " is not supported; this build reads versions " +
+                       std::to_string(kMinFormatVersion) + " to " + std::to_string(kFormatVersion) +
+                       " (upgrade finegym-store, or re-convert)");
     const auto header_size = get<std::uint32_t>(b, hdr::header_size);
     if (header_size != kHeaderSize)
         fail(path, "header_size is " + std::to_string(header_size) + ", expected " + std::to_string(kHeaderSize));

@@ -37,7 +37,7 @@ StoreReader::StoreReader(const std::string& path) : file_(path, kHeaderSize) {
     for (std::uint32_t i = 0; i < header_.num_sections; ++i)
         sections_.push_back(decode_section(table_bytes_.data() + std::size_t{i} * kSectionEntrySize, i, header_, path));
     index_ = index_sections(sections_, path);  // views into sections_, which no longer changes
-    schema_ = validate_schema(sections_, index_, header_.num_instances, path);
+    schema_ = validate_schema(sections_, index_, header_.num_instances, path, header_.version);
     check_layout();
 
     // Offsets are data, not header: copy them once, here, prove the copies in

@@ -91,13 +91,14 @@ SectionIndex index_sections(const std::vector<Section>& sections, const std::str
     return index;
 }
 
-Schema validate_schema(const std::vector<Section>& sections, std::uint64_t n, const std::string& path) {
-    return validate_schema(sections, index_sections(sections, path), n, path);
+Schema validate_schema(const std::vector<Section>& sections, std::uint64_t n, const std::string& path,
+                       std::uint32_t version) {
+    return validate_schema(sections, index_sections(sections, path), n, path, version);
 }
 
 // O(sections): every lookup goes through the hash index.
 Schema validate_schema(const std::vector<Section>& sections, const SectionIndex& index, std::uint64_t n,
-                       const std::string& path) {
+                       const std::string& path, std::uint32_t version) {
     Schema out;
     out.num_instances = n;
     Checker c(sections, index, path);
@@ -127,6 +128,11 @@ Schema validate_schema(const std::vector<Section>& sections, const SectionIndex&
     for (std::size_t i = 0; i < sections.size(); ++i) {
         const Section& s = sections[i];
         if (!starts_with(s.name, schema::kFeaturePrefix) || ends_with(s.name, schema::kOffsetsSuffix)) continue;
+        // features/COL/blocks (version 2) belongs to column COL; "features/blocks"
+        // (no second slash) is a column named "blocks".
+        if (version >= 2 && ends_with(s.name, schema::kBlocksSuffix) &&
+            s.name.find('/', schema::kFeaturePrefix.size()) != std::string::npos)
+            continue;
         FeatureColumn col;
         col.name = s.name.substr(schema::kFeaturePrefix.size());
         if (!schema::valid_column_name(col.name))
@@ -156,6 +162,13 @@ Schema validate_schema(const std::vector<Section>& sections, const SectionIndex&
         } else {
             fail(path, "section '" + s.name + "' has " + std::to_string(s.shape.size()) +
                            " dims, expected 3 (N, T, C) or 2 (rows, C) for a ragged column");
+        }
+        if (version >= 2) {
+            const std::uint64_t nblocks = (s.length + kBlockSize - 1) / kBlockSize;
+            const std::string blocks_name = s.name + std::string(schema::kBlocksSuffix);
+            c.vector(blocks_name, DType::Int64, nblocks);
+            col.has_blocks = true;
+            col.blocks = static_cast<std::size_t>(c.find(blocks_name));
         }
         out.columns.push_back(col);
     }

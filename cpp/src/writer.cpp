@@ -191,6 +191,25 @@ void StoreWriter::begin_features(const std::string& column, DType dtype, std::ui
     feat_column_ = column;
     feat_segments_ = segments;
     feat_channels_ = channels;
+    block_hasher_ = Hasher64{};
+    block_fill_ = 0;
+    block_sums_.clear();
+}
+
+void StoreWriter::hash_blocks(const unsigned char* data, std::size_t size) {
+    while (size > 0) {
+        const std::uint64_t room = kBlockSize - block_fill_;
+        const std::size_t take = size < room ? size : static_cast<std::size_t>(room);
+        block_hasher_.update(data, take);
+        block_fill_ += take;
+        data += take;
+        size -= take;
+        if (block_fill_ == kBlockSize) {
+            block_sums_.push_back(static_cast<std::int64_t>(block_hasher_.digest()));
+            block_hasher_ = Hasher64{};
+            block_fill_ = 0;
+        }
+    }
 }
 
 void StoreWriter::append_features(const void* data, std::size_t size) {
@@ -200,6 +219,7 @@ void StoreWriter::append_features(const void* data, std::size_t size) {
         throw std::invalid_argument("column '" + feat_column_ + "': appended " + std::to_string(size) +
                                     " bytes, not a whole number of " + std::to_string(row_bytes) + "-byte rows");
     hasher_.update(data, size);
+    hash_blocks(static_cast<const unsigned char*>(data), size);
     write_all(data, size);
     current_bytes_ += size;
 }
@@ -209,10 +229,17 @@ void StoreWriter::end_features(const std::vector<std::int64_t>& row_counts) {
     const std::uint64_t row_bytes = feat_channels_ * dtype_size(current_.dtype);
     const std::uint64_t rows = current_bytes_ / row_bytes;
     in_features_ = false;
+    if (block_fill_ > 0) block_sums_.push_back(static_cast<std::int64_t>(block_hasher_.digest()));
+    block_fill_ = 0;
+    const auto add_blocks = [this] {
+        add_section(std::string(schema::kFeaturePrefix) + feat_column_ + std::string(schema::kBlocksSuffix),
+                    DType::Int64, {block_sums_.size()}, block_sums_.data(), block_sums_.size() * sizeof(std::int64_t));
+    };
     if (feat_segments_ != 0) {
         if (!row_counts.empty())
             throw std::invalid_argument("column '" + feat_column_ + "' is fixed-T; row counts are for ragged columns");
         finish_section({num_instances_, feat_segments_, feat_channels_});
+        add_blocks();
         return;
     }
     if (row_counts.size() != num_instances_)
@@ -234,12 +261,13 @@ void StoreWriter::end_features(const std::vector<std::int64_t>& row_counts) {
     finish_section({rows, feat_channels_});
     add_section(std::string(schema::kFeaturePrefix) + feat_column_ + std::string(schema::kOffsetsSuffix),
                 DType::Int64, {offsets.size()}, offsets.data(), offsets.size() * sizeof(std::int64_t));
+    add_blocks();
 }
 
 void StoreWriter::commit() {
     check_open();
     if (in_section_ || in_features_) throw std::logic_error("commit() with section '" + current_.name + "' open");
-    validate_schema(sections_, num_instances_, path_);
+    validate_schema(sections_, num_instances_, path_, kFormatVersion);
 
     pad_to(kSectionAlign);
     Header h;

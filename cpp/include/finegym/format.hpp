@@ -14,7 +14,8 @@ namespace finegym {
 
 // ---- file header: 64 bytes at offset 0, all integers little-endian -------
 inline constexpr std::array<char, 8> kMagic = {'F', 'G', 'S', 'T', 'O', 'R', 'E', '\0'};
-inline constexpr std::uint32_t kFormatVersion = 1;
+inline constexpr std::uint32_t kFormatVersion = 2;     // what the writer writes
+inline constexpr std::uint32_t kMinFormatVersion = 1;  // the oldest version the reader opens
 inline constexpr std::uint32_t kHeaderSize = 64;
 inline constexpr std::uint32_t kSectionEntrySize = 128;
 inline constexpr std::size_t kSectionNameSize = 64;  // NUL-padded; at most 63 bytes used
@@ -24,6 +25,12 @@ inline constexpr std::uint32_t kMaxDims = 4;
 // multiple of kFeatureAlign (a page), so an instance is a plain strided view.
 inline constexpr std::uint64_t kSectionAlign = 64;
 inline constexpr std::uint64_t kFeatureAlign = 4096;
+// Version 2: every feature section features/COL has a block-checksum section
+// features/COL/blocks, int64 (ceil(length / kBlockSize),): the XXH64 of each
+// kBlockSize-byte block of features/COL (the last one short), its uint64 bits
+// stored as int64. A reader of part of a column (a remote store's cache)
+// checks the blocks it holds without reading the rest.
+inline constexpr std::uint64_t kBlockSize = std::uint64_t{1} << 20;
 
 struct Header {
     std::uint32_t version = kFormatVersion;
@@ -103,6 +110,8 @@ std::uint64_t header_checksum(const unsigned char* header, const unsigned char* 
 //                          or (S, C) with S = total rows when T varies (ragged), plus
 //   features/NAME/offsets  int64 (N+1), ragged columns only: rows of instance i are
 //                          [offsets[i], offsets[i+1]); strictly increasing (T_i > 0)
+//   features/NAME/blocks   int64 (ceil(bytes / kBlockSize),), version 2 only (and
+//                          required there): XXH64 of each block of features/NAME
 // At least one feature column. Ids are unique (checked by verify, not open).
 // Optional, present together when a categories file was given (M classes):
 //   classes/label int32 (M), classes/glabel int32 (M), classes/set int32 (M),
@@ -118,6 +127,7 @@ inline constexpr std::array<std::string_view, 4> kMetaInts = {
 inline constexpr std::string_view kFeaturePrefix = "features/";
 inline constexpr std::string_view kOffsetsSuffix = "/offsets";
 inline constexpr std::string_view kDataSuffix = "/data";
+inline constexpr std::string_view kBlocksSuffix = "/blocks";
 inline constexpr std::string_view kClassPrefix = "classes/";
 inline constexpr std::array<std::string_view, 3> kClassInts = {
     "classes/label", "classes/glabel", "classes/set"};

@@ -21,6 +21,8 @@ struct FeatureColumn {
     std::uint64_t channels = 0;  // C
     std::size_t values = 0;      // index of the features/NAME section
     std::size_t offsets = 0;     // index of features/NAME/offsets (ragged only)
+    bool has_blocks = false;     // version 2: features/NAME/blocks exists
+    std::size_t blocks = 0;      // its index
     bool ragged() const noexcept { return segments == 0; }
 };
 
@@ -42,9 +44,11 @@ SectionIndex index_sections(const std::vector<Section>& sections, const std::str
 // Checks names, dtypes, shapes and alignment of every section against the
 // schema in format.hpp, in O(sections). Throws FormatError naming `path` and
 // the section.
+// `version` decides whether feature columns carry block checksums (2) or not (1).
 Schema validate_schema(const std::vector<Section>& sections, const SectionIndex& index,
-                       std::uint64_t num_instances, const std::string& path);
-Schema validate_schema(const std::vector<Section>& sections, std::uint64_t num_instances, const std::string& path);
+                       std::uint64_t num_instances, const std::string& path, std::uint32_t version);
+Schema validate_schema(const std::vector<Section>& sections, std::uint64_t num_instances, const std::string& path,
+                       std::uint32_t version);
 
 // Index of the section called `name`, or -1 (a linear scan; readers use their index).
 std::ptrdiff_t find_section(const std::vector<Section>& sections, std::string_view name);

@@ -54,6 +54,7 @@ private:
     void start_section(std::string name, DType dtype, std::uint64_t alignment);
     void finish_section(std::vector<std::uint64_t> shape);
     void check_open() const;
+    void hash_blocks(const unsigned char* data, std::size_t size);
 
     std::string path_;
     std::string dir_;
@@ -75,6 +76,10 @@ private:
     std::uint64_t feat_segments_ = 0;
     std::uint64_t feat_channels_ = 0;
     std::string feat_column_;
+    // Block checksums of the feature column being streamed (kBlockSize blocks).
+    Hasher64 block_hasher_;
+    std::uint64_t block_fill_ = 0;
+    std::vector<std::int64_t> block_sums_;
 };
 
 }  // namespace finegym
