@@ -172,3 +172,10 @@ def test_blocks_are_found() -> None:
     # The parser sees the tour, so a change of fence style cannot empty the test.
     assert len(blocks(ROOT / "README.md", "python")) >= 1
     assert np.all([code.strip() for _, code in blocks(ROOT / "README.md", "python")])
+
+
+def test_readme_lists_every_page() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    docs = readme[readme.index("## Documentation"):]
+    missing = [p.name for p in sorted((ROOT / "docs").glob("*.md")) if f"](docs/{p.name})" not in docs]
+    assert not missing, f"README.md's Documentation list lacks {', '.join(missing)}"
