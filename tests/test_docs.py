@@ -179,3 +179,13 @@ def test_readme_lists_every_page() -> None:
     docs = readme[readme.index("## Documentation"):]
     missing = [p.name for p in sorted((ROOT / "docs").glob("*.md")) if f"](docs/{p.name})" not in docs]
     assert not missing, f"README.md's Documentation list lacks {', '.join(missing)}"
+
+
+def test_install_names_every_extra() -> None:
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    install = readme[readme.index("## Install"):readme.index("\n## ", readme.index("## Install") + 1)]
+    missing = [name for name in extras if f"| `{name}` |" not in install]
+    assert not missing, f"README.md's Install table lacks the extras {', '.join(missing)}"
