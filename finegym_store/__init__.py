@@ -1,7 +1,7 @@
 """finegym-store: a memory-mapped, columnar store for FineGym features.
 
     import finegym_store as fgs
-    fgs.convert("gym99_val.fgs", {"i3d": "i3d_val.pkl"}, split="gym99_val_element.txt")
+    fgs.convert({"i3d": "i3d_gym99_val.pkl"}, "gym99_val.fgs", split="gym99_val_element.txt")
     store = fgs.open("gym99_val.fgs")
     x = store.features("i3d", 0)        # (12, 2048) float32 view, no copy
 """

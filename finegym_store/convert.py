@@ -202,7 +202,7 @@ def convert(
     split file) instances follow the split's order and carry its labels;
     without, they are sorted by the first column's ids and labelled -1.
     ``categories`` adds the label hierarchy; the split's labels must fit it
-    (README, "Label spaces") unless ``allow_label_mismatch``. Pickles are
+    (docs/converting.md, "Label spaces") unless ``allow_label_mismatch``. Pickles are
     loaded through an allow-list unless ``trust_pickle``. The file appears
     only once complete. ``out`` may be an ``s3://`` URL: the store is
     written to a local temporary file, then uploaded in one atomic put

@@ -9,7 +9,7 @@ of K sampled segments, evaluate it, and report the FineGym model-zoo metrics
     table = run_probes([("gym99_train.fgs", "gym99_val.fgs")], ["tsn", "i3d"])
     print(table.to_markdown())
 
-Protocol (README, "Evaluation protocol"):
+Protocol (docs/evaluation.md):
 
 - Training reads the train store through ``Store.loader`` in ``mode="train"``
   (TSN sampling: one random segment in each of K equal parts), shuffled, one

@@ -14,6 +14,8 @@ with pyarrow: ``pip install "finegym-store[spark]"``.
 
 from __future__ import annotations
 
+import os
+
 import math
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -106,7 +108,12 @@ class StoreDataSource(DataSource):
         path = self.options.get("path")
         if not path:
             raise ValueError('finegym_store needs a path: spark.read.format("finegym_store").load(path)')
-        return str(path)
+        path = str(path)
+        if "://" not in path and not os.path.isabs(path) and not os.path.exists(path):
+            # Spark runs the data source in Python workers whose folder is not the caller's.
+            raise FileNotFoundError(f"{path}: no such file in the folder of Spark's Python worker "
+                                    f"({os.getcwd()}); pass an absolute path")
+        return path
 
     def schema(self) -> StructType:
         from .store import open as open_store

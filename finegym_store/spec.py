@@ -23,7 +23,7 @@ __all__ = ["SegmentSpec", "MODES", "RULES", "DTYPES"]
 
 #: Segment modes: random within equal parts (training) or centred (evaluation).
 MODES = ("train", "test")
-#: Segment rounding rules (README, "Sampling"): mmaction2 1.2.0's SampleFrames,
+#: Segment rounding rules (docs/sampling.md): mmaction2 1.2.0's SampleFrames,
 #: bit-exact, or the same rules in exact integer arithmetic.
 RULES = ("mmaction2", "exact")
 #: Output dtypes of a gather (None: the column's).
@@ -55,7 +55,7 @@ class SegmentSpec:
     * ``clip_len`` (L): consecutive segments per clip (needs num_segments).
     * ``rule``: ``"mmaction2"`` (bit-exact with mmaction2 1.2.0's
       SampleFrames) or ``"exact"`` (the same rules in exact integer
-      arithmetic); README, "Sampling".
+      arithmetic); docs/sampling.md.
     * ``dtype``: ``"float32"``, ``"float16"`` or None (the column's).
     * ``seed``: keys train-mode segments (and a loader's order).
 

@@ -302,7 +302,7 @@ class Store:
     @property
     def labels(self) -> np.ndarray:
         """int32 labels (N,), -1 where unlabelled: a view of the mapping (not
-        guarded once handed out: see README, "Threat model")."""
+        guarded once handed out: see docs/threat-model.md)."""
         return self._reader.section(_S["labels"])
 
     def _copy_section(self, name: str) -> np.ndarray:
@@ -384,7 +384,7 @@ class Store:
 
     @property
     def label_space(self) -> LabelSpace:
-        """The classes the labels refer to (README, "Label spaces"): subset
+        """The classes the labels refer to (docs/converting.md, "Label spaces"): subset
         (gym99/gym288/gym530 when recognised), class count and hierarchy
         fingerprint, computed from the stored hierarchy when there is one,
         else as recorded at write time (else from the labels)."""
@@ -477,8 +477,8 @@ class Store:
         without allocating. The work runs on ``threads`` C++ threads
         (default: the cores available; at most the machine's cores) with the
         GIL released; ``readahead`` ("auto", "on", "off") is when to ask the
-        kernel to read a batch's rows ahead of the copy (README,
-        "Batches"). IndexError names an out-of-range index; TypeError a
+        kernel to read a batch's rows ahead of the copy
+        (docs/loading.md). IndexError names an out-of-range index; TypeError a
         non-integer one (bools and floats included)."""
         if spec_keywords or type(spec) is not SegmentSpec:
             spec = resolve(spec, spec_keywords, "gather()")
@@ -504,7 +504,7 @@ class Store:
         reuse_buffers: bool = False,
         **spec_keywords: Any,
     ) -> Loader:
-        """Batches for a training loop; see README, "Loader". Iterating yields
+        """Batches for a training loop; see docs/loading.md, "Loader". Iterating yields
         :class:`Batch` (features, labels, indices); each new iteration is the
         next epoch (``set_epoch`` sets it). ``spec`` (or its fields as
         keywords) as in :meth:`gather`; its ``seed`` keys both the epoch
@@ -540,7 +540,7 @@ class Store:
         fixed_size_list<fixed_size_list<value, C>, T> (``tensor_type=
         "fixed_shape_tensor"``: the arrow.fixed_shape_tensor extension);
         ragged ones large_list<fixed_size_list<value, C>>. The schema metadata
-        holds what rebuilds the store (README, "Arrow and Parquet")."""
+        holds what rebuilds the store (docs/arrow.md)."""
         from . import arrow
 
         return arrow.to_arrow(self, columns, tensor_type)

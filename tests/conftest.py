@@ -57,3 +57,56 @@ def synthetic_store(folder: Path, n: int, num_classes: int, shape: tuple[int, ..
 #: first on sys.path; from the repository root, the uncompiled sources there
 #: would shadow the installed package, so children run from tests/ instead.
 CHILD_CWD = Path(__file__).resolve().parent
+
+
+def markdown_blocks(path: Path, language: str) -> list[tuple[int, str]]:
+    """(line number of the block's first line, its text) for each fenced
+    block of `language` in the Markdown file `path`."""
+    import re
+
+    out: list[tuple[int, str]] = []
+    fence: tuple[str, int] | None = None
+    body: list[str] = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
+        if fence is None:
+            m = re.match(r"^```(\S*)\s*$", line)
+            if m:
+                fence = (m.group(1), number + 1)
+                body = []
+        elif line.startswith("```"):
+            if fence[0] == language:
+                out.append((fence[1], "\n".join(body) + "\n"))
+            fence = None
+        else:
+            body.append(line)
+    assert fence is None, f"{path.name}: the block opened at line {fence[1] - 1} is never closed"
+    return out
+
+
+def run_markdown_blocks(path: Path, select: str, namespace: dict, replace: dict[str, str] | None = None) -> dict:
+    """Run, in order and in one namespace, the python blocks of `path` that
+    contain `select` (after the replacements), with the Markdown file's line
+    numbers in tracebacks."""
+    found = [(line, code) for line, code in markdown_blocks(path, "python") if select in code]
+    assert found, f"{path.name}: no python block contains {select!r}"
+    for line, code in found:
+        for old, new in (replace or {}).items():
+            code = code.replace(old, new)
+        exec(compile("\n" * (line - 1) + code, str(path), "exec"), namespace)
+    return namespace
+
+
+def example_store(folder: Path, name: str = "gym99_train.fgs", n: int = 120, channels: int = 32, seed: int = 0):
+    """A small store named as the docs' examples name it: one column 'i3d'
+    of (12, channels) features, gym99 labels and hierarchy."""
+    import finegym_store as fgs
+    from finegym_store import synth
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ids = synth.make_ids(n, seed=seed)
+    labels = synth.long_tailed_labels(n, 99, seed=seed)
+    synth.write_split(folder / f"{name}.split.txt", ids, labels)
+    table = synth.make_features(ids, labels, (12, channels, 1, 1, 1), seed=seed)
+    categories = Path(fgs.__file__).parent / "sample" / "gym99_categories.txt"
+    return fgs.convert({"i3d": table}, folder / name, split=folder / f"{name}.split.txt", categories=categories,
+                       progress=False)

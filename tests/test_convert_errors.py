@@ -404,7 +404,7 @@ def test_features_must_be_a_nonempty_mapping(tmp_path, features):
 
 @pytest.mark.parametrize("dtype", ["float64", "int8", "bfloat16"])
 def test_unsupported_store_dtype(tmp_path, dtype):
-    # The README promises ConversionError for bad input to convert; it is a
+    # docs/converting.md promises ConversionError for bad input to convert; it is a
     # ValueError, so callers catching ValueError still do.
     with pytest.raises(fgs.ConversionError, match=rf"dtype='{dtype}' is not supported; use 'float32' or 'float16'"):
         _convert(tmp_path, {"x": _table(n=2)}, dtype=dtype)

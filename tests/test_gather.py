@@ -1,4 +1,4 @@
-"""Batch gathering and temporal-segment sampling (README, "Sampling")."""
+"""Batch gathering and temporal-segment sampling (docs/sampling.md)."""
 
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def test_train_mode_deterministic_branches_are_bit_exact_with_mmaction2():
 
 
 @pytest.mark.parametrize("T,K,L,mode,mm,exact", [
-    # float64 lands just below a whole number at a tie (README, "Sampling"):
+    # float64 lands just below a whole number at a tie (docs/sampling.md):
     (12, 7, 1, "test", [0, 2, 4, 5, 7, 9, 11], [0, 2, 4, 6, 7, 9, 11]),
     # mmaction2 >= 1.0 test clips for clip_len > 1: round(k * max(T - L, 0) / (K - 1)) (first segment of each clip)
     (20, 5, 2, "test", [0, 4, 9, 14, 18], [1, 5, 9, 13, 17]),
@@ -113,14 +113,14 @@ def test_exact_sampling_rules():
         if (T - L + 1) // K == 0 and not T > max(K, L):
             np.testing.assert_array_equal(_core.sample_segments(T, K, L, "train", seed=1, rule="exact"),
                                           exact_train_deterministic(T, K, L))
-    # TSN's centred formula for clip_len = 1, as the README states it.
+    # TSN's centred formula for clip_len = 1, as docs/sampling.md states it.
     for T in range(1, 30):
         for K in range(1, 17):
             assert _core.sample_segments(T, K, 1, "test", rule="exact").tolist() == \
                 [math.floor((k + 0.5) * T / K) for k in range(K)]
 
 
-# ---- train-mode randomness: the README's counter-based stream, recomputed with the xxhash package ----
+# ---- train-mode randomness: the counter-based stream of docs/sampling.md, recomputed with the xxhash package ----
 def xxh_u(seed: int, epoch: int, index: int, k: int) -> int:
     return xxhash.xxh64_intdigest(struct.pack("<4Q", seed, epoch, index, k))
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import require, synthetic_store
+from conftest import example_store, require, run_markdown_blocks, synthetic_store
 
 require("ray.data", "Ray Data", 'pip install "finegym-store[ray]"; CI installs ray[data,train]')
 
@@ -27,7 +27,7 @@ pytestmark = [
 ]
 
 N = 240
-README = Path(__file__).resolve().parents[1] / "README.md"
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "engines.md"
 
 
 @pytest.fixture(scope="module")
@@ -184,27 +184,19 @@ def test_bad_arguments(cluster, store):
         fr.read_store(os.path.join(os.path.dirname(store.path), "missing.fgs"))
 
 
-def _readme_block(marker: str) -> str:
-    text = README.read_text(encoding="utf-8")
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    found = [b for b in blocks if marker in b]
-    assert len(found) == 1, f"README must hold one python block containing {marker!r}"
-    return found[0]
-
-
-def test_readme_ray_train_example(cluster, store, tmp_path):
+def test_docs_examples(cluster, tmp_path, monkeypatch):
+    # docs/engines.md's Ray examples as written: reading, sampling, and the Ray Train example.
     require("torch", "torch", "pip install torch")
-    code = _readme_block("TorchTrainer")
-    for old, new in (('"gym99_train.fgs"', repr(store.path)), ('"/tmp/ray_results"', repr(str(tmp_path)))):
-        assert code.count(old) == 1, old
-        code = code.replace(old, new)
-    scope: dict = {"__name__": "readme_example"}
-    exec(compile(code, "README.md (Ray Train example)", "exec"), scope)
+    example_store(tmp_path, n=N)
+    monkeypatch.chdir(tmp_path)
+    scope = run_markdown_blocks(DOCS, "finegym_store.ray", {"__name__": "docs_example"},
+                                {'"/tmp/ray_results"': repr(str(tmp_path / "ray_results"))})
     result = scope["result"]
     assert result.error is None and result.checkpoint is not None
     # Each of the 2 workers took half the instances per epoch (Ray Train's equal split).
     assert result.metrics["instances"] == N // 2
     assert np.isfinite(result.metrics["loss"])
+    assert scope["batch"]["i3d"].shape[1:] == (12, 32)
 
 
 def test_ragged_and_float16_columns(cluster, tmp_path):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import finegym_store as fgs
-from conftest import require
+from conftest import example_store, require, run_markdown_blocks
 
 require("obstore", "obstore", 'pip install "finegym-store[remote]"')
 
@@ -454,3 +454,25 @@ def test_cli_info_and_verify_open_urls(served, local_scratch, capsys):
     assert url in out and '"format_version": 2' in out
     assert main(["verify", url]) == 0
     assert "OK" in capsys.readouterr().out
+
+
+def test_docs_example(served, moto, tmp_path, monkeypatch):
+    # docs/remote.md's example as written: S3 through the AWS_* environment
+    # (a moto server), and the https URL pointed at the local Range server.
+    server, root = served[0], served[2]
+    local = example_store(root / "docs", name="gym99_train.fgs")
+    shutil.copy(local.path, root / "gym99_val.fgs")
+    s3_put(moto, "bucket", "gym99_train.fgs", Path(local.path))
+    for k, v in {"AWS_ENDPOINT_URL": moto, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
+                 "XDG_CACHE_HOME": str(tmp_path / "xdg")}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(tmp_path)
+    page = Path(__file__).resolve().parents[1] / "docs" / "remote.md"
+    scope = run_markdown_blocks(page, "fgs.open(", {"__name__": "docs_example"},
+                                {'"https://example.org/gym99_val.fgs"': repr(f"{server.url}/gym99_val.fgs")})
+    store, val = scope["store"], scope["val"]
+    np.testing.assert_array_equal(store.gather("i3d", [0, 5], num_segments=3, mode="test"),
+                                  local.gather("i3d", [0, 5], num_segments=3, mode="test"))
+    np.testing.assert_array_equal(val.features("i3d", 7), local.features("i3d", 7))
+    assert (tmp_path / "fgs-cache").is_dir()

@@ -9,7 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import require, synthetic_store
+from pathlib import Path
+
+from conftest import example_store, require, run_markdown_blocks, synthetic_store
 
 import finegym_store
 
@@ -135,3 +137,14 @@ def test_ragged_and_float16_columns(spark, tmp_path):
     idx = s.index_of([r["id"] for r in rows])
     spec = finegym_store.SegmentSpec(2, mode="test", dtype="float32")
     np.testing.assert_array_equal(np.array([r["r"] for r in rows], dtype=np.float32), s.gather("r", idx, spec=spec))
+
+
+def test_docs_example(spark, tmp_path, monkeypatch):
+    # docs/engines.md's Spark example as written, with this module's session as `spark`.
+    local = example_store(tmp_path, n=N)
+    monkeypatch.chdir(tmp_path)
+    page = Path(__file__).resolve().parents[1] / "docs" / "engines.md"
+    scope = run_markdown_blocks(page, "finegym_store.spark", {"__name__": "docs_example", "spark": spark})
+    rows = scope["df"].select("id", "label").collect()
+    assert [r["id"] for r in rows] == local.ids.to_list()
+    assert [r["label"] for r in rows] == local.labels.tolist()
