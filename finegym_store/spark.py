@@ -98,7 +98,7 @@ class StoreDataSource(DataSource):
     ``load`` is given), ``columns`` (comma-separated; default: all),
     ``numPartitions``, and ``numSegments``/``mode``/``clipLen``/``rule``/
     ``seed``/``epoch`` for segment sampling at read time (a SegmentSpec;
-    README, "Ray Data and Spark")."""
+    docs/engines.md)."""
 
     @classmethod
     def name(cls) -> str:

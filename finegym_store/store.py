@@ -666,7 +666,7 @@ def open(path: str | os.PathLike[str], *, storage_options: dict[str, Any] | None
     (FileNotFoundError, ...) when it cannot be opened or read.
 
     ``path`` may be a URL: ``s3://BUCKET/KEY``, ``https://...``,
-    ``http://...`` (a remote store, README "Remote stores": needs the
+    ``http://...`` (a remote store, docs/remote.md: needs the
     ``remote`` extra) or ``file://PATH``. A remote store fetches its
     non-feature bytes at open and feature rows on first use into a cache
     under ``cache_dir`` (default ``$XDG_CACHE_HOME/finegym-store/remote``);

@@ -1,5 +1,5 @@
 """finegym_store.ray.read_store on a real two-node Ray cluster started here
-(README, "Ray Data and Spark"). One cluster serves the whole module."""
+(docs/engines.md). One cluster serves the whole module."""
 
 from __future__ import annotations
 

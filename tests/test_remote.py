@@ -1,4 +1,4 @@
-"""Remote stores (README "Remote stores"): s3:// against a moto server and
+"""Remote stores (docs/remote.md): s3:// against a moto server and
 http:// against a plain Range server, both started here on 127.0.0.1."""
 
 from __future__ import annotations

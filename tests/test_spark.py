@@ -1,5 +1,5 @@
-"""The PySpark data source (finegym_store.spark) in local mode (README, "Ray
-Data and Spark"). One Spark session serves the whole module."""
+"""The PySpark data source (finegym_store.spark) in local mode (docs/engines.md).
+One Spark session serves the whole module."""
 
 from __future__ import annotations
 
