@@ -122,9 +122,13 @@ class StoreWriter:
 
     @classmethod
     def create(cls, out: str, num_instances: int, *, overwrite: bool) -> StoreWriter:
-        """FileNotFoundError naming the folder when ``out``'s folder does not exist."""
+        """FileExistsError when ``out`` exists (without ``overwrite``),
+        FileNotFoundError naming the folder when ``out``'s folder does not exist."""
         try:
             return cls(_core.Writer(out, num_instances, overwrite))
+        except FileExistsError:
+            raise FileExistsError(errno.EEXIST, f"{out} exists; pass overwrite=True to replace it",
+                                  os.fspath(out)) from None
         except FileNotFoundError:
             folder = os.path.dirname(os.fspath(out)) or "."
             if os.path.isdir(folder):
