@@ -113,13 +113,20 @@ def _parser() -> argparse.ArgumentParser:
                          "in memory)")
     pr.add_argument("--seed", type=count(0, 2**63 - 1), default=0,
                     help="initial weights, shuffling and sampling (default 0)")
+    pr.add_argument("--seeds", type=count(1, 1000), default=1, metavar="N",
+                    help="run each probe with N seeds (--seed, --seed + 1, ...) and report the mean, std, min "
+                         "and max of each metric (default 1)")
     pr.add_argument("--threads", type=count(1, 1024), help="C++ threads gathering batches (default: all cores)")
     pr.add_argument("--compute-threads", type=count(1, 1024), metavar="N",
                     help="classifier threads: torch, numpy's BLAS (with threadpoolctl); default: cores - 1, "
                          "leaving a core to the loader")
-    pr.add_argument("--json", metavar="FILE", help="also write every result as JSON ('-': stdout, no table)")
+    pr.add_argument("--json", metavar="FILE",
+                    help="also write every result as JSON ('-': stdout, no table): metrics with top-5, "
+                         "per-instance predictions (id, label, predicted, top-5 classes), the confusion matrix, "
+                         "and with --seeds the spread over seeds")
     pr.add_argument("--plot", metavar="FILE.png",
-                    help="draw per-class accuracy, classes sorted by training frequency (needs matplotlib)")
+                    help="draw per-class accuracy, classes sorted by training frequency and named from the "
+                         "stored hierarchy (needs matplotlib)")
     pr.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     e = sub.add_parser("export", help="write a store as Parquet (.parquet) or Arrow IPC (.arrow, .feather)",
                        description="Export a store to a Parquet or Arrow IPC file (needs pyarrow), streaming "
@@ -170,7 +177,7 @@ def _probe(args: argparse.Namespace) -> None:
     table = run_probes(pairs, args.column, log=log, num_segments=args.num_segments or None, head=args.head,
                        backend=args.backend, levels=tuple(dict.fromkeys(args.levels or ["element"])),
                        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                       hidden=args.hidden, seed=args.seed, threads=args.threads,
+                       hidden=args.hidden, seed=args.seed, seeds=args.seeds, threads=args.threads,
                        compute_threads=args.compute_threads)
     if args.json == "-":
         print(table.to_json())

@@ -328,7 +328,7 @@ def test_cli_probe_table_json_and_plot(tmp_path, pair):
                                           for m in ("mean_class_acc", "top1")]
         assert r["epochs"] == 4 and r["backend"] == "numpy" and r["num_segments"] == 3
     assert re.search(r"Gym99 / a: linear head, numpy, K=3, 4 epochs, 600 train / 300 val instances; "
-                     r"[\d.]+ s, waiting for batches [\d.]+%", p.stdout)
+                     r"top-5 [\d.]+%, [\d.]+ s, waiting for batches [\d.]+%", p.stdout)
     assert "epoch 4/4" in p.stderr  # progress on stderr
     assert out_png.read_bytes()[:4] == b"\x89PNG"
 
