@@ -388,7 +388,7 @@ class ProbeResult:
     top5: float | None = None
     #: The ids of the labelled val instances, in store order.
     ids: list[str] = field(repr=False, default_factory=list)
-    #: (N, 5) their five highest-scoring classes, best first (ties to the lower class id, as in
+    #: (N, k) their k = min(5, classes) highest-scoring classes, best first (ties to the lower class id, as in
     #: metrics.topk_accuracy).
     top5_classes: np.ndarray = field(repr=False, default_factory=lambda: np.zeros((0, 5), np.int64))
     #: Element confusion matrix (rows: true class, columns: predicted class) over
