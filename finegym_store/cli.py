@@ -406,11 +406,15 @@ def _check_paths(args: argparse.Namespace) -> None:
     elif args.command == "probe":
         for k, path in enumerate(args.stores):
             _check_store("VAL" if k % 2 else "TRAIN", path)
+    elif args.command == "bench" and getattr(args, "store", None):
+        _check_store("--store", args.store)
+    if args.command == "import" and args.categories is not None and not os.path.isfile(args.categories):
+        raise FileNotFoundError(f"--categories: no such file: {args.categories}")
     outputs = []
     if args.command in ("convert", "select", "export", "import"):
         outputs.append(("OUT", args.out))
-    elif args.command == "probe":
-        outputs += [("--json", args.json), ("--plot", args.plot)]
+    elif args.command in ("probe", "bench"):
+        outputs += [("--json", getattr(args, "json", None)), ("--plot", getattr(args, "plot", None))]
     for name, path in outputs:
         if path is None or path == "-":
             continue

@@ -339,3 +339,15 @@ def test_demo_with_a_workdir_says_the_files_stay(tmp_path):
     assert f"in {tmp_path / 'w'} (the files stay there)" in proc.stdout
     assert f"converted to {tmp_path / 'w' / 'sample.fgs'} " in proc.stdout
     assert (tmp_path / "w" / "sample.fgs").is_file()
+
+
+def test_bench_and_import_name_their_file_options(files, tmp_path):
+    proc = run_cli("bench", "--quick", "--store", files / "tsn.pkl")
+    assert proc.returncode == 2
+    assert one_error_line(proc).startswith(f"--store: {files / 'tsn.pkl'} is a pickle, not a finegym-store file; ")
+    proc = run_cli("bench", "--quick", "--store", files / "s.fgs", "--json", tmp_path / "no" / "b.json")
+    assert proc.returncode == 2
+    assert one_error_line(proc) == f"--json: the folder '{tmp_path / 'no'}' does not exist"
+    proc = run_cli("import", files / "fake.parquet", tmp_path / "z.fgs", "--categories", tmp_path / "absent.txt")
+    assert proc.returncode == 2
+    assert one_error_line(proc) == f"--categories: no such file: {tmp_path / 'absent.txt'}"
