@@ -558,7 +558,7 @@ def test_plot_names_the_classes(pair):
     require("matplotlib", "matplotlib", "pip install '.[plot]'")
     import matplotlib.pyplot as plt
 
-    tr, va = pair
+    _, va = pair
     table = run_probes([pair], ["a"], backend="numpy", seeds=2, **FAST)
     fig = table.figure()
     try:
