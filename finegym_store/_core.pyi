@@ -5,6 +5,8 @@ from typing import Any, overload
 import numpy as np
 from numpy.typing import NDArray
 
+#: The first 8 bytes of every store (b"FGSTORE\0").
+MAGIC: bytes
 FORMAT_VERSION: int
 HEADER_SIZE: int
 SECTION_ENTRY_SIZE: int

@@ -11,7 +11,9 @@ commit: leaving the ``with`` block any other way discards it.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -120,7 +122,19 @@ class StoreWriter:
 
     @classmethod
     def create(cls, out: str, num_instances: int, *, overwrite: bool) -> StoreWriter:
-        return cls(_core.Writer(out, num_instances, overwrite))
+        """FileExistsError when ``out`` exists (without ``overwrite``),
+        FileNotFoundError naming the folder when ``out``'s folder does not exist."""
+        try:
+            return cls(_core.Writer(out, num_instances, overwrite))
+        except FileExistsError:
+            raise FileExistsError(errno.EEXIST, f"{out} exists; pass overwrite=True to replace it",
+                                  os.fspath(out)) from None
+        except FileNotFoundError:
+            folder = os.path.dirname(os.fspath(out)) or "."
+            if os.path.isdir(folder):
+                raise
+            raise FileNotFoundError(errno.ENOENT, f"cannot write {out}: the folder '{folder}' does not exist",
+                                    os.fspath(out)) from None
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -187,4 +201,17 @@ class StoreWriter:
         if mismatch is not None:
             doc["label_mismatch_allowed"] = mismatch
         raw.add_array(names["attrs"], np.frombuffer(json.dumps(doc).encode("utf-8"), dtype=np.uint8))
+        commit(raw)
+
+
+def commit(raw: Any) -> None:
+    """``raw.commit()``; a target that appeared while the store was written
+    (the C++ writer links without replacing: EEXIST) is a FileExistsError
+    that says so: the other file stays, this store is discarded."""
+    try:
         raw.commit()
+    except FileExistsError as e:
+        path = e.filename or "the target"
+        raise FileExistsError(errno.EEXIST, f"{path} appeared while this store was written (another writer?); "
+                                            "nothing was replaced; pass overwrite=True to replace it",
+                              e.filename) from None

@@ -14,6 +14,7 @@ pyarrow is imported here only: ``pip install "finegym-store[arrow]"``.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -392,6 +393,11 @@ def _create_temporary(path: str) -> tuple[int, str]:
             continue
 
 
+def _appeared(path: str) -> str:
+    return (f"{path} appeared while this export ran (another writer?); nothing was replaced; "
+            "pass overwrite=True to replace it")
+
+
 def _publish(tmp: str, path: str, overwrite: bool) -> None:
     """Give the finished temporary file its name. Without ``overwrite`` a
     hard link, which fails rather than replace a file that appeared since
@@ -400,7 +406,7 @@ def _publish(tmp: str, path: str, overwrite: bool) -> None:
         try:
             os.link(tmp, path, follow_symlinks=False)
         except FileExistsError:
-            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it") from None
+            raise FileExistsError(errno.EEXIST, _appeared(path), path) from None
         except OSError:
             pass  # no hard links here (EPERM, ENOTSUP, ...): the rename below
         else:
@@ -439,7 +445,10 @@ def _write_streaming(store: Store, path: str | os.PathLike[str], columns: Any, r
                 for batch in _guarded_batches(store, schema, tensor_type, rows):
                     write(w, batch)
                     bar.update(batch.num_rows)
-        check_target(store, path, overwrite)  # again: the target may have appeared or changed meanwhile
+        try:
+            check_target(store, path, overwrite)  # again: the target may have appeared or changed meanwhile
+        except FileExistsError:
+            raise FileExistsError(errno.EEXIST, _appeared(path), path) from None
         _publish(tmp, path, overwrite)
     except BaseException:
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -112,13 +113,20 @@ def _parser() -> argparse.ArgumentParser:
                          "in memory)")
     pr.add_argument("--seed", type=count(0, 2**63 - 1), default=0,
                     help="initial weights, shuffling and sampling (default 0)")
+    pr.add_argument("--seeds", type=count(1, 1000), default=1, metavar="N",
+                    help="run each probe with N seeds (--seed, --seed + 1, ...) and report the mean, std, min "
+                         "and max of each metric (default 1)")
     pr.add_argument("--threads", type=count(1, 1024), help="C++ threads gathering batches (default: all cores)")
     pr.add_argument("--compute-threads", type=count(1, 1024), metavar="N",
                     help="classifier threads: torch, numpy's BLAS (with threadpoolctl); default: cores - 1, "
                          "leaving a core to the loader")
-    pr.add_argument("--json", metavar="FILE", help="also write every result as JSON ('-': stdout, no table)")
+    pr.add_argument("--json", metavar="FILE",
+                    help="also write every result as JSON ('-': stdout, no table): metrics with top-5, "
+                         "per-instance predictions (id, label, predicted, top-5 classes), the confusion matrix, "
+                         "and with --seeds the spread over seeds")
     pr.add_argument("--plot", metavar="FILE.png",
-                    help="draw per-class accuracy, classes sorted by training frequency (needs matplotlib)")
+                    help="draw per-class accuracy, classes sorted by training frequency and named from the "
+                         "stored hierarchy (needs matplotlib)")
     pr.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     e = sub.add_parser("export", help="write a store as Parquet (.parquet) or Arrow IPC (.arrow, .feather)",
                        description="Export a store to a Parquet or Arrow IPC file (needs pyarrow), streaming "
@@ -169,7 +177,7 @@ def _probe(args: argparse.Namespace) -> None:
     table = run_probes(pairs, args.column, log=log, num_segments=args.num_segments or None, head=args.head,
                        backend=args.backend, levels=tuple(dict.fromkeys(args.levels or ["element"])),
                        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                       hidden=args.hidden, seed=args.seed, threads=args.threads,
+                       hidden=args.hidden, seed=args.seed, seeds=args.seeds, threads=args.threads,
                        compute_threads=args.compute_threads)
     if args.json == "-":
         print(table.to_json())
@@ -298,8 +306,33 @@ def _import(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; its exit status. Ctrl-C: 130 and one line,
+    "interrupted" (a store being written is discarded). A reader that closes
+    stdout early (``| head``): 141, as for a process that SIGPIPE ends, and
+    nothing on stderr."""
+    try:
+        try:
+            status = _main(argv)
+        except SystemExit:  # argparse: --help, --version, a usage error
+            sys.stdout.flush()
+            raise
+        sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below
+        return status
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # Later writes (the interpreter's own flush at exit) go nowhere instead of failing again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     try:
+        _check_paths(args)
         if args.command == "convert":
             from .convert import check_inputs, convert
 
@@ -333,6 +366,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             if args.instances < 1:
                 raise ValueError("--instances must be at least 1")
+            if args.workdir is not None:
+                try:
+                    os.makedirs(args.workdir, exist_ok=True)
+                except OSError as e:
+                    raise OSError(e.errno, f"--workdir: cannot create the folder {args.workdir}: "
+                                           f"{e.strerror}") from None
             run_demo(args.instances, workdir=args.workdir, seed=args.seed, progress=not args.quiet)
         elif args.command == "bench":
             from .bench import run as run_bench
@@ -349,6 +388,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FormatError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        raise
     except (ConversionError, ValueError, KeyError, OSError) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
@@ -360,14 +401,83 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _check_paths(args: argparse.Namespace) -> None:
+    """Before any work: every store the command reads is a store, and every
+    file it writes has a folder. The errors name the argument (STORE, OUT,
+    --json, ...) and what to do."""
+    if args.command in ("info", "verify", "export", "select"):
+        _check_store("STORE", args.store)
+    elif args.command == "probe":
+        for k, path in enumerate(args.stores):
+            _check_store("VAL" if k % 2 else "TRAIN", path)
+    elif args.command == "bench" and getattr(args, "store", None):
+        _check_store("--store", args.store)
+    if args.command == "import" and args.categories is not None and not os.path.isfile(args.categories):
+        raise FileNotFoundError(f"--categories: no such file: {args.categories}")
+    outputs = []
+    if args.command in ("convert", "select", "export", "import"):
+        outputs.append(("OUT", args.out))
+    elif args.command in ("probe", "bench"):
+        outputs += [("--json", getattr(args, "json", None)), ("--plot", getattr(args, "plot", None))]
+    for name, path in outputs:
+        if path is None or path == "-":
+            continue
+        folder = os.path.dirname(path)
+        if folder and not os.path.isdir(folder):
+            what = "is not a folder" if os.path.exists(folder) else "does not exist"
+            raise FileNotFoundError(f"{name}: the folder '{folder}' {what}")
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"{name}: {path} is a folder; give the path of a file to write")
+
+
+#: First bytes of the files people mistake for a store, what they are, and what makes a store of them.
+_FOREIGN = ((b"\x80", "a pickle", "convert it: finegym-store convert OUT.fgs -f NAME={path}"),
+            (b"PAR1", "a Parquet file", "import it: finegym-store import {path} OUT.fgs"),
+            (b"ARROW1", "an Arrow IPC file", "import it: finegym-store import {path} OUT.fgs"))
+
+
+def _check_store(name: str, path: str) -> None:
+    """ValueError (exit 2) for a file that is not a store at all, by its
+    first bytes, with the command that makes one of it; a store that is
+    damaged (or too short to tell) is left to open(): FormatError, exit 1."""
+    from . import _core
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_core.MAGIC))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{name}: no such file: {path}") from None
+    except IsADirectoryError:
+        raise IsADirectoryError(f"{name}: {path} is a folder, not a store file") from None
+    except PermissionError:
+        raise PermissionError(f"{name}: cannot read {path}: permission denied") from None
+    if _core.MAGIC.startswith(head):
+        return
+    for magic, kind, fix in _FOREIGN:
+        if head.startswith(magic):
+            raise ValueError(f"{name}: {path} is {kind}, not a finegym-store file; {fix.format(path=path)}")
+    raise ValueError(f"{name}: {path} is not a finegym-store file (a store begins with the bytes FGSTORE\\0); "
+                     "make one with finegym-store convert (pickles) or finegym-store import (Parquet)")
+
+
 #: Python spellings in library messages, and what the command line calls them.
 _CLI_WORDS = (("pass overwrite=True", "use --overwrite"), ("overwrite=True", "--overwrite"),
               ("pass trust_pickle=True", "use --trust-pickle"), ("trust_pickle=True", "--trust-pickle"))
 
 
 def _one_line(e: BaseException) -> str:
-    """The message on one line (pyarrow's span several), in the command line's words."""
-    text = " ".join(str(e).split())
+    """The message on one line (pyarrow's span several), in the command line's words,
+    without the quotes str() puts around a KeyError's message nor the
+    "[Errno N]" of an OSError's."""
+    if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str):
+        text = e.args[0]
+    elif isinstance(e, OSError) and e.strerror:
+        text = e.strerror
+        if e.filename is not None and os.fspath(e.filename) not in text:
+            text += f": {os.fspath(e.filename)}"
+    else:
+        text = str(e)
+    text = " ".join(text.split())
     for python, cli in _CLI_WORDS:
         text = text.replace(python, cli)
     return text

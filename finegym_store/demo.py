@@ -37,17 +37,23 @@ def run_demo(
     progress: bool = True,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run the demo; returns what it measured (seconds, counts, accuracy)."""
+    """Run the demo; returns what it measured (seconds, counts, accuracy).
+    The files it makes stay in ``workdir``; without one they go to a
+    temporary folder that is deleted at the end, and the lines ``echo``
+    prints name no path in it."""
+    if workdir is not None:
+        os.makedirs(workdir, exist_ok=True)
+        return _run(instances, workdir, True, batch_size, batches, seed, progress, echo)
     with tempfile.TemporaryDirectory(prefix="finegym-demo-") as tmp:
-        work = workdir or tmp
-        os.makedirs(work, exist_ok=True)
-        return _run(instances, work, batch_size, batches, seed, progress, echo)
+        return _run(instances, tmp, False, batch_size, batches, seed, progress, echo)
 
 
-def _run(n: int, work: str, batch_size: int, batches: int, seed: int, progress: bool,
+def _run(n: int, work: str, keep: bool, batch_size: int, batches: int, seed: int, progress: bool,
          echo: Callable[[str], None]) -> dict[str, Any]:
     report: dict[str, Any] = {"instances": n}
-    echo(f"finegym-store demo: {n} synthetic FineGym instances, gym99 label hierarchy, in {work}")
+    where = f"in {work} (the files stay there)" if keep else \
+        "in a temporary folder, deleted at the end (--workdir DIR keeps the files)"
+    echo(f"finegym-store demo: {n} synthetic FineGym instances, gym99 label hierarchy, {where}")
 
     # 1. Synthesize the release's pickles: one dict per model, plus a split file.
     ids = synth.make_ids(n, seed)
@@ -72,7 +78,8 @@ def _run(n: int, work: str, batch_size: int, batches: int, seed: int, progress: 
     with resources.as_file(categories) as cat_path:
         _, report["convert_s"] = _timed(lambda: convert(
             pickles, out, split=split, categories=cat_path, overwrite=True, progress=progress))
-    echo(f"  converted to {out} ({os.path.getsize(out) / 2**20:.0f} MiB) in {report['convert_s']:.2f} s")
+    shown = out if keep else os.path.basename(out)
+    echo(f"  converted to {shown} ({os.path.getsize(out) / 2**20:.0f} MiB) in {report['convert_s']:.2f} s")
 
     # 3. Open the store vs load the pickle a training script would load.
     store, report["open_s"] = _timed(lambda: open_store(out))

@@ -60,6 +60,7 @@ __all__ = [
     "run_probe",
     "run_probes",
     "make_demo_pair",
+    "class_tick_labels",
 ]
 
 LEVELS = ("element", "set", "event")
@@ -373,19 +374,38 @@ class ProbeResult:
     val_unlabelled: int
     levels: dict[str, dict[str, Any]]
     per_event: dict[str, dict[str, Any]]
-    #: Per-class element accuracy on val: class, recall, val support, train count.
+    #: Per-class element accuracy on val: class, recall, val support, train count, name (from the
+    #: stored hierarchy; None without one).
     per_class: dict[str, list[Any]]
     #: Seconds: total, data_wait (blocked on batches), train, eval; data_wait_fraction.
     timing: dict[str, float]
     final_loss: float
-    #: Element predictions on the labelled val instances, in store order (not in JSON).
+    #: Element predictions on the labelled val instances, in store order.
     predictions: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, np.int64))
-    #: Their labels (not in JSON).
+    #: Their labels.
     labels: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, np.int64))
+    #: Element top-5 accuracy on val (top-k with k = the number of classes when below 5).
+    top5: float | None = None
+    #: The ids of the labelled val instances, in store order.
+    ids: list[str] = field(repr=False, default_factory=list)
+    #: (N, k) their k = min(5, classes) highest-scoring classes, best first (ties to the lower class id, as in
+    #: metrics.topk_accuracy).
+    top5_classes: np.ndarray = field(repr=False, default_factory=lambda: np.zeros((0, 5), np.int64))
+    #: Element confusion matrix (rows: true class, columns: predicted class) over
+    #: ``confusion_classes``, the class ids present among the labels or the predictions.
+    confusion: np.ndarray = field(repr=False, default_factory=lambda: np.zeros((0, 0), np.int64))
+    confusion_classes: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, np.int64))
 
     def to_dict(self) -> dict[str, Any]:
-        """Everything but the prediction arrays, JSON-ready."""
-        d = {k: v for k, v in self.__dict__.items() if k not in ("predictions", "labels")}
+        """JSON-ready: the scalar fields, per_class, and the arrays as
+        ``per_instance`` ({id, label, predicted, top5}: one entry per labelled
+        val instance, in store order) and ``confusion_matrix`` ({classes,
+        matrix}: rows true, columns predicted)."""
+        arrays = ("predictions", "labels", "ids", "top5_classes", "confusion", "confusion_classes")
+        d = {k: v for k, v in self.__dict__.items() if k not in arrays}
+        d["per_instance"] = {"id": list(self.ids), "label": self.labels.tolist(),
+                             "predicted": self.predictions.tolist(), "top5": self.top5_classes.tolist()}
+        d["confusion_matrix"] = {"classes": self.confusion_classes.tolist(), "matrix": self.confusion.tolist()}
         return json.loads(json.dumps(d))
 
 
@@ -633,6 +653,15 @@ def run_probe(
     result = evaluate(y_val, scores, hierarchy, levels)
     pred = metrics.as_predictions(scores)
     classes, recall, support = metrics.per_class_accuracy(y_val, pred)
+    k = min(5, scores.shape[1])
+    top5 = metrics.topk_accuracy(y_val, scores, k)
+    # A stable sort of -scores ranks ties by class id, as topk_accuracy does.
+    top5_classes = np.argsort(-scores, axis=1, kind="stable")[:, :k].astype(np.int64)
+    seen = np.union1d(y_val, pred)
+    confusion = metrics.confusion_matrix(np.searchsorted(seen, y_val), np.searchsorted(seen, pred),
+                                         num_classes=len(seen))
+    all_ids = va.ids.to_list()
+    names = hierarchy.names if hierarchy is not None else {}
     train_counts = np.bincount(y_train[labelled_train], minlength=num_classes)
     eval_s = time.perf_counter() - t_eval
     total_s = time.perf_counter() - t_start
@@ -642,10 +671,13 @@ def run_probe(
         train_instances=int(len(labelled_train)), val_instances=int(len(val_keep)),
         val_unlabelled=int(len(va) - len(val_keep)), levels=result["levels"], per_event=result["per_event"],
         per_class={"class": classes.tolist(), "recall": recall.tolist(), "val_support": support.tolist(),
-                   "train_count": train_counts[classes].tolist()},
+                   "train_count": train_counts[classes].tolist(),
+                   "name": [names.get(int(c)) for c in classes]},
         timing={"total_s": total_s, "data_wait_s": clock.seconds, "data_wait_fraction": clock.seconds / total_s,
                 "train_s": train_s, "eval_s": eval_s},
-        final_loss=loss_sum / max(loss_n, 1), predictions=pred, labels=y_val,
+        final_loss=loss_sum / max(loss_n, 1), predictions=pred, labels=y_val, top5=top5,
+        ids=[all_ids[i] for i in val_keep], top5_classes=top5_classes, confusion=confusion,
+        confusion_classes=seen.astype(np.int64),
     )
 
 
@@ -658,22 +690,63 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}"
 
 
+#: The metrics summarized over seeds, per level.
+SEED_METRICS = ("mean_class_acc", "top1")
+
+
+def _spread(values: Sequence[float]) -> dict[str, float]:
+    """mean, std (the sample standard deviation, ddof=1; 0 for one value), min and max."""
+    v = np.asarray(values, dtype=np.float64)
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+            "min": float(v.min()), "max": float(v.max())}
+
+
+def class_tick_labels(per_class: dict[str, list[Any]], order: Sequence[int] | np.ndarray,
+                      width: int = 32) -> list[str]:
+    """The x tick labels of a per-class plot, in ``order`` (positions in
+    ``per_class``): "id name" with the stored class name cut to ``width``
+    characters, or the class id alone where there is no name."""
+    names = per_class.get("name") or [None] * len(per_class["class"])
+    out = []
+    for i in order:
+        c, nm = per_class["class"][i], names[i]
+        if nm:
+            out.append(f"{c} {nm if len(nm) <= width else nm[: width - 1] + '…'}")
+        else:
+            out.append(str(c))
+    return out
+
+
 @dataclass
 class ProbeTable:
-    """The results of several probes (datasets x columns), laid out like the
-    FineGym model-zoo table: one row per column (model), a Mean Class Acc and
-    a Top-1 column per dataset and level, in percent."""
+    """The results of several probes (datasets x columns, each over one or
+    more seeds), laid out like the FineGym model-zoo table: one row per
+    column (model), a Mean Class Acc and a Top-1 column per dataset and
+    level, in percent; over several seeds each cell is "mean ± std"."""
 
     results: list[ProbeResult]
 
-    def _find(self, dataset: str, column: str) -> ProbeResult | None:
-        return next((r for r in self.results if r.dataset == dataset and r.column == column), None)
+    def _runs(self, dataset: str, column: str) -> list[ProbeResult]:
+        return [r for r in self.results if r.dataset == dataset and r.column == column]
 
     def _axes(self) -> tuple[list[str], list[str], list[str]]:
         datasets = list(dict.fromkeys(r.dataset for r in self.results))
         columns = list(dict.fromkeys(r.column for r in self.results))
         levels = list(dict.fromkeys(lv for r in self.results for lv in r.levels))
         return datasets, columns, levels
+
+    def _groups(self) -> list[list[ProbeResult]]:
+        keys = list(dict.fromkeys((r.dataset, r.column) for r in self.results))
+        return [self._runs(d, c) for d, c in keys]
+
+    @staticmethod
+    def _cell(values: list[float]) -> str:
+        if not values:
+            return "–"
+        if len(values) == 1:
+            return _pct(values[0])
+        spread = _spread(values)
+        return f"{100 * spread['mean']:.1f} ± {100 * spread['std']:.1f}"
 
     def to_markdown(self) -> str:
         """The results table, plus a per-event table of the element results
@@ -689,10 +762,9 @@ class ProbeTable:
         for c in columns:
             row = [c]
             for d in datasets:
-                r = self._find(d, c)
+                runs = self._runs(d, c)
                 for lv in levels:
-                    m = r.levels.get(lv) if r else None
-                    row += [_pct(m["mean_class_acc"] if m else None), _pct(m["top1"] if m else None)]
+                    row += [self._cell([r.levels[lv][m] for r in runs if lv in r.levels]) for m in SEED_METRICS]
             lines.append("| " + " | ".join(row) + " |")
         events = [e for e in EVENT_ORDER if any(e in r.per_event for r in self.results)]
         if events:
@@ -702,30 +774,69 @@ class ProbeTable:
             for c in columns:
                 cells = []
                 for d in datasets:
-                    r = self._find(d, c)
+                    runs = self._runs(d, c)
                     for e in events:
-                        m = r.per_event.get(e) if r else None
-                        cells.append(f"{_pct(m['mean_class_acc'])} / {_pct(m['top1'])}" if m else "–")
+                        got = [r.per_event[e] for r in runs if e in r.per_event]
+                        cells.append(" / ".join(self._cell([m[k] for m in got]) for k in SEED_METRICS)
+                                     if got else "–")
                 lines.append(f"| {c} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
+    def over_seeds(self) -> list[dict[str, Any]]:
+        """Per (dataset, column): the seeds run and, per level, the mean, std
+        (ddof=1), min and max of Mean Class Acc and Top-1 over them (fractions),
+        plus the element top-5 ``top5``."""
+        out = []
+        for runs in self._groups():
+            first = runs[0]
+            levels = {lv: {m: _spread([r.levels[lv][m] for r in runs]) for m in SEED_METRICS}
+                      for lv in first.levels}
+            entry: dict[str, Any] = {"dataset": first.dataset, "column": first.column,
+                                     "seeds": [r.seed for r in runs], "levels": levels}
+            if all(r.top5 is not None for r in runs):
+                entry["top5"] = _spread([r.top5 for r in runs])  # type: ignore[misc]
+            out.append(entry)
+        return out
+
+    def _several_seeds(self) -> bool:
+        return any(len(g) > 1 for g in self._groups())
+
     def summary(self) -> str:
-        """One line per probe: setup and the share of time spent waiting for data."""
+        """One line per probe: setup, top-5 and the share of time spent
+        waiting for data; over several seeds, then the spread of each metric."""
+        several = self._several_seeds()
         out = []
         for r in self.results:
             t = r.timing
-            out.append(f"{r.dataset} / {r.column}: {r.head} head, {r.backend}, K={r.num_segments}, "
-                       f"{r.epochs} epochs, {r.train_instances} train / {r.val_instances} val instances; "
+            seed = f"seed {r.seed}, " if several else ""
+            top5 = f"top-5 {_pct(r.top5)}%, " if r.top5 is not None else ""
+            out.append(f"{r.dataset} / {r.column}: {seed}{r.head} head, {r.backend}, K={r.num_segments}, "
+                       f"{r.epochs} epochs, {r.train_instances} train / {r.val_instances} val instances; {top5}"
                        f"{t['total_s']:.1f} s, waiting for batches {100 * t['data_wait_fraction']:.1f}%")
+        if several:
+            for g in self.over_seeds():
+                for lv, ms in g["levels"].items():
+                    parts = [f"{label} {100 * ms[m]['mean']:.1f} ± {100 * ms[m]['std']:.1f} "
+                             f"(min {100 * ms[m]['min']:.1f}, max {100 * ms[m]['max']:.1f})"
+                             for m, label in zip(SEED_METRICS, ("Mean Class Acc", "Top-1"))]
+                    out.append(f"{g['dataset']} / {g['column']} {lv}, {len(g['seeds'])} seeds: " + ", ".join(parts))
         return "\n".join(out)
 
     def to_json(self) -> str:
-        return json.dumps({"results": [r.to_dict() for r in self.results]}, indent=2)
+        """{"results": [every probe's to_dict()]}, and with several seeds per
+        probe "over_seeds": :meth:`over_seeds`."""
+        doc: dict[str, Any] = {"results": [r.to_dict() for r in self.results]}
+        if self._several_seeds():
+            doc["over_seeds"] = self.over_seeds()
+        return json.dumps(doc, indent=2)
 
-    def plot(self, path: str | os.PathLike[str]) -> None:
-        """Per-class element accuracy, classes sorted by training frequency
-        (most frequent first), one panel per probe; the training count is drawn
-        on a log axis beside it. Needs matplotlib (the ``plot`` extra)."""
+    def figure(self) -> Any:
+        """The figure :meth:`plot` saves: one panel per (dataset, column),
+        per-class element accuracy (the mean over seeds) with the classes
+        sorted by training frequency (most frequent first) and labelled with
+        their stored names, and the training count on a log axis beside it.
+        Needs matplotlib (the ``plot`` extra); close it with
+        ``matplotlib.pyplot.close``."""
         try:
             import matplotlib
 
@@ -733,12 +844,15 @@ class ProbeTable:
             import matplotlib.pyplot as plt
         except ImportError:
             raise ValueError("--plot needs matplotlib: pip install 'finegym-store[plot]'") from None
-        n = len(self.results)
-        fig, axes = plt.subplots(n, 1, figsize=(10, 3.2 * n), squeeze=False)
-        for ax, r in zip(axes[:, 0], self.results):
+        groups = self._groups()
+        most = max(len(g[0].per_class["class"]) for g in groups)
+        fig, axes = plt.subplots(len(groups), 1, figsize=(max(10.0, 0.13 * most), 5.5 * len(groups)),
+                                 squeeze=False)
+        for ax, runs in zip(axes[:, 0], groups):
+            r = runs[0]
             pc = r.per_class
             order = np.argsort(-np.asarray(pc["train_count"]), kind="stable")
-            recall = np.asarray(pc["recall"])[order]
+            recall = np.mean([np.asarray(run.per_class["recall"]) for run in runs], axis=0)[order]
             counts = np.asarray(pc["train_count"])[order]
             x = np.arange(len(order))
             ax.bar(x, 100 * recall, width=0.85, color="tab:blue", label="val accuracy (recall)")
@@ -746,26 +860,45 @@ class ProbeTable:
             ax.set_xlim(-0.5, len(order) - 0.5)
             ax.set_ylabel("accuracy %")
             ax.set_xlabel("classes, most frequent in train first")
-            mca = r.levels["element"]["mean_class_acc"] if "element" in r.levels else float(recall.mean())
-            ax.set_title(f"{r.dataset} / {r.column} ({r.head}): per-class accuracy, mean {100 * mca:.1f}%")
+            ax.set_xticks(x)
+            ax.set_xticklabels(class_tick_labels(pc, order), rotation=90, fontsize=6)
+            if "element" in r.levels:
+                mca = float(np.mean([run.levels["element"]["mean_class_acc"] for run in runs]))
+            else:
+                mca = float(recall.mean())
+            seeds = f", mean of {len(runs)} seeds" if len(runs) > 1 else ""
+            ax.set_title(f"{r.dataset} / {r.column} ({r.head}): per-class accuracy, mean {100 * mca:.1f}%{seeds}")
             ax2 = ax.twinx()
             ax2.plot(x, np.maximum(counts, 1), color="tab:orange", label="train instances")
             ax2.set_yscale("log")
             ax2.set_ylabel("train instances (log)")
         fig.tight_layout()
-        fig.savefig(os.fspath(path), dpi=100)
-        plt.close(fig)
+        return fig
+
+    def plot(self, path: str | os.PathLike[str]) -> None:
+        """Save :meth:`figure` as a PNG at ``path``."""
+        fig = self.figure()
+        import matplotlib.pyplot as plt
+
+        try:
+            fig.savefig(os.fspath(path), dpi=100)
+        finally:
+            plt.close(fig)
 
 
 def run_probes(
     pairs: Iterable[tuple[Store | str | os.PathLike[str], Store | str | os.PathLike[str]]],
     columns: Sequence[str] | None = None,
     log: Callable[[str], None] | None = None,
+    seeds: int = 1,
     **options: Any,
 ) -> ProbeTable:
     """:func:`run_probe` for every (train, val) pair and every column in
-    ``columns`` (default: the columns of the first train store), as one
+    ``columns`` (default: the columns of the first train store), ``seeds``
+    times each (seeds ``seed``, ``seed`` + 1, ...), as one
     :class:`ProbeTable`. ``options`` are run_probe's keyword arguments."""
+    seeds = _check_int("seeds", seeds, 1)
+    first_seed = _check_int("seed", options.pop("seed", 0), 0)
     opened = [(_as_store(t), _as_store(v)) for t, v in pairs]
     if not opened:
         raise ValueError("no (train, val) store pair given")
@@ -785,8 +918,8 @@ def run_probes(
         for c in cols:
             t.column(c)
             v.column(c)
-    results = [run_probe(t, v, c, dataset=nm, log=log, **options)
-               for (t, v), nm in zip(opened, names) for c in cols]
+    results = [run_probe(t, v, c, dataset=nm, log=log, seed=first_seed + k, **options)
+               for (t, v), nm in zip(opened, names) for c in cols for k in range(seeds)]
     return ProbeTable(results)
 
 

@@ -284,12 +284,13 @@ def test_info_on_a_store_without_labels_or_hierarchy(inputs, tmp_path):
     assert info["classes_in_hierarchy"] is None and info["classes_present"] == 0 and info["labelled"] == 0
 
 
-def test_info_on_a_non_store_exits_1_naming_the_path(inputs, tmp_path):
+def test_info_on_a_non_store_exits_2_naming_the_path(inputs, tmp_path):
     for path in (inputs["split"], inputs["pickles"]["tsn"]):
         proc = cli("info", path)
-        assert proc.returncode == 1
+        assert proc.returncode == 2
         assert str(path) in proc.stderr and "Traceback" not in proc.stderr
         assert proc.stdout == ""
+    # Too short to tell a foreign file from a truncated store: a damaged store.
     empty = tmp_path / "empty.fgs"
     empty.write_bytes(b"")
     proc = cli("info", empty)

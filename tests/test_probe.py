@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 
 import finegym_store as fgs
-from finegym_store import synth
+from finegym_store import metrics, synth
 from finegym_store.cli import main
 from finegym_store.finegym import read_split
 from finegym_store.probe import (
     EVENT_ORDER,
     Hierarchy,
     ProbeTable,
+    class_tick_labels,
     evaluate,
     make_demo_pair,
     run_probe,
@@ -328,7 +329,7 @@ def test_cli_probe_table_json_and_plot(tmp_path, pair):
                                           for m in ("mean_class_acc", "top1")]
         assert r["epochs"] == 4 and r["backend"] == "numpy" and r["num_segments"] == 3
     assert re.search(r"Gym99 / a: linear head, numpy, K=3, 4 epochs, 600 train / 300 val instances; "
-                     r"[\d.]+ s, waiting for batches [\d.]+%", p.stdout)
+                     r"top-5 [\d.]+%, [\d.]+ s, waiting for batches [\d.]+%", p.stdout)
     assert "epoch 4/4" in p.stderr  # progress on stderr
     assert out_png.read_bytes()[:4] == b"\x89PNG"
 
@@ -466,3 +467,115 @@ def test_refuses_huge_labels_nan_features_and_divergence(tmp_path):
     s_ok = fgs.convert({"x": table}, tmp_path / "ok.fgs", split=tmp_path / "ok.txt", progress=False)
     with pytest.raises(ValueError, match="training diverged"):
         run_probe(s_ok, s_ok, "x", backend="numpy", lr=1e30, epochs=3, batch_size=4, threads=1, compute_threads=1)
+
+
+# -- what the JSON holds, several seeds, the plot's class names ------------------------
+
+
+def test_json_holds_top5_per_instance_predictions_and_the_confusion_matrix(pair):
+    tr, va = pair
+    r = run_probe(tr, va, "a", backend="numpy", **FAST)
+    d = json.loads(ProbeTable([r]).to_json())["results"][0]
+    y = np.asarray(va.labels)
+    n = len(y)
+    inst = d["per_instance"]
+    assert inst["id"] == va.ids.to_list() and inst["label"] == y.tolist()
+    pred = np.asarray(inst["predicted"])
+    top5 = np.asarray(inst["top5"])
+    assert pred.shape == (n,) and top5.shape == (n, 5)
+    assert (top5[:, 0] == pred).all()  # the best class is the prediction
+    assert all(len(set(row)) == 5 for row in top5.tolist())
+    assert d["levels"]["element"]["top1"] == pytest.approx(np.mean(pred == y))
+    assert d["top5"] == pytest.approx(np.mean((top5 == y[:, None]).any(axis=1)))
+    assert d["top5"] >= d["levels"]["element"]["top1"]
+    cm = d["confusion_matrix"]
+    classes = np.asarray(cm["classes"])
+    matrix = np.asarray(cm["matrix"])
+    np.testing.assert_array_equal(classes, np.union1d(y, pred))
+    assert matrix.shape == (len(classes), len(classes)) and matrix.sum() == n
+    full = metrics.confusion_matrix(y, pred, num_classes=99)
+    np.testing.assert_array_equal(matrix, full[np.ix_(classes, classes)])
+    assert np.trace(matrix) == int((pred == y).sum())
+    # the recall of each class, from the matrix, is the per-class accuracy
+    row = {int(c): k for k, c in enumerate(classes)}
+    recall = [matrix[row[c], row[c]] / matrix[row[c]].sum() for c in d["per_class"]["class"]]
+    assert d["per_class"]["recall"] == pytest.approx(recall)
+    assert d["per_class"]["name"] == [va.label_names[c] for c in d["per_class"]["class"]]
+
+
+def test_top5_classes_rank_as_topk_accuracy_does(pair):
+    tr, va = pair
+    r = run_probe(tr, va, "b", backend="numpy", **FAST)
+    assert r.top5 == pytest.approx(np.mean((r.top5_classes == r.labels[:, None]).any(axis=1)))
+
+
+def test_class_names_are_none_without_a_hierarchy(tmp_path):
+    tr, va, _ = plain_pair(tmp_path, 100, 50)
+    r = run_probe(tr, va, "x", backend="numpy", **FAST)
+    assert r.top5_classes.shape == (50, 5) and r.to_dict()["per_class"]["name"] == [None] * len(r.per_class["class"])
+
+
+def test_seeds_report_the_spread_of_single_seed_runs(pair):
+    tr, va = pair
+    table = run_probes([pair], ["b"], backend="numpy", levels=("element", "set"), seeds=3, seed=4, **FAST)
+    assert [r.seed for r in table.results] == [4, 5, 6]
+    singles = [run_probe(tr, va, "b", backend="numpy", levels=("element", "set"), seed=s, **FAST) for s in (4, 5, 6)]
+    for got, single in zip(table.results, singles):
+        np.testing.assert_array_equal(got.predictions, single.predictions)
+    (entry,) = table.over_seeds()
+    assert entry["seeds"] == [4, 5, 6] and (entry["dataset"], entry["column"]) == ("Gym99", "b")
+    for level in ("element", "set"):
+        for m in ("mean_class_acc", "top1"):
+            values = [s.levels[level][m] for s in singles]
+            spread = entry["levels"][level][m]
+            assert spread["mean"] == pytest.approx(np.mean(values))
+            assert spread["std"] == pytest.approx(np.std(values, ddof=1))
+            assert (spread["min"], spread["max"]) == (min(values), max(values))
+    data = json.loads(table.to_json())
+    assert data["over_seeds"] == json.loads(json.dumps(table.over_seeds())) and len(data["results"]) == 3
+    md = table.to_markdown().splitlines()
+    cells = md[2].strip("| ").split(" | ")
+    e = entry["levels"]["element"]["mean_class_acc"]
+    assert cells[1] == f"{100 * e['mean']:.1f} ± {100 * e['std']:.1f}"
+    assert "element, 3 seeds: Mean Class Acc" in table.summary()
+    assert "over_seeds" not in json.loads(ProbeTable(singles[:1]).to_json())
+
+
+def test_cli_seeds(pair, capsys):
+    tr, va = pair
+    rc = main(["probe", tr.path, va.path, "--column", "b", "--backend", "numpy", "--epochs", "1", "--threads", "1",
+               "--json", "-", "-q", "--seeds", "2", "--seed", "7"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    data = json.loads(out)
+    assert [r["seed"] for r in data["results"]] == [7, 8] and data["over_seeds"][0]["seeds"] == [7, 8]
+    with pytest.raises(SystemExit):
+        main(["probe", tr.path, va.path, "--seeds", "0"])
+    assert "argument --seeds: must be between 1 and 1000" in capsys.readouterr().err
+
+
+def test_plot_names_the_classes(pair):
+    require("matplotlib", "matplotlib", "pip install '.[plot]'")
+    import matplotlib.pyplot as plt
+
+    _, va = pair
+    table = run_probes([pair], ["a"], backend="numpy", seeds=2, **FAST)
+    fig = table.figure()
+    try:
+        (ax, _twin) = fig.axes
+        labels = [t.get_text() for t in ax.get_xticklabels()]
+    finally:
+        plt.close(fig)
+    pc = table.results[0].per_class
+    order = np.argsort(-np.asarray(pc["train_count"]), kind="stable")
+    assert labels == class_tick_labels(pc, order)
+    names = va.label_names
+    first = pc["class"][order[0]]
+    assert labels[0].startswith(f"{first} ") and names[first][:20] in labels[0]
+    assert len(labels) == len(pc["class"])
+
+
+def test_class_tick_labels_without_names_and_long_names():
+    pc = {"class": [3, 7], "name": [None, "x" * 50]}
+    assert class_tick_labels(pc, [1, 0], width=10) == ["7 xxxxxxxxx…", "3"]
+    assert class_tick_labels({"class": [1]}, [0]) == ["1"]

@@ -9,6 +9,7 @@
 
 #include "bindings.hpp"
 #include "finegym/errors.hpp"
+#include "finegym/format.hpp"
 #include "finegym/hash.hpp"
 
 void register_errors(py::module_& m) {
@@ -50,6 +51,7 @@ void register_errors(py::module_& m) {
             return finegym::hash64(ptr, size);
         },
         py::arg("data"), "XXH64 (seed 0) of a C-contiguous buffer: the checksum the format uses.");
+    m.attr("MAGIC") = py::bytes(finegym::kMagic.data(), finegym::kMagic.size());
     m.attr("FORMAT_VERSION") = finegym::kFormatVersion;
     m.attr("HEADER_SIZE") = finegym::kHeaderSize;
     m.attr("SECTION_ENTRY_SIZE") = finegym::kSectionEntrySize;
