@@ -420,7 +420,7 @@ def _check_paths(args: argparse.Namespace) -> None:
     elif args.command in ("probe", "bench"):
         outputs += [("--json", getattr(args, "json", None)), ("--plot", getattr(args, "plot", None))]
     for name, path in outputs:
-        if path is None or path == "-":
+        if path is None or path == "-" or "://" in path:  # a URL: the remote layer checks it
             continue
         folder = os.path.dirname(path)
         if folder and not os.path.isdir(folder):
@@ -442,6 +442,8 @@ def _check_store(name: str, path: str) -> None:
     damaged (or too short to tell) is left to open(): FormatError, exit 1."""
     from . import _core
 
+    if "://" in path:  # a remote store: open() fetches and checks its header
+        return
     try:
         with open(path, "rb") as f:
             head = f.read(len(_core.MAGIC))

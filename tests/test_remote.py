@@ -476,3 +476,11 @@ def test_docs_example(served, moto, tmp_path, monkeypatch):
                                   local.gather("i3d", [0, 5], num_segments=3, mode="test"))
     np.testing.assert_array_equal(val.features("i3d", 7), local.features("i3d", 7))
     assert (tmp_path / "fgs-cache").is_dir()
+
+
+def test_cli_info_on_a_url_is_not_checked_as_a_local_path(served, local_scratch, capsys):
+    # The command line's up-front path checks leave URLs to the remote layer.
+    from finegym_store.cli import main
+
+    assert main(["info", f"{served[0].url}/s.fgs"]) == 0
+    assert "240" in capsys.readouterr().out
