@@ -17,7 +17,7 @@ from .loader import Batch, Loader
 from .spec import SegmentSpec
 from .store import Classes, Column, Meta, Store, Strings, open
 from .convert import convert  # noqa: E402 (needs __version__)
-from .ingest import ImportOptions, from_arrow, from_parquet  # noqa: E402 (pyarrow imported on first call)
+from .ingest import ImportOptions, from_arrow, from_ipc, from_parquet  # noqa: E402 (pyarrow imported on first call)
 
 __all__ = [
     "__version__",
@@ -26,6 +26,7 @@ __all__ = [
     "convert",
     "from_arrow",
     "from_parquet",
+    "from_ipc",
     "ImportOptions",
     "Store",
     "Column",
