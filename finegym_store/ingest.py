@@ -249,7 +249,10 @@ class _IpcSource(_Source):
             try:
                 reader = pa.ipc.open_file(f)
                 self.schema = reader.schema
-                counts = [self._batch(reader, k).num_rows for k in range(reader.num_record_batches)]
+                if hasattr(reader, "count_rows"):  # pyarrow >= 17: from the messages' metadata, no body read
+                    counts = [reader.count_rows()]
+                else:
+                    counts = [self._batch(reader, k).num_rows for k in range(reader.num_record_batches)]
             except ConversionError:
                 raise
             except Exception as file_error:

@@ -25,7 +25,7 @@ import numpy as np
 
 from .errors import ConversionError
 
-__all__ = ["HDF5Source", "HDF5_SUFFIXES", "LazyTable", "NpyFolder", "HDF5File", "open_source"]
+__all__ = ["HDF5_SUFFIXES", "HDF5File", "HDF5Source", "Header", "LazyTable", "NpyFolder", "open_source"]
 
 #: File name endings of HDF5 feature files.
 HDF5_SUFFIXES = (".h5", ".hdf5", ".he5")
@@ -292,6 +292,7 @@ class HDF5File(LazyTable):
         else:
             self._ids = None
             self._keys = self._names
+            self._names_set = set(self._names)
 
     def _array_layout(self, datasets: dict[str, Any], features: str, ids: str) -> None:
         feats, names = self._dataset(features), self._dataset(ids)
@@ -334,7 +335,7 @@ class HDF5File(LazyTable):
         return len(self._keys)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._ids if self._ids is not None else key in set(self._keys)
+        return key in (self._ids if self._ids is not None else self._names_set)
 
     def where_of(self, key: str) -> str:
         return f"{self.where}: dataset {key!r}" if self._ids is None else self.where_features
