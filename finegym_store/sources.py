@@ -148,7 +148,7 @@ class NpyFolder(LazyTable):
                 shape, fortran, dtype = fmt.read_array_header_2_0(file, max_header_size=MAX_HEADER)
             else:
                 raise ValueError(f"format version {version[0]}.{version[1]} is not supported (1.0 and 2.0 are)")
-        except (ValueError, OSError, SyntaxError, TypeError, EOFError) as e:
+        except Exception as e:  # numpy's header parser raises ValueError, SyntaxError, tokenize.TokenError, ...
             raise ConversionError(f"{f}: not a readable .npy file ({_one_line(e)[:200]})") from None
         if dtype.hasobject or dtype.kind != "f":
             what = "Python objects (a pickle)" if dtype.hasobject else f"dtype {dtype}"
@@ -243,6 +243,12 @@ class HDF5File(LazyTable):
             raise ConversionError(f"{path}: not a readable HDF5 file ({_one_line(e)[:200]})") from None
         try:
             self._init(features, ids)
+        except ConversionError:
+            self._file.close()
+            raise
+        except Exception as e:  # h5py raises ValueError, OSError, ... for metadata it cannot map to numpy
+            self._file.close()
+            raise ConversionError(f"{path}: unreadable HDF5 metadata ({_one_line(e)[:200]})") from None
         except BaseException:
             self._file.close()
             raise
@@ -344,7 +350,10 @@ class HDF5File(LazyTable):
         if self._ids is not None:
             return Header(self._features.dtype, tuple(self._features.shape[1:]))
         d = self._dataset(key)
-        return Header(d.dtype, tuple(d.shape))
+        try:
+            return Header(d.dtype, tuple(d.shape))
+        except Exception as e:
+            raise ConversionError(f"{self.where_of(key)}: unreadable HDF5 metadata ({_one_line(e)[:200]})") from None
 
     def __getitem__(self, key: str) -> np.ndarray:
         try:

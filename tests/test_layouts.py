@@ -118,6 +118,11 @@ def _pickled(p: Path) -> None:
     np.save(p, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
 
 
+def _npy_header(text: bytes) -> bytes:
+    text = text.ljust(118) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text
+
+
 def _loop(p: Path) -> None:
     os.symlink(p.name, p)  # x.npy -> x.npy
 
@@ -131,6 +136,8 @@ def _loop(p: Path) -> None:
     ("x.npy", _lying_small, "header claims shape (2, 3)"),
     ("x.npy", lambda p: p.write_bytes(b"\x93NUMPY\x01\x00\xff\xff" + b"{" * 100), "not a readable .npy"),
     ("x.npy", lambda p: p.write_bytes(b"not numpy at all"), "not a readable .npy"),
+    ("x.npy", lambda p: p.write_bytes(_npy_header(b"{'descr': '<f4', 'fortran_order': False, 'shape': (2,")),
+     "not a readable .npy"),  # the tokenizer's error, not a ValueError
     ("x.npy", lambda p: os.mkfifo(p), "a FIFO"),
     ("x.npy", _loop, "a link loop"),
     ("x.npy", lambda p: os.symlink("nowhere.npy", p), "cannot be read"),
