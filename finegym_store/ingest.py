@@ -1,12 +1,13 @@
 """Building a store from Arrow data: ``from_arrow`` (a Table, a
 RecordBatchReader, or any object with ``__arrow_c_stream__``, such as a Polars
-DataFrame or a DuckDB result) and ``from_parquet`` (a file or a folder of
-files).
+DataFrame or a DuckDB result), ``from_parquet`` (a file or a folder of
+files) and ``from_ipc`` (an Arrow IPC file, or a stream stored in a file).
 
 The C++ writer takes one feature column at a time, every row in order, so the
 source is read once per feature column, reading only that column (the id and
 label columns ride along with the first): memory is one record batch, not the
-table. A one-shot stream with more than one feature column is first spilled
+table. A one-shot stream with more than one feature column (or a
+variable-length one whose T is learnt in a first pass) is first spilled
 to an uncompressed Arrow IPC file beside the output (unlinked as soon as it is
 created, so even a killed import leaves nothing behind) and then read column
 by column through a memory map. Everything is checked while
