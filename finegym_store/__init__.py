@@ -16,16 +16,19 @@ from .labelspace import LabelSpace
 from .loader import Batch, Loader
 from .spec import SegmentSpec
 from .store import Classes, Column, Meta, Store, Strings, open
+from .sources import HDF5Source
 from .convert import convert  # noqa: E402 (needs __version__)
-from .ingest import ImportOptions, from_arrow, from_parquet  # noqa: E402 (pyarrow imported on first call)
+from .ingest import ImportOptions, from_arrow, from_ipc, from_parquet  # noqa: E402 (pyarrow imported on first call)
 
 __all__ = [
     "__version__",
     "FORMAT_VERSION",
     "open",
     "convert",
+    "HDF5Source",
     "from_arrow",
     "from_parquet",
+    "from_ipc",
     "ImportOptions",
     "Store",
     "Column",

@@ -146,19 +146,33 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
-    im = sub.add_parser("import", help="build a store from a Parquet file or folder (e.g. an export)",
-                        description="Build a store from a Parquet file or a folder of Parquet files.")
-    im.add_argument("source", help="IN.parquet or a folder of .parquet files")
+    im = sub.add_parser(
+        "import", help="build a store from Parquet, Arrow IPC, a folder of .npy files or HDF5",
+        description="Build a store from PATH, its format told by the path: a .parquet file or a folder of "
+                    "Parquet files; an Arrow IPC file (.arrow, .feather, .ipc; file or stream format); a folder "
+                    "of <id>.npy files (one per instance); an HDF5 file (.h5, .hdf5: one dataset per instance, "
+                    "or one (N, C) / (N, T, C) array and a dataset of N ids).")
+    im.add_argument("source", metavar="PATH", help="what to import (see above)")
     im.add_argument("out", help="path of the store to write (e.g. gym99_val.fgs)")
-    im.add_argument("--id-column", default="id")
-    im.add_argument("--label-column", default="label", help="integer labels (default 'label'; -1 when absent)")
-    im.add_argument("--columns", nargs="+", metavar="NAME", help="feature columns (default: all)")
-    im.add_argument("--length", type=int, metavar="T", help="rows per instance (T), for columns whose type does not fix it")
-    im.add_argument("--channels", type=int, help="C, for flat list<float> columns")
-    im.add_argument("--dtype", choices=("float32", "float16"), help="stored dtype (default: as in the file)")
+    im.add_argument("--columns", "--column", nargs="+", metavar="NAME",
+                    help="Parquet/Arrow: feature columns (default: all); .npy folder/HDF5: the name of the one "
+                         "feature column (default 'features')")
+    im.add_argument("--dtype", choices=("float32", "float16"), help="stored dtype (default: as in the file; "
+                    ".npy/HDF5: float32)")
     im.add_argument("--categories", help="FineGym categories file (default: the hierarchy in the file's metadata)")
     im.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     im.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    tabular = im.add_argument_group("Parquet and Arrow IPC")
+    tabular.add_argument("--id-column", help="string ids (default 'id')")
+    tabular.add_argument("--label-column", help="integer labels (default 'label'; -1 when absent)")
+    tabular.add_argument("--length", type=int, metavar="T",
+                         help="rows per instance (T), for columns whose type does not fix it (default: fixed "
+                              "when every instance has one T, else ragged)")
+    tabular.add_argument("--channels", type=int, help="C, for flat list<float> columns")
+    arrays = im.add_argument_group(".npy folders and HDF5")
+    arrays.add_argument("--split", help="FineGym split file (<id> <label> per line): order and labels")
+    arrays.add_argument("--h5-features", metavar="DATASET", help="HDF5: the (N, C) / (N, T, C) feature dataset")
+    arrays.add_argument("--h5-ids", metavar="DATASET", help="HDF5: the dataset of N ids")
     return p
 
 
@@ -294,13 +308,76 @@ def _export(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: {kind}, {len(store)} rows, {size / 2**20:.1f} MiB")
 
 
-def _import(args: argparse.Namespace) -> None:
-    from .ingest import from_parquet
+#: What ``finegym-store import`` reads, for its messages.
+IMPORT_FORMATS = ("a .parquet file or a folder of Parquet files, an Arrow IPC file (.arrow, .feather, .ipc), "
+                  "a folder of <id>.npy files, an HDF5 file (.h5, .hdf5)")
 
-    store = from_parquet(args.source, args.out, id_column=args.id_column, label_column=args.label_column,
-                         feature_columns=args.columns, length=args.length, channels=args.channels,
-                         dtype=args.dtype, categories=args.categories, overwrite=args.overwrite,
-                         progress=not args.quiet)
+
+def import_kind(path: str) -> str:
+    """'parquet', 'ipc', 'npy' or 'hdf5': the format ``path`` names (its
+    suffix; for a folder, whether it holds .npy files). ValueError naming the
+    path and the formats read otherwise; FileNotFoundError when a path of no
+    known suffix does not exist."""
+    import os
+    import stat
+
+    from .ingest import IPC_SUFFIXES
+    from .sources import HDF5_SUFFIXES
+
+    lower = path.lower()
+    if lower.endswith((".parquet", ".parq", ".pq")):
+        return "parquet"
+    if lower.endswith(IPC_SUFFIXES):
+        return "ipc"
+    if lower.endswith(HDF5_SUFFIXES):
+        return "hdf5"
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file or folder") from None
+    if stat.S_ISDIR(mode):
+        try:
+            names = os.listdir(path)
+        except OSError as e:
+            raise ValueError(f"{path}: the folder cannot be listed ({e.strerror})") from None
+        return "npy" if any(n.endswith(".npy") and not n.startswith(".") for n in names) else "parquet"
+    raise ValueError(f"{path}: not a format import reads (told by the path); it reads {IMPORT_FORMATS}")
+
+
+def _import(args: argparse.Namespace) -> None:
+    kind = import_kind(args.source)
+    if kind in ("parquet", "ipc"):
+        from .ingest import from_ipc, from_parquet
+
+        for option, value in (("--split", args.split), ("--h5-features", args.h5_features),
+                              ("--h5-ids", args.h5_ids)):
+            if value is not None:
+                raise ValueError(f"{option} is for .npy folders and HDF5 files; {args.source} is "
+                                 f"{'Parquet' if kind == 'parquet' else 'Arrow IPC'}")
+        read = from_parquet if kind == "parquet" else from_ipc
+        store = read(args.source, args.out, id_column=args.id_column or "id",
+                     label_column=args.label_column or "label", feature_columns=args.columns, length=args.length,
+                     channels=args.channels, dtype=args.dtype, categories=args.categories,
+                     overwrite=args.overwrite, progress=not args.quiet)
+    else:
+        from .convert import check_inputs, convert
+        from .sources import HDF5Source
+
+        for option, value in (("--id-column", args.id_column), ("--label-column", args.label_column),
+                              ("--length", args.length), ("--channels", args.channels)):
+            if value is not None:
+                raise ValueError(f"{option} is for Parquet and Arrow IPC; {args.source} is "
+                                 f"{'a folder of .npy files' if kind == 'npy' else 'HDF5'}")
+        if kind == "npy" and (args.h5_features or args.h5_ids):
+            raise ValueError(f"--h5-features and --h5-ids are for HDF5 files; {args.source} is a folder of .npy files")
+        if args.columns is not None and len(args.columns) != 1:
+            raise ValueError(f"--column: {args.source} holds one feature column; give it one name, got "
+                             f"{len(args.columns)}")
+        name = args.columns[0] if args.columns else "features"
+        source = HDF5Source(args.source, args.h5_features, args.h5_ids) if kind == "hdf5" else args.source
+        check_inputs({}, args.split, args.categories, cli=True)  # PATH itself: named by the reader
+        store = convert({name: source}, args.out, split=args.split, categories=args.categories,
+                        dtype=args.dtype or "float32", overwrite=args.overwrite, progress=not args.quiet)
     print(f"wrote {store.path}: {len(store)} instances, columns {', '.join(store.columns)}, "
           f"{store.file_size / 2**20:.1f} MiB")
 

@@ -16,7 +16,7 @@ from typing import Any, Union
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import _core, safe_pickle
+from . import _core, safe_pickle, sources
 from ._write import ColumnWriter, StoreWriter, store_dtype
 from .errors import ConversionError
 from .finegym import Categories, read_categories, read_split
@@ -25,7 +25,7 @@ from .store import Store
 
 __all__ = ["convert", "check_inputs", "MISSING", "EXTRA"]
 
-FeatureSource = Union[str, os.PathLike, Mapping[str, Any]]
+FeatureSource = Union[str, os.PathLike, Mapping[str, Any], sources.HDF5Source]
 
 def _short(key: Any, limit: int = 80) -> str:
     """repr of a key for a message, cut to about ``limit`` characters (a
@@ -45,12 +45,18 @@ def _examples(keys: set[str], n: int = 5) -> str:
 
 def _load(name: str, source: FeatureSource, trust_pickle: bool, progress: bool) -> tuple[str, Mapping[str, Any]]:
     """(description of the source, the table) for one column."""
+    if isinstance(source, sources.LazyTable):
+        return source.where, source
     if isinstance(source, Mapping):
         return f"features[{name!r}] (in-memory dict)", source
-    if not isinstance(source, (str, os.PathLike)):
+    if not isinstance(source, (str, os.PathLike, sources.HDF5Source)):
         raise TypeError(
-            f"features[{name!r}] must be a path to a pickle or a dict, got {type(source).__name__}"
+            f"features[{name!r}] must be a path (a pickle, a folder of .npy files, an HDF5 file), an "
+            f"HDF5Source or a dict, got {type(source).__name__}"
         )
+    lazy = sources.open_source(source)
+    if lazy is not None:
+        return lazy.where, lazy
     path = os.fspath(source)
     size = os.path.getsize(path)
     with tqdm(total=size, unit="B", unit_scale=True, desc=f"load {name}", disable=not progress,
@@ -62,8 +68,9 @@ def _load(name: str, source: FeatureSource, trust_pickle: bool, progress: bool) 
 
 
 def _instance_shape(where: str, key: str, value: Any) -> tuple[int, int]:
-    """(T, C) of one value, or ConversionError naming file and key."""
-    if not isinstance(value, np.ndarray):
+    """(T, C) of one value (an array, or the header of one not read yet), or
+    ConversionError naming file and key."""
+    if not isinstance(value, (np.ndarray, sources.Header)):
         raise ConversionError(f"{where}: key {_short(key)}: expected a numpy array, got {type(value).__name__}")
     if value.dtype.kind != "f":
         raise ConversionError(
@@ -87,23 +94,35 @@ def _write_column(
     writer: StoreWriter, name: str, where: str, table: Mapping[str, Any], ids: list[str], dtype: np.dtype,
     progress: bool,
 ) -> dict[str, Any]:
-    shapes = [_instance_shape(where, k, table[k]) for k in ids]
+    if isinstance(table, sources.LazyTable):  # shapes from the headers; each instance read once, below
+        meta_of: Any = table.header
+        where_of: Any = table.where_of
+    else:
+        meta_of, where_of = table.__getitem__, lambda k: where
+    shapes = [_instance_shape(where_of(k), k, meta_of(k)) for k in ids]
     c = shapes[0][1]
     for k, (_, ck) in zip(ids, shapes):
         if ck != c:
             raise ConversionError(
-                f"{where}: key {_short(k)} has C = {ck} channels but {_short(ids[0])} has C = {c}; "
+                f"{where_of(k)}: key {_short(k)} has C = {ck} channels but {_short(ids[0])} has C = {c}; "
                 "C must be the same for every instance of a column"
             )
+    def shapes_of(k: str) -> tuple[int, ...]:
+        return tuple(meta_of(k).shape)
+
     lengths = np.fromiter((t for t, _ in shapes), dtype=np.int64, count=len(shapes))
     fixed = bool((lengths == lengths[0]).all())
     column: ColumnWriter = writer.column(name, dtype, int(lengths[0]) if fixed else None, c)
     with tqdm(total=len(ids), unit="inst", desc=f"write {name}", disable=not progress, leave=False) as bar:
         for k, (t, _) in zip(ids, shapes):
-            column.append(table[k].reshape(t, c))
+            value = table[k]
+            if value.shape != shapes_of(k):  # a lazy table's file changed after its header was read
+                raise ConversionError(f"{where_of(k)}: key {_short(k)}: shape {value.shape} where the header "
+                                      f"said {shapes_of(k)}")
+            column.append(value.reshape(t, c))
             bar.update(1)
     column.close(None if fixed else lengths)
-    source_dtypes = sorted({str(table[k].dtype) for k in ids[:1000]})
+    source_dtypes = sorted({str(meta_of(k).dtype) for k in ids[:1000]})
     return {"source": where, "source_dtypes": source_dtypes, "segments": int(lengths[0]) if fixed else None,
             "channels": c}
 
@@ -159,16 +178,17 @@ def check_inputs(features: Mapping[str, Any], split: Any, categories: Any, cli: 
     """Every input path exists and is a file, before the first pickle is read.
     FileNotFoundError / IsADirectoryError name the option (``--split`` on the
     command line, ``split`` in Python) and the path."""
-    named = [("--split" if cli else "split", split), ("--categories" if cli else "categories", categories)]
-    named += [(f"-f {name}=" if cli else f"features[{name!r}]", source) for name, source in features.items()
-              if isinstance(source, (str, os.PathLike))]
-    for option, path in named:
+    named = [("--split" if cli else "split", split, False), ("--categories" if cli else "categories", categories, False)]
+    named += [(f"-f {name}=" if cli else f"features[{name!r}]",
+               source.path if isinstance(source, sources.HDF5Source) else source, True)
+              for name, source in features.items() if isinstance(source, (str, os.PathLike, sources.HDF5Source))]
+    for option, path, folder_ok in named:  # a feature source may be a folder of .npy files
         if path is None:
             continue
         path = os.fspath(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"{option}: no such file: {path}")
-        if os.path.isdir(path):
+        if os.path.isdir(path) and not folder_ok:
             raise IsADirectoryError(f"{option}: {path} is a folder, not a file")
 
 
@@ -196,8 +216,13 @@ def convert(
     as in :func:`from_arrow`).
 
     ``features`` maps a column name (``[A-Za-z0-9_-]``, at most 40 characters)
-    to the path of a FineGym feature pickle or to an in-memory dict
-    ``{element_id: array}``; arrays are (T, C, 1, ..., 1) or (C,), any float
+    to the path of a FineGym feature pickle, a folder of ``<id>.npy`` files
+    (one per instance), an HDF5 file (``.h5``/``.hdf5``: one dataset per
+    instance named by its id, or one (N, C) / (N, T, C) array plus a dataset
+    of N ids; :class:`~finegym_store.sources.HDF5Source` names the datasets
+    when that is ambiguous; needs h5py), or an in-memory dict
+    ``{element_id: array}``. Folders and HDF5 files are read one instance at
+    a time. Arrays are (T, C, 1, ..., 1) or (C,), any float
     dtype, stored as ``dtype`` (float32 or float16). With ``split`` (a FineGym
     split file) instances follow the split's order and carry its labels;
     without, they are sorted by the first column's ids and labelled -1.
@@ -275,6 +300,8 @@ def convert(
             against = split_path
             for name, source in features.items():
                 where, table = _load(name, source, trust_pickle, progress)
+                if isinstance(table, sources.LazyTable) and table is not source:
+                    stack.callback(table.close)
                 if against is None:
                     against = "the first column"
                 if reference is None:
@@ -340,4 +367,8 @@ def _report_alignment(features: Mapping[str, Any], lacking: dict[str, set[str]],
 
 
 def _source_name(source: Any) -> str:
+    if isinstance(source, sources.HDF5Source):
+        return os.fspath(source.path)
+    if isinstance(source, sources.LazyTable):
+        return source.where
     return os.fspath(source) if isinstance(source, (str, os.PathLike)) else "in-memory dict"

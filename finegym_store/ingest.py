@@ -1,12 +1,13 @@
 """Building a store from Arrow data: ``from_arrow`` (a Table, a
 RecordBatchReader, or any object with ``__arrow_c_stream__``, such as a Polars
-DataFrame or a DuckDB result) and ``from_parquet`` (a file or a folder of
-files).
+DataFrame or a DuckDB result), ``from_parquet`` (a file or a folder of
+files) and ``from_ipc`` (an Arrow IPC file, or a stream stored in a file).
 
 The C++ writer takes one feature column at a time, every row in order, so the
 source is read once per feature column, reading only that column (the id and
 label columns ride along with the first): memory is one record batch, not the
-table. A one-shot stream with more than one feature column is first spilled
+table. A one-shot stream with more than one feature column (or a
+variable-length one whose T is learnt in a first pass) is first spilled
 to an uncompressed Arrow IPC file beside the output (unlinked as soon as it is
 created, so even a killed import leaves nothing behind) and then read column
 by column through a memory map. Everything is checked while
@@ -44,7 +45,10 @@ from .errors import ConversionError
 from .finegym import Categories, read_categories
 from .store import Store
 
-__all__ = ["ImportOptions", "from_arrow", "from_parquet"]
+__all__ = ["IPC_SUFFIXES", "ImportOptions", "from_arrow", "from_ipc", "from_parquet"]
+
+#: File name endings of Arrow IPC files (the file or the stream format).
+IPC_SUFFIXES = (".arrow", ".feather", ".ipc")
 
 
 
@@ -219,6 +223,106 @@ class _ParquetSource(_Source):
         for pf in self._open:
             pf.close()
         self._open = []
+
+
+class _IpcSource(_Source):
+    """An Arrow IPC file (Feather v2) or an IPC stream stored in a file.
+
+    Read with positioned reads, not a memory map: a file truncated while it
+    is imported gives an error, never a SIGBUS, and memory is one record batch
+    (each batch is read in full, then only the wanted columns are kept).
+    Each pass reopens the file; its identity (device, inode, size, mtime)
+    must not change from open to the end. Every batch passes full validation
+    and must have the schema the file declares."""
+
+    def __init__(self, path: str) -> None:
+        pa = _pa()
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no such file") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ConversionError(f"{path}: {_kind(st.st_mode) if not stat.S_ISDIR(st.st_mode) else 'a folder'}, "
+                                  "not an Arrow IPC file")
+        self.where, self._ident = path, _identity(path)
+        self.stream = False
+        with pa.OSFile(path, "rb") as f:
+            try:
+                reader = pa.ipc.open_file(f)
+                self.schema = reader.schema
+                if hasattr(reader, "count_rows"):  # pyarrow >= 17: from the messages' metadata, no body read
+                    counts = [reader.count_rows()]
+                else:
+                    counts = [self._batch(reader, k).num_rows for k in range(reader.num_record_batches)]
+            except ConversionError:
+                raise
+            except Exception as file_error:
+                self.stream = True
+                f.seek(0)
+                try:
+                    stream = pa.ipc.open_stream(f)
+                except Exception:
+                    raise ConversionError(f"{path}: not a readable Arrow IPC file or stream "
+                                          f"({_one_line(file_error)})") from None
+                self.schema = stream.schema
+                counts = [b.num_rows for b in self._stream_batches(stream)]  # a pass that counts the rows
+        self.num_rows = int(sum(counts))
+        if self.num_rows > MAX_DIM:
+            raise ConversionError(f"{path}: {self.num_rows} rows; a store holds at most {MAX_DIM}")
+        self.check()
+
+    def _batch(self, reader: Any, k: int) -> Any:
+        try:
+            return reader.get_batch(k)
+        except Exception as e:  # ArrowInvalid, OSError: a damaged message or body
+            raise ConversionError(f"{self.where}: batch {k}: unreadable ({_one_line(e)})") from None
+
+    def _stream_batches(self, stream: Any) -> Iterator[Any]:
+        it = iter(stream)
+        k = 0
+        while True:
+            try:
+                b = next(it)
+            except StopIteration:
+                return
+            except Exception as e:
+                raise ConversionError(f"{self.where}: batch {k}: unreadable ({_one_line(e)})") from None
+            yield b
+            k += 1
+
+    def check(self) -> None:
+        if _identity(self.where) != self._ident:
+            raise ConversionError(f"{self.where}: the file changed while it was imported; import it again")
+
+    def batches(self, columns: list[str], batch_rows: int) -> Iterator[Any]:
+        pa = _pa()
+        self.check()
+        row0 = 0
+        with pa.OSFile(self.where, "rb") as f:
+            if self.stream:
+                try:
+                    stream = pa.ipc.open_stream(f)
+                except Exception as e:
+                    raise ConversionError(f"{self.where}: not a readable Arrow IPC stream ({_one_line(e)})") from None
+                found = self._stream_batches(stream)
+            else:
+                try:
+                    reader = pa.ipc.open_file(f)
+                except Exception as e:
+                    raise ConversionError(f"{self.where}: not a readable Arrow IPC file ({_one_line(e)})") from None
+                found = (self._batch(reader, k) for k in range(reader.num_record_batches))
+            for k, b in enumerate(found):
+                if not b.schema.equals(self.schema, check_metadata=False):
+                    raise ConversionError(f"{self.where}: batch {k}: its schema ({_schema_str(b.schema)}) differs "
+                                          f"from the one the file declares ({_schema_str(self.schema)})")
+                b = _valid(f"{self.where}: batch {k}", b, row0)
+                b = pa.RecordBatch.from_arrays([b.column(c) for c in columns], names=columns)
+                for start in range(0, b.num_rows, batch_rows):
+                    yield b.slice(start, batch_rows)
+                row0 += b.num_rows
+        if row0 != self.num_rows:
+            raise ConversionError(f"{self.where}: {row0} rows where the first pass counted {self.num_rows}")
+        self.check()
 
 
 def _one_line(e: BaseException) -> str:
@@ -780,8 +884,11 @@ def _ingest(source: _Source, out: str, opts: ImportOptions) -> Store:
     if os.path.exists(out) and not opts.overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
 
-    if isinstance(source, _StreamSource) and len(layouts) > 1:
-        source = _spill(source, out)
+    detect = [lay for lay in layouts if lay.length is None]
+    if isinstance(source, _StreamSource) and (len(layouts) > 1 or detect):
+        source = _spill(source, out)  # read more than once: once per column, and to learn T
+    for lay in detect:
+        lay.length = _common_length(source, lay, opts.batch_size)
     instances = _Instances(where, id_column, label_column)
     columns_attrs: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
@@ -862,15 +969,47 @@ class _StreamWriter:
             self.inner.discard()
 
 
+def _batch_rows(lay: _Layout, batch_size: int | None) -> int:
+    if batch_size is not None:
+        return int(batch_size)
+    row_bytes = (lay.length or 16) * (lay.channels or 1) * 4
+    return max(1, min(1 << 16, BATCH_BYTES // row_bytes))
+
+
+def _common_length(source: _Source, lay: _Layout, batch_size: int | None) -> int | None:
+    """The T every instance of a variable-length column has, or None when T
+    varies (or a row is null or misshapen: the writing pass names it). A
+    pass over that column alone, reading list lengths, not copying values:
+    a column whose rows all have one T is stored fixed-T."""
+    import pyarrow.compute as pc
+
+    pa = _pa()
+    common: int | None = None
+    for batch in source.batches([lay.name], _batch_rows(lay, batch_size)):
+        arr = batch.column(0)
+        if isinstance(arr, pa.ChunkedArray):
+            arr = arr.combine_chunks()
+        if len(arr) == 0:
+            continue
+        if arr.null_count:
+            return None
+        counts = pc.list_value_length(arr).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+        if lay.kind == "flat":
+            if np.any(counts % lay.channels):
+                return None
+            counts = counts // lay.channels
+        first = int(counts[0])
+        if first == 0 or (common is not None and first != common) or np.any(counts != first):
+            return None
+        common = first
+    return common
+
+
 def _write_column(source: _Source, writer: StoreWriter, lay: _Layout, extra: list[str],
                   instances: _Instances | None, progress: bool, batch_size: int | None) -> dict[str, Any]:
     here = f"{source.where}: column {lay.name!r}"
     field = source.schema.field(lay.name)
-    if batch_size is None:
-        row_bytes = (lay.length or 16) * (lay.channels or 1) * 4
-        batch_rows = max(1, min(1 << 16, BATCH_BYTES // row_bytes))
-    else:
-        batch_rows = int(batch_size)
+    batch_rows = _batch_rows(lay, batch_size)
     lengths_parts: list[np.ndarray] = []
     column: ColumnWriter | None = None  # begun at the first batch (a list<list> column learns C there)
     row0 = 0
@@ -959,10 +1098,12 @@ def from_arrow(source: Any, out: str | os.PathLike[str], options: ImportOptions 
     ``channels``, ``dtype``, ``categories``, ``classes``, ``overwrite``,
     ``progress``, ``batch_size``).
     Feature columns may be fixed_size_list<fixed_size_list<float, C>, T>,
-    arrow.fixed_shape_tensor [T, C], (large_)list<fixed_size_list<float, C>>
-    (ragged unless ``length`` is given), (large_)list<list<float>>, or flat
-    list / large_list / fixed_size_list<float> of T * C values (``channels``
-    needed for variable-length ones). Streams: memory is one batch; see the
+    arrow.fixed_shape_tensor [T, C], (large_)list<fixed_size_list<float, C>>,
+    (large_)list<list<float>>, or flat list / large_list /
+    fixed_size_list<float> of T * C values (``channels`` needed for
+    variable-length ones). A variable-length column without ``length`` is
+    read once more first, for its list lengths only: when every instance has
+    the same T it is stored fixed-T, else ragged. Streams: memory is one batch; see the
     module docstring for multi-column streams."""
     _pa()
     opts = _options(options, keywords)
@@ -983,3 +1124,15 @@ def from_parquet(path: str | os.PathLike[str], out: str | os.PathLike[str], opti
         return _ingest(source, os.fspath(out), opts)
     finally:
         source.close()
+
+
+def from_ipc(path: str | os.PathLike[str], out: str | os.PathLike[str], options: ImportOptions | None = None, /,
+             **keywords: Any) -> Store:
+    """Build a store from an Arrow IPC file (``.arrow``, ``.feather`` v2,
+    ``.ipc``; the file format or the stream format), as ``finegym-store
+    export`` writes them. Read with positioned reads, one record batch at a
+    time, once per feature column; every batch fully validated; the file
+    must not change while it is read. Options as :func:`from_arrow`."""
+    _pa()
+    opts = _options(options, keywords)
+    return _ingest(_IpcSource(os.fspath(path)), os.fspath(out), opts)

@@ -173,8 +173,8 @@ def test_every_path_is_checked_before_the_first_pickle_is_read(tmp_path, real):
         fgs.convert({"a": first}, tmp_path / "o.fgs", split=tmp_path / "x.txt", progress=False)
     with pytest.raises(FileNotFoundError, match=rf"^categories: no such file: {tmp_path / 'c.txt'}$"):
         fgs.convert({"a": first}, tmp_path / "o.fgs", split=split, categories=tmp_path / "c.txt", progress=False)
-    with pytest.raises(IsADirectoryError, match=rf"features\['a'\]: {tmp_path} is a folder"):
-        fgs.convert({"a": tmp_path}, tmp_path / "o.fgs", progress=False)
+    with pytest.raises(IsADirectoryError, match=rf"^split: {tmp_path} is a folder"):
+        fgs.convert({"a": first}, tmp_path / "o.fgs", split=tmp_path, progress=False)
 
     def one_line(*args):
         r = cli("convert", tmp_path / "o.fgs", *args, "-q")

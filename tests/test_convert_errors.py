@@ -190,7 +190,7 @@ def test_missing_pickle(tmp_path):
 
 
 def test_source_of_wrong_type(tmp_path):
-    with pytest.raises(TypeError, match=r"features\['x'\] must be a path to a pickle or a dict, got int"):
+    with pytest.raises(TypeError, match=r"features\['x'\] must be a path \(a pickle, a folder of \.npy files, an HDF5 file\), an HDF5Source or a dict, got int"):
         _convert(tmp_path, {"x": 42})
 
 

@@ -469,7 +469,7 @@ def test_numpy_integer_arguments_work(tmp_path):
     assert store.column("x").values.shape == (2, 2, 2)
     store = fgs.from_arrow(flat, tmp_path / "b.fgs", channels={"x": np.uint8(4)}, batch_size=np.int64(1),
                            progress=False)
-    assert store.column("x").values.shape == (2, 4)  # ragged: (rows, C)
+    assert store.column("x").values.shape == (2, 1, 4)  # every row has T = 1: stored fixed
 
 
 @pytest.mark.parametrize("value,exc", [(-1, ValueError), (0, ValueError), (True, TypeError), (2.5, TypeError),

@@ -89,6 +89,13 @@ void validate(const GatherSpec& spec) {
 
 std::uint64_t output_rows(const FeatureColumn& col, const GatherSpec& spec) {
     if (spec.num_segments == 0) {
+        if (col.ragged() && col.common_segments != 0) {
+            const std::string t = std::to_string(col.common_segments);
+            throw std::invalid_argument("column '" + col.name + "' is stored ragged, so num_segments=None (all "
+                                        "segments) cannot make a batch, although every instance has T = " + t +
+                                        ": pass num_segments=K, or import it again with length=" + t +
+                                        " (finegym-store import --length " + t + ") to store it fixed-T");
+        }
         if (col.ragged())
             throw std::invalid_argument("column '" + col.name +
                                         "' is ragged (T varies), so num_segments=None (all segments) cannot make "

@@ -50,8 +50,14 @@ StoreReader::StoreReader(const std::string& path) : file_(path, kHeaderSize) {
     strings(schema::kMetaVideo);
     if (schema_.has_classes)
         for (auto name : schema::kClassStrings) strings(name);
-    for (const auto& col : schema_.columns)
-        if (col.ragged()) load_offsets(sections_[col.offsets], sections_[col.values].shape[0], true);
+    for (auto& col : schema_.columns) {
+        if (!col.ragged()) continue;
+        load_offsets(sections_[col.offsets], sections_[col.values].shape[0], true);
+        const auto& off = offsets_.at(col.offsets);
+        bool common = off.size() > 1;
+        for (std::size_t i = 1; common && i + 1 < off.size(); ++i) common = off[i + 1] - off[i] == off[1] - off[0];
+        col.common_segments = common ? static_cast<std::uint64_t>(off[1] - off[0]) : 0;
+    }
 }
 
 // Sections sorted by offset must not overlap, and what lies between them (and

@@ -23,6 +23,9 @@ struct FeatureColumn {
     std::size_t offsets = 0;     // index of features/NAME/offsets (ragged only)
     bool has_blocks = false;     // version 2: features/NAME/blocks exists
     std::size_t blocks = 0;      // its index
+    // Ragged columns whose instances all have one T: that T (the reader sets
+    // it from the offsets, for messages); 0 otherwise.
+    std::uint64_t common_segments = 0;
     bool ragged() const noexcept { return segments == 0; }
 };
 
