@@ -361,7 +361,7 @@ def test_import_dispatches_by_path(tmp_path, data, capsys):
         ([str(tmp_path / "e.parquet"), "--split", str(split)], "--split is for .npy folders and HDF5"),
     ]
     for argv, message in cases:
-        assert main(["import", "-q", argv[0], str(tmp_path / "out" / "x.fgs"), *argv[1:]]) == 2, argv
+        assert main(["import", "-q", argv[0], str(tmp_path / "x.fgs"), *argv[1:]]) == 2, argv
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("error: ") and message in err, (argv, err)
     assert main(["import", "-q", str(tmp_path / "notes.txt"), str(tmp_path / "o.fgs")]) == 2
