@@ -17,6 +17,7 @@ import numpy as np
 
 from . import _args
 from .arrow import INSTANCE_FIELDS
+from .arrow import select_columns as select
 from .spec import SegmentSpec
 
 if TYPE_CHECKING:
@@ -212,20 +213,3 @@ def bytes_per_row(store: Store, name: str, sampling: Sampling | None = None) -> 
     return math.ceil(col.values.nbytes / n) + (8 if col.ragged else 0)
 
 
-def select(store: Store, columns: Sequence[str] | str | None) -> list[str]:
-    available = list(INSTANCE_FIELDS) + list(store.columns)
-    clash = set(INSTANCE_FIELDS) & set(store.columns)
-    if clash:
-        raise ValueError(f"{store.path}: feature column {sorted(clash)[0]!r} has the name of an instance field "
-                         f"({', '.join(INSTANCE_FIELDS)}); it cannot be read beside it")
-    if columns is None:
-        return available
-    if isinstance(columns, str):
-        columns = [columns]
-    out: list[str] = []
-    for c in columns:
-        if c not in available:
-            raise KeyError(f"no column {c!r} in {store.path}; columns: {', '.join(available)}")
-        if c not in out:
-            out.append(c)
-    return out

@@ -110,12 +110,14 @@ def _feature_array(store: Store, name: str, tensor_type: str) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(rows, col.length)
 
 
-def _select(store: Store, columns: Sequence[str] | str | None) -> list[str]:
+def select_columns(store: Store, columns: Sequence[str] | str | None) -> list[str]:
+    """The instance fields and feature columns named (all when None), in the
+    order given, each once; KeyError for an unknown name."""
     available = list(INSTANCE_FIELDS) + list(store.columns)
     clash = set(INSTANCE_FIELDS) & set(store.columns)
     if clash:
         raise ValueError(f"{store.path}: feature column {sorted(clash)[0]!r} has the name of an instance field "
-                         f"({', '.join(INSTANCE_FIELDS)}); it cannot be exported beside it")
+                         f"({', '.join(INSTANCE_FIELDS)}); it cannot be exported or read beside it")
     if columns is None:
         return available
     if isinstance(columns, str):
@@ -163,7 +165,7 @@ def arrow_schema(store: Store, columns: Sequence[str] | str | None = None, tenso
     """The schema :func:`to_arrow` gives, metadata included (costs no data access)."""
     pa = _pa()
     _check_tensor_type(tensor_type)
-    names = _select(store, columns)
+    names = select_columns(store, columns)
     fields = []
     for n in names:
         if n in ("id", "video"):
@@ -227,7 +229,7 @@ def _row_bytes(store: Store, names: Sequence[str]) -> float:
 def default_batch_rows(store: Store, columns: Sequence[str] | str | None = None) -> int:
     """Rows holding about :data:`BATCH_BYTES` (128 MiB) of features, at most
     65536: 1364 rows at I3D size (12 x 2048 float32)."""
-    rows = int(BATCH_BYTES // _row_bytes(store, _select(store, columns)))
+    rows = int(BATCH_BYTES // _row_bytes(store, select_columns(store, columns)))
     return max(1, min(_MAX_DEFAULT_ROWS, rows))
 
 
