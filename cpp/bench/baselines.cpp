@@ -12,6 +12,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstdint>
@@ -22,6 +23,7 @@
 #include <vector>
 
 #include "finegym/errors.hpp"
+#include "finegym/thread_pool.hpp"
 
 namespace py = pybind11;
 
@@ -111,6 +113,30 @@ PYBIND11_MODULE(_bench, m) {
         },
         py::arg("src"), py::arg("offsets"), py::arg("record_bytes"), py::arg("out"),
         "Single-threaded memcpy of records src[offsets[i]:+record_bytes] into out, back to back.");
+
+    m.def(
+        "memcpy_records_parallel",
+        [](const py::object& src, const py::object& offsets, std::size_t record_bytes, const py::object& out,
+           unsigned threads) {
+            ContiguousBuffer s(src, false, "src"), o(out, true, "out");
+            const auto offs = as_offsets(offsets);
+            const std::int64_t* off = offs.data();
+            const std::size_t n = check_records(off, static_cast<std::size_t>(offs.size()), record_bytes, o.bytes(),
+                                                s.bytes(), "src");
+            const unsigned char* from = s.data();
+            unsigned char* to = o.data();
+            const unsigned parts = std::max(1u, std::min(threads, finegym::ThreadPool::max_threads()));
+            auto pool = finegym::ThreadPool::shared(parts);
+            py::gil_scoped_release release;  // raw buffers, held by the views above
+            // The same persistent pool and split as gather's copy: contiguous runs of records per thread.
+            pool->parallel_for(parts, [&](std::size_t p) {
+                const std::size_t begin = n * p / parts, end = n * (p + 1) / parts;
+                for (std::size_t i = begin; i < end; ++i)
+                    std::memcpy(to + i * record_bytes, from + off[i], record_bytes);
+            }, parts);
+        },
+        py::arg("src"), py::arg("offsets"), py::arg("record_bytes"), py::arg("out"), py::arg("threads"),
+        "memcpy_records on `threads` threads of the persistent pool gather uses (a bound for gather's copy).");
 
     m.def(
         "pread_records",

@@ -187,7 +187,7 @@ def run(args: Any) -> int:
             for state in args.states:
                 progress(f"[bench] {state}, K={k}, B={b}")
                 if state == "hot":
-                    methods = ["gather:auto", "gather:on", "gather:off", "numpy memmap", "memcpy 1T",
+                    methods = ["gather:auto", "gather:on", "gather:off", "gather out=", "numpy memmap", "memcpy 1T",
                                f"memcpy {threads}T"]
                     results += bench_hot(d, methods, k, b, threads, args.batches, args.rounds)
                 elif state == "cold":
