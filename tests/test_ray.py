@@ -45,6 +45,11 @@ def cluster(tmp_path_factory):
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = root + (os.pathsep + old if old else "")
     node = {"num_cpus": 2, "object_store_memory": 150 << 20, "include_dashboard": False}
+    # The nodes' workers start in this folder and put it first on their path:
+    # not the repository, whose finegym_store/ sources would shadow the
+    # installed package (and its built extension).
+    here = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("ray-cwd"))
     c = Cluster(initialize_head=True, head_node_args={**node, "node_ip_address": "127.0.0.1"})
     try:
         c.add_node(**node, node_ip_address="127.0.0.1")
@@ -57,6 +62,7 @@ def cluster(tmp_path_factory):
     finally:
         ray.shutdown()
         c.shutdown()
+        os.chdir(here)
         ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
         if old is None:
             os.environ.pop("PYTHONPATH", None)

@@ -28,12 +28,17 @@ N = 150
 
 
 @pytest.fixture(scope="module")
-def spark():
+def spark(tmp_path_factory):
     from pyspark.sql import SparkSession
 
     # Python workers run this interpreter (the package and pyarrow are
     # installed here); everything binds to loopback.
     saved = {k: os.environ.get(k) for k in ("PYSPARK_PYTHON", "SPARK_LOCAL_IP")}
+    # Spark's Python workers start in this folder and put it first on their
+    # path: not the repository, whose finegym_store/ sources would shadow the
+    # installed package (and its built extension).
+    here = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("spark-cwd"))
     os.environ["PYSPARK_PYTHON"] = sys.executable
     os.environ["SPARK_LOCAL_IP"] = "127.0.0.1"
     session = (SparkSession.builder.master("local[2]").appName("finegym-store-tests")
@@ -46,6 +51,7 @@ def spark():
         yield session
     finally:
         session.stop()
+        os.chdir(here)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
