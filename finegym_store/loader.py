@@ -334,6 +334,12 @@ class Loader:
                 if job.owned:
                     job.wait()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy runs what this loader's next iteration would (its epoch, and
+        # a position loaded by load_state_dict); an active iteration, a
+        # generator, stays with this loader.
+        return {**self.__dict__, "_active": None, "_labels_digest": None}
+
     def __repr__(self) -> str:
         return (f"<Loader {self.column!r} batch_size={self.batch_size} {self.spec} "
                 f"rank={self.rank}/{self.world_size} epoch={self.epoch} batches={len(self)}>")

@@ -234,6 +234,29 @@ def test_set_epoch_after_loading(store):
     assert_same_batches(run(other), epochs[2])
 
 
+def test_pickle_carries_the_next_iteration(store):
+    import pickle
+
+    ref = make(store, rank=1, world_size=3)
+    epochs = [run(ref) for _ in range(2)]
+    loader = make(store, rank=1, world_size=3)
+    it = iter(loader)
+    next(it)
+    next(it)
+    state = loader.state_dict()
+    # Mid-iteration: the copy's next iteration is the loader's own next one, epoch 1.
+    clone = pickle.loads(pickle.dumps(loader))
+    assert (clone.state_dict()["epoch"], clone.state_dict()["batches"]) == (1, 0)
+    assert_same_batches(run(clone), epochs[1])
+    del it
+    # A loaded position crosses pickle (spawn workers resume where the state says).
+    resumed = make(store, rank=1, world_size=3)
+    resumed.load_state_dict(state)
+    clone = pickle.loads(pickle.dumps(resumed))
+    assert clone.state_dict() == state
+    assert_same_batches(run(clone), epochs[0][2:])
+
+
 @pytest.mark.parametrize("field, kw", [
     ("batch_size", dict(batch_size=8)),
     ("seed", dict(seed=6)),
