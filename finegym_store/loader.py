@@ -3,14 +3,20 @@
 The order of an epoch is a pure function of (seed, epoch): every rank computes
 the same permutation without talking to the others, then takes its shard the
 way torch's DistributedSampler does. Batches are gathered by the C++ core on
-its own threads, ``prefetch`` batches ahead of the caller.
+its own threads, ``prefetch`` batches ahead of the caller. Because a batch is
+a pure function of (configuration, epoch, position), a loader's position is
+two numbers: :meth:`Loader.state_dict` records them with what identifies the
+configuration, and :meth:`Loader.load_state_dict` resumes there.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
+import weakref
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -21,7 +27,7 @@ from .spec import SegmentSpec, resolve
 if TYPE_CHECKING:
     from .store import Store
 
-__all__ = ["Batch", "Loader", "SAMPLERS", "epoch_order", "shard"]
+__all__ = ["Batch", "Loader", "SAMPLERS", "STATE_FORMAT", "epoch_order", "shard"]
 
 #: Instance orders of an epoch: every instance once, or classes drawn uniformly.
 SAMPLERS = ("uniform", "balanced")
@@ -90,6 +96,28 @@ def shard(order: np.ndarray, rank: int, world_size: int, drop_last: bool) -> np.
     return order[rank:total:world_size]
 
 
+#: The ``format`` of :meth:`Loader.state_dict`; a state of another format is refused.
+STATE_FORMAT = "finegym_store.Loader/1"
+
+
+class _Cursor:
+    """Where one iteration is: its epoch and the batches its caller has received."""
+
+    __slots__ = ("epoch", "done")
+
+    def __init__(self, epoch: int, done: int) -> None:
+        self.epoch = epoch
+        self.done = done
+
+
+def _same(a: Any, b: Any) -> bool:
+    # Equality that does not take True for 1 (nor 1 for 1.0): states are
+    # compared after a JSON round trip, which keeps bools, ints and floats apart.
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b
+
+
 class Loader:
     """Iterate to get :class:`Batch` es; each new iteration is the next epoch.
     Made by :meth:`finegym_store.Store.loader`, which documents the arguments.
@@ -123,6 +151,12 @@ class Loader:
         self.sampler = _args.choice(sampler, "sampler", SAMPLERS)
         self.reuse_buffers = _args.flag(reuse_buffers, "reuse_buffers")
         self.epoch = 0
+        # Batches of self.epoch already received (load_state_dict): the next
+        # iteration starts after them.
+        self._skip = 0
+        # The latest iteration (a weak reference to its generator) and its cursor.
+        self._active: tuple[weakref.ref[Iterator[Batch]], _Cursor] | None = None
+        self._labels_digest: str | None = None
         # Fail now, not in a background job, on a spec the column can't serve.
         store.gather(column, np.zeros(0, np.int64), spec=self.spec, threads=self.threads)
 
@@ -132,8 +166,91 @@ class Loader:
         return self.spec.seed
 
     def set_epoch(self, epoch: int) -> None:
-        """The epoch the next iteration runs (like DistributedSampler.set_epoch)."""
-        self.epoch = _args.count(epoch, "epoch")
+        """The epoch the next iteration runs (like DistributedSampler.set_epoch).
+        After :meth:`load_state_dict`, setting the epoch the state resumes
+        keeps its position; any other epoch starts at its first batch."""
+        epoch = _args.count(epoch, "epoch")
+        if epoch != self.epoch:
+            self._skip = 0
+        self.epoch = epoch
+        self._active = None
+
+    # -- resuming ----------------------------------------------------------------
+    def _config(self) -> dict[str, Any]:
+        # What the batches are a function of, besides epoch and position.
+        if self._labels_digest is None:
+            labels = np.ascontiguousarray(self.store._guarded_labels(), dtype="<i4")
+            self._labels_digest = hashlib.sha256(labels.tobytes()).hexdigest()
+        return {
+            "format": STATE_FORMAT,
+            "store_length": len(self.store),
+            "labels_sha256": self._labels_digest,
+            "column": self.column,
+            "seed": self.spec.seed,
+            "batch_size": self.batch_size,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "shuffle": self.shuffle,
+            "drop_last": self.drop_last,
+            "sampler": self.sampler,
+            "spec": dataclasses.asdict(self.spec),
+        }
+
+    def _position(self) -> tuple[int, int]:
+        if self._active is not None:
+            it, cursor = self._active[0](), self._active[1]
+            # A generator that finished, was closed or was collected has no frame.
+            if it is not None and getattr(it, "gi_frame", None) is not None:
+                if cursor.done < len(self):
+                    return cursor.epoch, cursor.done
+                return cursor.epoch + 1, 0  # every batch received: the epoch is over
+        return self.epoch, self._skip
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this loader is, as plain JSON-able values: ``epoch`` and
+        ``batches`` (the batches of that epoch the caller has received; 0
+        between epochs), and what the batches are a function of (store
+        length and labels, column, seed, batch_size, rank, world_size,
+        shuffle, drop_last, sampler, the spec as a dict, and ``format``).
+        While an iteration is active, its position (batches prefetched but not
+        yet received do not count); otherwise the epoch the next iteration
+        runs. :meth:`load_state_dict` on a loader over the same store and
+        arguments resumes there."""
+        epoch, done = self._position()
+        return {**self._config(), "epoch": epoch, "batches": done}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from :meth:`state_dict`: the next iteration yields the
+        remaining batches of the state's epoch (the same batches, bit for bit,
+        as an uninterrupted run), and the ones after it the following epochs.
+        TypeError if ``state`` is not a mapping; ValueError naming the field
+        when it was taken from a loader of another configuration (store,
+        column, seed, batch_size, rank, world_size, shuffle, drop_last,
+        sampler, spec) or is not a loader state. ``prefetch``, ``threads``
+        and ``reuse_buffers`` do not change the batches and may differ."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"Loader.load_state_dict: state must be a dict (from Loader.state_dict()), "
+                            f"got {type(state).__name__}")
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"Loader.load_state_dict: not a loader state: 'format' is {state.get('format')!r}, "
+                             f"expected {STATE_FORMAT!r}")
+        for name, mine in self._config().items():
+            if name not in state:
+                raise ValueError(f"Loader.load_state_dict: the state has no {name!r}")
+            if not _same(state[name], mine):
+                raise ValueError(f"Loader.load_state_dict: {name} differs: the state has {state[name]!r}, "
+                                 f"this loader {mine!r}")
+        position = {}
+        for name in ("epoch", "batches"):
+            value = state.get(name)
+            if type(value) is not int or value < 0:
+                raise ValueError(f"Loader.load_state_dict: {name!r} must be an integer >= 0, got {value!r}")
+            position[name] = value
+        if position["batches"] and position["batches"] >= len(self):
+            raise ValueError(f"Loader.load_state_dict: 'batches' must be less than the {len(self)} batches "
+                             f"of an epoch, got {position['batches']}")
+        self.epoch, self._skip = position["epoch"], position["batches"]
+        self._active = None
 
     def indices(self, epoch: int | None = None) -> np.ndarray:
         """This rank's instance indices for an epoch, in batch order."""
@@ -147,11 +264,16 @@ class Loader:
         return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
-        epoch = self.epoch
+        epoch, start = self.epoch, self._skip
         self.epoch += 1
-        return self._run(epoch)
+        self._skip = 0
+        cursor = _Cursor(epoch, start)
+        it = self._run(epoch, start, cursor)
+        self._active = (weakref.ref(it), cursor)
+        return it
 
-    def _run(self, epoch: int) -> Iterator[Batch]:
+    def _run(self, epoch: int, start: int, cursor: _Cursor) -> Iterator[Batch]:
+        # Batches from `start` on; cursor.done counts those the caller received.
         idx = self.indices(epoch)
         bounds = range(0, len(idx), self.batch_size)
         batches = [idx[s : s + self.batch_size] for s in bounds]
@@ -180,7 +302,7 @@ class Loader:
                 pending.append((chunk, _core.GatherJob(reader, self.column, chunk, native, epoch, out, threads)))
 
         try:
-            for b in range(len(batches)):
+            for b in range(start, len(batches)):
                 # Resuming means the caller asked for the next batch: with
                 # reuse_buffers it is done with the previous one.
                 if free is not None and held is not None:
@@ -200,6 +322,7 @@ class Loader:
                     held = features
                 batch = Batch(features, labels[chunk], chunk)
                 top_up(b + 1, self.prefetch)
+                cursor.done = b + 1
                 yield batch
         finally:
             # Abandoned mid-epoch (or done): wait for in-flight jobs so no
@@ -210,6 +333,12 @@ class Loader:
                 job = pending.popleft()[1]
                 if job.owned:
                     job.wait()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy runs what this loader's next iteration would (its epoch, and
+        # a position loaded by load_state_dict); an active iteration, a
+        # generator, stays with this loader.
+        return {**self.__dict__, "_active": None, "_labels_digest": None}
 
     def __repr__(self) -> str:
         return (f"<Loader {self.column!r} batch_size={self.batch_size} {self.spec} "

@@ -512,7 +512,8 @@ class Store:
         like torch's DistributedSampler; ``sampler="balanced"`` draws classes
         uniformly. ``prefetch`` batches are gathered ahead on persistent C++
         threads. A yielded batch is the caller's; ``reuse_buffers=True``
-        recycles its array once the next batch is requested."""
+        recycles its array once the next batch is requested.
+        ``state_dict()`` / ``load_state_dict()`` resume mid-epoch."""
         return Loader(self, column, batch_size, spec=resolve(spec, spec_keywords, "loader()"), shuffle=shuffle,
                       drop_last=drop_last, rank=rank, world_size=world_size, prefetch=prefetch, threads=threads,
                       sampler=sampler, reuse_buffers=reuse_buffers)
