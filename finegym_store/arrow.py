@@ -80,10 +80,23 @@ def _value_type(dtype: np.dtype) -> pa.DataType:
     return {np.dtype(np.float32): pa.float32(), np.dtype(np.float16): pa.float16()}[np.dtype(dtype)]
 
 
-def _feature_type(store: Store, name: str, tensor_type: str) -> pa.DataType:
+_EXPORT_DTYPES = (None, "float32")
+
+
+def _check_dtype(dtype: str | None) -> str | None:
+    return _args.choice(dtype, "dtype", _EXPORT_DTYPES)
+
+
+def _export_dtype(stored: np.dtype, dtype: str | None) -> np.dtype:
+    """The value dtype a column stored as ``stored`` is exported as: as
+    stored, or float32 (half floats upcast) with ``dtype="float32"``."""
+    return np.dtype(np.float32) if dtype == "float32" else np.dtype(stored)
+
+
+def _feature_type(store: Store, name: str, tensor_type: str, dtype: str | None = None) -> pa.DataType:
     pa = _pa()
     col = store.column(name)
-    vt = _value_type(col.dtype)
+    vt = _value_type(_export_dtype(col.dtype, dtype))
     row = pa.list_(vt, col.channels)
     if col.ragged:
         return pa.large_list(row)
@@ -92,11 +105,14 @@ def _feature_type(store: Store, name: str, tensor_type: str) -> pa.DataType:
     return pa.list_(row, col.length)
 
 
-def _feature_array(store: Store, name: str, tensor_type: str) -> pa.Array:
+def _feature_array(store: Store, name: str, tensor_type: str, dtype: str | None = None) -> pa.Array:
     pa = _pa()
     col = store.column(name)
     values = col.values
-    flat = _primitive(values, _value_type(col.dtype))
+    out = _export_dtype(col.dtype, dtype)
+    if values.dtype != out:
+        values = values.astype(out)  # half floats upcast: a copy, not a view of the mapping
+    flat = _primitive(values, _value_type(out))
     if col.ragged:
         rows = pa.FixedSizeListArray.from_arrays(flat, col.channels)
         offsets = col.offsets
@@ -105,7 +121,7 @@ def _feature_array(store: Store, name: str, tensor_type: str) -> pa.Array:
     assert col.length is not None  # a fixed-T column from here on
     if tensor_type == "fixed_shape_tensor":
         storage = pa.FixedSizeListArray.from_arrays(flat, col.length * col.channels)
-        return pa.ExtensionArray.from_storage(_feature_type(store, name, tensor_type), storage)
+        return pa.ExtensionArray.from_storage(_feature_type(store, name, tensor_type, dtype), storage)
     rows = pa.FixedSizeListArray.from_arrays(flat, col.channels)
     return pa.FixedSizeListArray.from_arrays(rows, col.length)
 
@@ -161,10 +177,15 @@ def store_metadata(store: Store, names: Sequence[str], tensor_type: str = "neste
     }
 
 
-def arrow_schema(store: Store, columns: Sequence[str] | str | None = None, tensor_type: str = "nested") -> pa.Schema:
-    """The schema :func:`to_arrow` gives, metadata included (costs no data access)."""
+def arrow_schema(store: Store, columns: Sequence[str] | str | None = None, tensor_type: str = "nested",
+                 dtype: str | None = None) -> pa.Schema:
+    """The schema :func:`to_arrow` gives, metadata included (costs no data
+    access). The metadata records each column's stored dtype, also when
+    ``dtype="float32"`` exports half floats upcast: an import of the export
+    rebuilds the float16 store (the upcast values convert back exactly)."""
     pa = _pa()
     _check_tensor_type(tensor_type)
+    _check_dtype(dtype)
     names = select_columns(store, columns)
     fields = []
     for n in names:
@@ -176,15 +197,18 @@ def arrow_schema(store: Store, columns: Sequence[str] | str | None = None, tenso
             c = store.column(n)
             meta = {FIELD_KEY: json.dumps({"dtype": str(c.dtype), "length": c.length,
                                            "channels": c.channels}).encode("utf-8")}
-            fields.append(pa.field(n, _feature_type(store, n, tensor_type), nullable=False, metadata=meta))
+            fields.append(pa.field(n, _feature_type(store, n, tensor_type, dtype), nullable=False, metadata=meta))
     meta = {METADATA_KEY: json.dumps(store_metadata(store, names, tensor_type)).encode("utf-8")}
     return pa.schema(fields, metadata=meta)
 
 
-def to_arrow(store: Store, columns: Sequence[str] | str | None = None, tensor_type: str = "nested") -> pa.Table:
-    """A pyarrow.Table over the mapped bytes (no copy). See Store.to_arrow."""
+def to_arrow(store: Store, columns: Sequence[str] | str | None = None, tensor_type: str = "nested",
+             dtype: str | None = None) -> pa.Table:
+    """A pyarrow.Table over the mapped bytes (no copy), except float16
+    columns with ``dtype="float32"``: those are upcast copies in memory.
+    See Store.to_arrow."""
     pa = _pa()
-    schema = arrow_schema(store, columns, tensor_type)
+    schema = arrow_schema(store, columns, tensor_type, dtype)
     meta = store.meta
     arrays = []
     for n in schema.names:
@@ -197,7 +221,7 @@ def to_arrow(store: Store, columns: Sequence[str] | str | None = None, tensor_ty
         elif n in INSTANCE_FIELDS:
             arrays.append(_primitive(getattr(meta, n), pa.int32()))
         else:
-            arrays.append(_feature_array(store, n, tensor_type))
+            arrays.append(_feature_array(store, n, tensor_type, dtype))
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
@@ -239,11 +263,13 @@ def _rows(value: int | None, store: Store, columns: Any, what: str) -> int:
     return _args.count(value, what, 1)
 
 
-def _guarded_batches(store: Store, schema: pa.Schema, tensor_type: str, rows: int) -> Iterator[pa.RecordBatch]:
+def _guarded_batches(store: Store, schema: pa.Schema, tensor_type: str, rows: int,
+                     dtype: str | None = None) -> Iterator[pa.RecordBatch]:
     """Record batches of ``rows`` rows whose every buffer was copied out of
     the mapping by the C++ core under the SIGBUS guard (OSError naming the
     file if it shrank); offsets come from the reader's copies validated at
-    open. One batch is built per step: memory stays about one batch."""
+    open. With ``dtype="float32"`` float16 values are upcast from that copy.
+    One batch is built per step: memory stays about one batch."""
     pa = _pa()
     sec = _core.SECTIONS
     reader = store._reader
@@ -264,16 +290,24 @@ def _guarded_batches(store: Store, schema: pa.Schema, tensor_type: str, rows: in
         col._fetch(np.arange(s, e, dtype=np.int64))  # a remote store: these rows into its cache first
         name = sec["feature_prefix"] + field.name
         row = col.channels * col.dtype.itemsize
-        vt = _value_type(col.dtype)
+        out = _export_dtype(col.dtype, dtype)
+        vt = _value_type(out)
+
+        def values(begin: int, end: int) -> pa.Buffer:
+            raw = reader.read_bytes(name, begin, end)
+            if out == col.dtype:
+                return pa.py_buffer(raw)
+            return pa.py_buffer(np.frombuffer(raw, col.dtype).astype(out))  # half floats upcast
+
         if col.ragged:
             o = col.offsets[s : e + 1]  # type: ignore[index]
             flat = pa.Array.from_buffers(vt, int(o[-1] - o[0]) * col.channels,
-                                         [None, copy(name, int(o[0]) * row, int(o[-1]) * row)])
+                                         [None, values(int(o[0]) * row, int(o[-1]) * row)])
             rows_ = pa.FixedSizeListArray.from_arrays(flat, col.channels)
             return pa.Array.from_buffers(field.type, e - s, [None, pa.py_buffer(o - o[0])], children=[rows_])
         assert col.length is not None
         per = col.length * row
-        flat = pa.Array.from_buffers(vt, (e - s) * col.length * col.channels, [None, copy(name, s * per, e * per)])
+        flat = pa.Array.from_buffers(vt, (e - s) * col.length * col.channels, [None, values(s * per, e * per)])
         if tensor_type == "fixed_shape_tensor":
             storage = pa.FixedSizeListArray.from_arrays(flat, col.length * col.channels)
             return pa.ExtensionArray.from_storage(field.type, storage)
@@ -296,15 +330,15 @@ def _guarded_batches(store: Store, schema: pa.Schema, tensor_type: str, rows: in
 
 
 def to_batches(store: Store, batch_size: int | None = None, columns: Sequence[str] | str | None = None,
-               tensor_type: str = "nested") -> pa.RecordBatchReader:
+               tensor_type: str = "nested", dtype: str | None = None) -> pa.RecordBatchReader:
     """A RecordBatchReader of ``batch_size``-row batches, each copied out of
     the mapping under the SIGBUS guard when it is read (see the module doc):
     the stream behind ``Store.__arrow_c_stream__``. For zero-copy slices of
     the mapping (unguarded) use ``to_arrow(store).to_reader()``."""
     pa = _pa()
     rows = _rows(batch_size, store, columns, "batch_size")
-    schema = arrow_schema(store, columns, tensor_type)
-    return pa.RecordBatchReader.from_batches(schema, _guarded_batches(store, schema, tensor_type, rows))
+    schema = arrow_schema(store, columns, tensor_type, dtype)
+    return pa.RecordBatchReader.from_batches(schema, _guarded_batches(store, schema, tensor_type, rows, dtype))
 
 
 _CODECS = ("none", "snappy", "zstd", "gzip", "brotli", "lz4")
@@ -419,7 +453,7 @@ def _publish(tmp: str, path: str, overwrite: bool) -> None:
 
 def _write_streaming(store: Store, path: str | os.PathLike[str], columns: Any, rows: int, tensor_type: str,
                      progress: bool, overwrite: bool, open_writer: Any, write: Any,
-                     storage_options: Any = None) -> str:
+                     storage_options: Any = None, dtype: str | None = None) -> str:
     from tqdm.auto import tqdm
 
     from .remote import is_url
@@ -429,14 +463,15 @@ def _write_streaming(store: Store, path: str | os.PathLike[str], columns: Any, r
         from .remote import upload
 
         with upload(path, storage_options, overwrite) as local:
-            _write_streaming(store, local, columns, rows, tensor_type, progress, overwrite, open_writer, write)
+            _write_streaming(store, local, columns, rows, tensor_type, progress, overwrite, open_writer, write,
+                             dtype=dtype)
         return path
     if isinstance(path, str) and path.lower().startswith("file://"):
         from urllib.parse import unquote, urlparse
 
         path = unquote(urlparse(path).path)
     path = os.fspath(path)
-    schema = arrow_schema(store, columns, tensor_type)
+    schema = arrow_schema(store, columns, tensor_type, dtype)
     check_target(store, path, overwrite)
     fd, tmp = _create_temporary(path)
     try:
@@ -444,7 +479,7 @@ def _write_streaming(store: Store, path: str | os.PathLike[str], columns: Any, r
             with open_writer(f, schema) as w, \
                     tqdm(total=len(store), unit="inst", desc=f"export {os.path.basename(path)}",
                          disable=not progress, leave=False) as bar:
-                for batch in _guarded_batches(store, schema, tensor_type, rows):
+                for batch in _guarded_batches(store, schema, tensor_type, rows, dtype):
                     write(w, batch)
                     bar.update(batch.num_rows)
         try:
@@ -464,7 +499,7 @@ def _write_streaming(store: Store, path: str | os.PathLike[str], columns: Any, r
 def to_parquet(store: Store, path: str | os.PathLike[str], columns: Sequence[str] | str | None = None,
                row_group_size: int | None = None, compression: str | None = "none", byte_stream_split: bool = False,
                compression_level: int | None = None, tensor_type: str = "nested", progress: bool = False,
-               overwrite: bool = False, storage_options: Any = None) -> str:
+               overwrite: bool = False, storage_options: Any = None, dtype: str | None = None) -> str:
     """Write a Parquet file one row group at a time (see Store.to_parquet)
     from batches copied out of the mapping under the SIGBUS guard: a store
     truncated meanwhile raises OSError naming it. Atomic: written to a hidden
@@ -473,31 +508,34 @@ def to_parquet(store: Store, path: str | os.PathLike[str], columns: Sequence[str
     ``overwrite``; ValueError, even with it, if ``path`` is not a regular file
     (a directory, FIFO, device, or a symlink to one) or is the store itself.
     An ``s3://`` path is written locally, then uploaded in one atomic put
-    (remote.upload)."""
+    (remote.upload). ``dtype="float32"`` writes float16 columns upcast
+    (Spark reads no FLOAT16 Parquet column)."""
     import pyarrow.parquet as pq
 
     rows = _rows(row_group_size, store, columns, "row_group_size")
-    schema = arrow_schema(store, columns, tensor_type)
+    schema = arrow_schema(store, columns, tensor_type, dtype)
     options = _parquet_options(schema, compression, byte_stream_split, compression_level)
     return _write_streaming(
         store, path, columns, rows, tensor_type, progress, overwrite,
         lambda f, s: pq.ParquetWriter(f, s, **options),
-        lambda w, b: w.write_batch(b, row_group_size=rows), storage_options,
+        lambda w, b: w.write_batch(b, row_group_size=rows), storage_options, dtype,
     )
 
 
 def to_ipc(store: Store, path: str | os.PathLike[str], columns: Sequence[str] | str | None = None,
            batch_size: int | None = None, compression: str | None = "none", tensor_type: str = "nested",
-           progress: bool = False, overwrite: bool = False, storage_options: Any = None) -> str:
+           progress: bool = False, overwrite: bool = False, storage_options: Any = None,
+           dtype: str | None = None) -> str:
     """Write an Arrow IPC file (Feather v2, ``.arrow``), one record batch per
     ``batch_size`` rows; ``compression`` is none, lz4 or zstd. Guarded,
-    atomic and refusing targets as :func:`to_parquet`."""
+    atomic and refusing targets as :func:`to_parquet`; ``dtype`` as there."""
     pa = _pa()
+    _check_dtype(dtype)
     compression = _args.choice(compression, "compression", (None, "none", "lz4", "zstd")) or "none"
     rows = _rows(batch_size, store, columns, "batch_size")
     options = pa.ipc.IpcWriteOptions(compression=None if compression == "none" else compression)
     return _write_streaming(
         store, path, columns, rows, tensor_type, progress, overwrite,
         lambda f, s: pa.ipc.new_file(f, s, options=options),
-        lambda w, b: w.write_batch(b), storage_options,
+        lambda w, b: w.write_batch(b), storage_options, dtype,
     )

@@ -143,6 +143,9 @@ def _parser() -> argparse.ArgumentParser:
                    "(default: about 128 MiB of features)")
     e.add_argument("--tensor-type", choices=("nested", "fixed_shape_tensor"), default="nested",
                    help="fixed-T feature type (default nested fixed_size_list)")
+    e.add_argument("--dtype", choices=("float32",),
+                   help="float32: write float16 columns upcast, for readers without half floats (Spark, "
+                        "DuckDB); default as stored")
     e.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
@@ -294,12 +297,12 @@ def _export(args: argparse.Namespace) -> None:
     ext = os.path.splitext(args.out)[1].lower()
     if ext in (".arrow", ".feather", ".ipc"):
         arrow.to_ipc(store, args.out, args.columns, args.row_group_size, args.compression, args.tensor_type,
-                     progress=not args.quiet, overwrite=args.overwrite)
+                     progress=not args.quiet, overwrite=args.overwrite, dtype=args.dtype)
         kind = "Arrow IPC"
     else:
         arrow.to_parquet(store, args.out, args.columns, args.row_group_size, args.compression,
                          args.byte_stream_split, None, args.tensor_type, progress=not args.quiet,
-                         overwrite=args.overwrite)
+                         overwrite=args.overwrite, dtype=args.dtype)
         kind = "Parquet"
     from .remote import RemoteFile, is_url
 

@@ -30,6 +30,7 @@ import json
 import mmap
 import os
 import stat
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -452,10 +453,32 @@ def _as_source(source: Any) -> _Source:
         return _TableSource(pa.Table.from_batches([source]), "the record batch")
     if isinstance(source, pa.RecordBatchReader):
         return _StreamSource(source, "the record batch stream")
-    if hasattr(source, "__arrow_c_stream__"):
+    # Clients' own objects, recognised only when their module is imported
+    # (an object cannot be an instance of a class that was never loaded).
+    pl = sys.modules.get("polars")
+    if pl is not None and isinstance(source, pl.LazyFrame):
+        # The query runs on Polars' streaming engine; its result is one
+        # DataFrame in memory, read from there without a copy.
+        return _StreamSource(pa.RecordBatchReader.from_stream(source.collect(engine="streaming")),
+                             "the Polars LazyFrame")
+    hf = sys.modules.get("datasets")
+    if hf is not None and isinstance(source, hf.Dataset):
+        # The Dataset's Arrow table (memory-mapped from its cache files),
+        # sliced without a copy; a Dataset with an indices mapping (after
+        # select, shuffle, filter) is gathered into a new table.
+        return _TableSource(source.with_format("arrow")[:], "the Hugging Face Dataset")
+    if hasattr(source, "__arrow_c_stream__"):  # a Polars DataFrame, a DuckDB relation
         return _StreamSource(pa.RecordBatchReader.from_stream(source), f"the {type(source).__name__} stream")
-    raise TypeError(f"from_arrow: expected a pyarrow Table, RecordBatch, RecordBatchReader or an object with "
-                    f"__arrow_c_stream__, got {type(source).__name__}")
+    if hasattr(source, "__arrow_c_array__"):  # a struct array: one record batch
+        try:
+            batch = pa.record_batch(source)
+        except (TypeError, ValueError, pa.ArrowException) as e:
+            raise ConversionError(f"from_arrow: the {type(source).__name__} array is not a record batch "
+                                  f"(a struct array of columns): {_one_line(e)}") from None
+        return _TableSource(pa.Table.from_batches([batch]), f"the {type(source).__name__} array")
+    raise TypeError(f"from_arrow: expected a pyarrow Table, RecordBatch, RecordBatchReader, a Polars "
+                    f"LazyFrame, a Hugging Face Dataset or an object with __arrow_c_stream__ or "
+                    f"__arrow_c_array__, got {type(source).__name__}")
 
 
 # -- column layouts ---------------------------------------------------------------
@@ -1091,8 +1114,16 @@ def from_arrow(source: Any, out: str | os.PathLike[str], options: ImportOptions 
                **keywords: Any) -> Store:
     """Build a store at ``out`` from Arrow data and open it; atomic.
 
-    ``source`` is a pyarrow Table, RecordBatch or RecordBatchReader, or any
-    object with ``__arrow_c_stream__`` (a Polars DataFrame, a DuckDB result).
+    ``source`` is a pyarrow Table, RecordBatch or RecordBatchReader, any
+    object with ``__arrow_c_stream__`` (a Polars DataFrame, a DuckDB
+    relation: read as a stream), any object with ``__arrow_c_array__`` that
+    is a struct array (one record batch), a Polars LazyFrame (collected with
+    ``engine="streaming"``: memory is the collected DataFrame, read without a
+    copy) or a Hugging Face ``datasets.Dataset`` (its Arrow table, sliced
+    without a copy; gathered into a new table when the Dataset has an
+    indices mapping). Fixed-size array columns (DuckDB ``FLOAT[C][T]``,
+    Polars ``pl.Array(dtype, (T, C))``) arrive as
+    fixed_size_list<fixed_size_list> and are stored fixed-T.
     How it is read: an :class:`ImportOptions` and/or its fields as keywords
     (``id_column``, ``label_column``, ``feature_columns``, ``length``,
     ``channels``, ``dtype``, ``categories``, ``classes``, ``overwrite``,

@@ -534,34 +534,39 @@ class Store:
         return self._reader.sections()
 
     # -- Arrow and Parquet (finegym_store.arrow; needs pyarrow) -----------------
-    def to_arrow(self, columns: Sequence[str] | str | None = None, *, tensor_type: str = "nested") -> Any:
+    def to_arrow(self, columns: Sequence[str] | str | None = None, *, tensor_type: str = "nested",
+                 dtype: str | None = None) -> Any:
         """A pyarrow.Table over the mapped bytes, no copy: id, label, the
         parsed id fields and one column per feature column (``columns``
         selects and orders any of them). Fixed-T features are
         fixed_size_list<fixed_size_list<value, C>, T> (``tensor_type=
         "fixed_shape_tensor"``: the arrow.fixed_shape_tensor extension);
         ragged ones large_list<fixed_size_list<value, C>>. The schema metadata
-        holds what rebuilds the store (docs/arrow.md)."""
+        holds what rebuilds the store (docs/arrow.md). ``dtype="float32"``
+        exports float16 columns as float32 (for readers without half
+        floats: DuckDB, Spark); such a column is then an upcast copy in
+        memory (2x its stored size), not a view of the mapping."""
         from . import arrow
 
-        return arrow.to_arrow(self, columns, tensor_type)
+        return arrow.to_arrow(self, columns, tensor_type, dtype)
 
     def to_batches(self, columns: Sequence[str] | str | None = None, *, batch_size: int | None = None,
-                   tensor_type: str = "nested") -> Any:
+                   tensor_type: str = "nested", dtype: str | None = None) -> Any:
         """A pyarrow.RecordBatchReader of ``batch_size``-row batches (default:
         about 128 MiB of features), each copied out of the mapping under the
         SIGBUS guard as it is read (a store truncated meanwhile raises
         OSError naming it). ``to_arrow().to_reader()`` gives zero-copy,
-        unguarded slices instead."""
+        unguarded slices instead. ``dtype="float32"`` upcasts float16
+        columns in each batch (DuckDB's Arrow scan reads no half floats)."""
         from . import arrow
 
-        return arrow.to_batches(self, batch_size, columns, tensor_type)
+        return arrow.to_batches(self, batch_size, columns, tensor_type, dtype)
 
     def to_parquet(self, path: str | os.PathLike[str], columns: Sequence[str] | str | None = None, *,
                    row_group_size: int | None = None, compression: str | None = "none", byte_stream_split: bool = False,
                    compression_level: int | None = None, tensor_type: str = "nested",
                    progress: bool = False, overwrite: bool = False,
-                   storage_options: dict[str, Any] | None = None) -> str:
+                   storage_options: dict[str, Any] | None = None, dtype: str | None = None) -> str:
         """Write a Parquet file one row group at a time (memory: one row
         group; default about 128 MiB of features), atomically. No dictionary
         pages for floats; ``byte_stream_split=True`` with
@@ -573,11 +578,13 @@ class Store:
         device, or a symlink to one) or is this store's own file. ``path``
         may be an ``s3://`` URL: written locally, then uploaded in one
         atomic put (``storage_options`` as for :func:`open`), an existing
-        object refused unless ``overwrite``. Returns the path."""
+        object refused unless ``overwrite``. ``dtype="float32"`` writes
+        float16 columns upcast (Spark reads no FLOAT16 Parquet column).
+        Returns the path."""
         from . import arrow
 
         return arrow.to_parquet(self, path, columns, row_group_size, compression, byte_stream_split,
-                                compression_level, tensor_type, progress, overwrite, storage_options)
+                                compression_level, tensor_type, progress, overwrite, storage_options, dtype)
 
     def classes_table(self) -> Any:
         """The label hierarchy as a pyarrow.Table (label, glabel, set, event,

@@ -154,3 +154,20 @@ def test_docs_example(spark, tmp_path, monkeypatch):
     rows = scope["df"].select("id", "label").collect()
     assert [r["id"] for r in rows] == local.ids.to_list()
     assert [r["label"] for r in rows] == local.labels.tolist()
+
+
+def test_float32_parquet_export_reads_in_spark(spark, tmp_path):
+    # Spark reads no FLOAT16 Parquet column; dtype="float32" writes it upcast.
+    from arrow_fixtures import make_store
+
+    s = make_store(tmp_path, dtype="float16")
+    path = s.to_parquet(tmp_path / "s32.parquet", ["id", "label", "a", "r"], dtype="float32")
+    rows = spark.read.parquet(path).collect()
+    assert [r["id"] for r in rows] == s.ids.to_list()
+    np.testing.assert_array_equal([r["label"] for r in rows], s.labels)
+    for i, r in enumerate(rows):
+        a, rr = np.array(r["a"], dtype=np.float64), np.array(r["r"], dtype=np.float64)
+        assert a.shape == s.features("a", i).shape and rr.shape == s.features("r", i).shape
+        # float32 holds every float16 exactly: the values are the stored ones.
+        np.testing.assert_array_equal(a, s.features("a", i).astype(np.float64))
+        np.testing.assert_array_equal(rr, s.features("r", i).astype(np.float64))
