@@ -211,9 +211,10 @@ def test_lance_writes_the_batches(store16: fgs.Store, tmp_path: Path) -> None:
     # In a child process: importing lance installs an at-fork warning that
     # would fail every later test that forks.
     if importlib.util.find_spec("lance") is None:
-        require("lance")
+        require("lance", "pylance", 'pip install ".[test]"')
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    done = subprocess.run([sys.executable, "-c", _LANCE, store16.path, str(tmp_path)], env=env,
+    # cwd: not the repository, whose finegym_store/ sources `python -c` would put first on the path.
+    done = subprocess.run([sys.executable, "-c", _LANCE, store16.path, str(tmp_path)], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     assert_features(store16, pa.ipc.open_file(str(tmp_path / "s.arrow")).read_all())
