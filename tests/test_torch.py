@@ -14,7 +14,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import require_torch, synthetic_store
+from conftest import require, require_torch, synthetic_store
 
 
 torch = require_torch()
@@ -312,9 +312,10 @@ def test_transform_runs_on_each_gathered_batch(store):
 
 
 @fork_ok
+@pytest.mark.filterwarnings("ignore:'set_vital' is deprecated:UserWarning")  # torchdata 0.11 under torch 2.13
 @pytest.mark.parametrize("workers", [0, 2])
 def test_stateful_dataloader_resumes_the_rest_of_the_epoch(store, workers):
-    stateful = pytest.importorskip("torchdata.stateful_dataloader")
+    stateful = require("torchdata.stateful_dataloader", "torchdata", "pip install torchdata==0.11.0")
     ds = StoreDataset(store, "x", num_segments=3, mode="train", seed=2)
     ds.set_epoch(1)
     kwargs = dict(batch_size=20, shuffle=True, collate_fn=collate, num_workers=workers,
