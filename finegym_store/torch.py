@@ -115,6 +115,10 @@ class StoreDataset(Dataset):
         """The epoch set last (read from the memory DataLoader workers share)."""
         return int(self._epoch)
 
+    @epoch.setter
+    def epoch(self, epoch: int) -> None:
+        self.set_epoch(epoch)
+
     def __len__(self) -> int:
         return len(self.store)
 

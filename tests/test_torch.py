@@ -262,6 +262,8 @@ def test_workers_see_every_new_epoch(store, context, persistent):
                                                              seed=4, epoch=e))
         seen.append(features.tobytes())
     assert len(set(seen)) == 3
+    ds.epoch = 1  # the same as set_epoch(1)
+    assert ds.epoch == 1 and next(iter(dl)).features.numpy().tobytes() == seen[1][: 50 * 3 * 16 * 4]
 
 
 @fork_ok
