@@ -277,7 +277,7 @@ def test_default_collate_names_collate_and_batch_sampler_works(store):
     b = collate(ds.__getitems__([3, 1]))
     assert type(b) is TensorBatch and b[2].tolist() == [3, 1]
     f, labels, idx = b
-    assert f.shape == (2, 3, 16)
+    assert f.shape == (2, 3, 16) and labels.tolist() == store.labels[[3, 1]].tolist() and idx.tolist() == [3, 1]
 
     sampler = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(ds), 16, False)
     for workers in (0, 2):
@@ -320,9 +320,9 @@ def test_stateful_dataloader_resumes_the_rest_of_the_epoch(store, workers):
     stateful = require("torchdata.stateful_dataloader", "torchdata", "pip install torchdata==0.11.0")
     ds = StoreDataset(store, "x", num_segments=3, mode="train", seed=2)
     ds.set_epoch(1)
-    kwargs = dict(batch_size=20, shuffle=True, collate_fn=collate, num_workers=workers,
-                  multiprocessing_context="fork" if workers else None,
-                  generator=torch.Generator().manual_seed(5))
+    kwargs = {"batch_size": 20, "shuffle": True, "collate_fn": collate, "num_workers": workers,
+              "multiprocessing_context": "fork" if workers else None,
+              "generator": torch.Generator().manual_seed(5)}
     full = [b.indices.tolist() for b in stateful.StatefulDataLoader(ds, **kwargs)]
     dl = stateful.StatefulDataLoader(ds, **{**kwargs, "generator": torch.Generator().manual_seed(5)})
     it = iter(dl)
