@@ -8,7 +8,9 @@ Two ways in:
   It pickles by absolute path (``spawn`` workers reopen the file) and
   survives ``fork`` (the C++ thread pools are rebuilt in the child). Call
   ``set_epoch(epoch)`` before each epoch: train-mode segments are keyed by
-  the epoch, so without it every epoch sees the same segments.
+  the epoch, so without it every epoch sees the same segments. The epoch
+  lives in shared memory, so workers (persistent or not, fork or spawn)
+  read the one set last.
 * :func:`tensor_batches`: wraps a :class:`finegym_store.Loader`, turning its
   batches into tensors without a copy (``torch.from_numpy``).
 """
@@ -16,7 +18,7 @@ Two ways in:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -39,6 +41,22 @@ class TensorBatch(NamedTuple):
     indices: torch.Tensor
 
 
+_COLLATE_HINT = ("a StoreDataset batch is already gathered: pass collate_fn=finegym_store.torch.collate "
+                 "to the DataLoader (its default collate cannot stack it); collate hands back a plain "
+                 "TensorBatch")
+
+
+class _Gathered(TensorBatch):
+    """What ``__getitems__`` returns: a TensorBatch whose indexing raises a
+    TypeError naming :func:`collate`, which is what torch's default collate
+    does first with a batch. Attributes and unpacking work as usual."""
+
+    __slots__ = ()
+
+    def __getitem__(self, key: Any) -> Any:
+        raise TypeError(_COLLATE_HINT)
+
+
 class StoreDataset(Dataset):
     """Instances of one feature column as a map-style Dataset.
 
@@ -50,9 +68,20 @@ class StoreDataset(Dataset):
     (``"train"`` for training, ``"test"`` for evaluation).
 
     Call ``set_epoch(epoch)`` at the start of every epoch (before iterating
-    the DataLoader, so its workers get the new epoch): train-mode segments
-    are drawn from (seed, epoch, instance), so without it every epoch sees
-    the same segments.
+    the DataLoader): train-mode segments are drawn from (seed, epoch,
+    instance), so without it every epoch sees the same segments. The epoch
+    is kept in a shared-memory tensor that DataLoader workers share with the
+    main process (inherited under fork, passed by handle under spawn), and
+    read at every gather, so persistent workers see each new epoch too.
+
+    ``dataset[indices]`` with a list of indices (a DataLoader with
+    ``sampler=BatchSampler(...)`` and ``batch_size=None``) is the same as
+    ``__getitems__(indices)``.
+
+    ``transform`` (default None): called in the process that gathers (the
+    DataLoader worker) with each gathered :class:`TensorBatch`, and must
+    return a TensorBatch (``batch._replace(features=...)``); it is not
+    applied to single items, ``dataset[i]``.
 
     In a DataLoader worker, batches are gathered into shared memory, which
     the main process receives without a copy.
@@ -63,19 +92,32 @@ class StoreDataset(Dataset):
     rather than each all of them."""
 
     def __init__(self, store: Store | str | os.PathLike[str], column: str, *, spec: SegmentSpec | None = None,
-                 threads: int | None = None, **spec_keywords: Any) -> None:
+                 threads: int | None = None, transform: Callable[[TensorBatch], TensorBatch] | None = None,
+                 **spec_keywords: Any) -> None:
         self.store = store if isinstance(store, Store) else open_store(store)
         self.store.column(column)  # KeyError naming the columns, now
         self.column = column
         self.spec = resolve(spec, spec_keywords, "StoreDataset()")
         self.threads = _args.optional_count(threads, "threads", 1)
-        self.epoch = 0
+        if transform is not None and not callable(transform):
+            raise TypeError(f"StoreDataset(): transform must be callable or None, got {type(transform).__name__}")
+        self.transform = transform
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         # A spec the column can't serve fails here, not in a worker.
         self.store.gather(column, np.zeros(0, np.int64), spec=self.spec, threads=self.threads)
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch whose train-mode segments the next items get."""
-        self.epoch = _args.count(epoch, "epoch")
+        self._epoch.fill_(_args.count(epoch, "epoch"))
+
+    @property
+    def epoch(self) -> int:
+        """The epoch set last (read from the memory DataLoader workers share)."""
+        return int(self._epoch)
+
+    @epoch.setter
+    def epoch(self, epoch: int) -> None:
+        self.set_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.store)
@@ -109,7 +151,11 @@ class StoreDataset(Dataset):
         storage = proto._typed_storage()._new_shared(batch * shape[0] * shape[1], device=proto.device)
         return proto.new(storage).resize_(batch, *shape)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: Any) -> Any:
+        """``(features (K, C), label)`` for an integer index; a list (or
+        array) of indices is ``__getitems__(indices)``."""
+        if isinstance(index, (list, tuple)) or (isinstance(index, (np.ndarray, torch.Tensor)) and index.ndim == 1):
+            return self.__getitems__(index)
         idx = _args.indices([index], len(self.store))
         features = self._gather(idx)[0]
         return torch.from_numpy(features), int(self.store._guarded_labels()[idx[0]])
@@ -123,14 +169,20 @@ class StoreDataset(Dataset):
             self._gather(idx, out=shared.numpy())
             features = shared
         labels = self.store._guarded_labels()[idx].astype(np.int64)
-        return TensorBatch(features, torch.from_numpy(labels), torch.from_numpy(idx))
+        batch = TensorBatch(features, torch.from_numpy(labels), torch.from_numpy(idx))
+        if self.transform is not None:
+            batch = self.transform(batch)
+            if not isinstance(batch, TensorBatch):
+                raise TypeError(f"StoreDataset transform must return a TensorBatch, got {type(batch).__name__}")
+        return _Gathered(*tuple.__iter__(batch))
 
 
 def collate(batch: TensorBatch | list[tuple[torch.Tensor, int]]) -> TensorBatch:
-    """collate_fn for StoreDataset: passes a gathered batch through untouched
-    (and stacks items, should a DataLoader hand it single items)."""
+    """collate_fn for StoreDataset: hands a gathered batch on as a plain
+    TensorBatch without copying it (and stacks items, should a DataLoader
+    hand it single items)."""
     if isinstance(batch, TensorBatch):
-        return batch
+        return TensorBatch(*tuple.__iter__(batch))
     features = torch.stack([f for f, _ in batch])
     labels = torch.tensor([label for _, label in batch], dtype=torch.int64)
     return TensorBatch(features, labels, torch.full((len(batch),), -1, dtype=torch.int64))

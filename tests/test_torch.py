@@ -14,7 +14,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import require_torch, synthetic_store
+from conftest import require, require_torch, synthetic_store
 
 
 torch = require_torch()
@@ -239,3 +239,99 @@ def test_workers_gather_straight_into_shared_memory(store, num_segments, dtype):
         idx = np.arange(7 * b, min(7 * b + 7, len(store)))
         np.testing.assert_array_equal(values.numpy(), store.gather("x", idx, num_segments=num_segments,
                                                                    mode="train", seed=3, dtype=dtype))
+
+
+@fork_ok
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+@pytest.mark.parametrize("persistent", [True, False])
+def test_workers_see_every_new_epoch(store, context, persistent):
+    # The epoch lives in shared memory, so workers kept across epochs (or
+    # spawned with a pickled dataset) gather the epoch set last.
+    ds = StoreDataset(store, "x", num_segments=3, mode="train", seed=4)
+    dl = torch.utils.data.DataLoader(ds, batch_size=50, num_workers=2, collate_fn=collate,
+                                     persistent_workers=persistent, multiprocessing_context=context)
+    seen = []
+    for e in range(3):
+        ds.set_epoch(e)
+        assert ds.epoch == e
+        batches = list(dl)
+        features = torch.cat([b.features for b in batches]).numpy()
+        indices = torch.cat([b.indices for b in batches]).numpy()
+        np.testing.assert_array_equal(indices, np.arange(len(store)))
+        np.testing.assert_array_equal(features, store.gather("x", indices, num_segments=3, mode="train",
+                                                             seed=4, epoch=e))
+        seen.append(features.tobytes())
+    assert len(set(seen)) == 3
+    ds.epoch = 1  # the same as set_epoch(1)
+    assert ds.epoch == 1 and next(iter(dl)).features.numpy().tobytes() == seen[1][: 50 * 3 * 16 * 4]
+
+
+@fork_ok
+def test_default_collate_names_collate_and_batch_sampler_works(store):
+    ds = StoreDataset(store, "x", num_segments=3, mode="test")
+    with pytest.raises(TypeError, match=r"finegym_store\.torch\.collate"):
+        next(iter(torch.utils.data.DataLoader(ds, batch_size=8)))
+    with pytest.raises(TypeError, match=r"finegym_store\.torch\.collate"):
+        next(iter(torch.utils.data.DataLoader(ds, batch_size=8, num_workers=1, multiprocessing_context="fork")))
+    # What collate hands back is a plain TensorBatch: indexing and unpacking work.
+    b = collate(ds.__getitems__([3, 1]))
+    assert type(b) is TensorBatch and b[2].tolist() == [3, 1]
+    f, labels, idx = b
+    assert f.shape == (2, 3, 16) and labels.tolist() == store.labels[[3, 1]].tolist() and idx.tolist() == [3, 1]
+
+    sampler = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(ds), 16, False)
+    for workers in (0, 2):
+        dl = torch.utils.data.DataLoader(ds, sampler=sampler, batch_size=None, collate_fn=collate,
+                                         num_workers=workers, multiprocessing_context="fork" if workers else None)
+        got = list(dl)
+        assert all(type(x) is TensorBatch for x in got)
+        indices = torch.cat([x.indices for x in got]).numpy()
+        assert sorted(indices.tolist()) == list(range(len(store)))
+        np.testing.assert_array_equal(torch.cat([x.features for x in got]).numpy(),
+                                      store.gather("x", indices, num_segments=3, mode="test"))
+        np.testing.assert_array_equal(torch.cat([x.labels for x in got]).numpy(), store.labels[indices])
+
+
+def _double_features(batch):
+    return batch._replace(features=batch.features * 2, labels=batch.labels + 1000)
+
+
+@fork_ok
+def test_transform_runs_on_each_gathered_batch(store):
+    ds = StoreDataset(store, "x", num_segments=3, mode="test", transform=_double_features)
+    dl = torch.utils.data.DataLoader(ds, batch_size=40, num_workers=2, collate_fn=collate,
+                                     multiprocessing_context="fork")
+    got = list(dl)
+    idx = np.arange(len(store))
+    np.testing.assert_array_equal(torch.cat([b.features for b in got]).numpy(),
+                                  store.gather("x", idx, num_segments=3, mode="test") * 2)
+    np.testing.assert_array_equal(torch.cat([b.labels for b in got]).numpy(), store.labels.astype(np.int64) + 1000)
+    bad = StoreDataset(store, "x", num_segments=3, mode="test", transform=lambda b: b.features)
+    with pytest.raises(TypeError, match="transform must return a TensorBatch"):
+        bad.__getitems__([0])
+    with pytest.raises(TypeError, match="transform must be callable"):
+        StoreDataset(store, "x", num_segments=3, mode="test", transform=3)
+
+
+@fork_ok
+@pytest.mark.filterwarnings("ignore:'set_vital' is deprecated:UserWarning")  # torchdata 0.11 under torch 2.13
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stateful_dataloader_resumes_the_rest_of_the_epoch(store, workers):
+    stateful = require("torchdata.stateful_dataloader", "torchdata", "pip install torchdata==0.11.0")
+    ds = StoreDataset(store, "x", num_segments=3, mode="train", seed=2)
+    ds.set_epoch(1)
+    kwargs = {"batch_size": 20, "shuffle": True, "collate_fn": collate, "num_workers": workers,
+              "multiprocessing_context": "fork" if workers else None,
+              "generator": torch.Generator().manual_seed(5)}
+    full = [b.indices.tolist() for b in stateful.StatefulDataLoader(ds, **kwargs)]
+    dl = stateful.StatefulDataLoader(ds, **{**kwargs, "generator": torch.Generator().manual_seed(5)})
+    it = iter(dl)
+    first = [next(it).indices.tolist() for _ in range(5)]
+    state = dl.state_dict()
+    resumed = stateful.StatefulDataLoader(ds, **{**kwargs, "generator": torch.Generator().manual_seed(99)})
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    assert first + [b.indices.tolist() for b in rest] == full
+    for b in rest:
+        np.testing.assert_array_equal(b.features.numpy(), store.gather("x", b.indices.numpy(), num_segments=3,
+                                                                      mode="train", seed=2, epoch=1))
