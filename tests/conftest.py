@@ -110,3 +110,23 @@ def example_store(folder: Path, name: str = "gym99_train.fgs", n: int = 120, cha
     categories = Path(fgs.__file__).parent / "sample" / "gym99_categories.txt"
     return fgs.convert({"i3d": table}, folder / name, split=folder / f"{name}.split.txt", categories=categories,
                        progress=False)
+
+
+def run_fuzz_seeded(script: str, seed: int, cases: int, tmp_path: Path) -> dict:
+    """Run tests/fuzz/SCRIPT --seeded in a child process and return its JSON
+    summary, failing on a crash (a signal exit status) or any finding (exit 1)."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, str(CHILD_CWD / "fuzz" / script), "--seeded", "--seed", str(seed), "--cases", str(cases),
+         "--workdir", str(tmp_path / "work"), "--findings", str(tmp_path / "findings")],
+        capture_output=True, text=True, timeout=600, cwd=CHILD_CWD, env=dict(os.environ, OPENBLAS_NUM_THREADS="1"),
+    )
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0, (f"exit status {proc.returncode} (negative = killed by that signal) at "
+                                  f"{lines[-1:]}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    summary = json.loads(lines[-1])
+    assert summary["executions"] == cases and summary["findings"] == 0
+    return summary

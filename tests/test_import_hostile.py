@@ -24,7 +24,7 @@ from finegym_store.arrow import FIELD_KEY, METADATA_KEY
 from finegym_store.cli import main
 
 from arrow_fixtures import require
-from conftest import CHILD_CWD
+from conftest import CHILD_CWD, run_fuzz_seeded
 
 pa = require("pyarrow")
 import pyarrow.parquet as pq  # noqa: E402
@@ -536,24 +536,12 @@ def test_import_command_in_a_child_prints_no_traceback(tmp_path):
 
 # -- the fuzz harness, seeded ---------------------------------------------------------------------------
 
-FUZZ = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fuzz", "fuzz_import.py")
-
-
 def test_seeded_mutants_import_without_crash(tmp_path):
     # A few hundred mutants of Arrow IPC files and streams, Parquet files
     # (footer and pages) and the metadata JSON, each imported in a child
     # process: a crash shows as a signal exit status; any outcome other than a
     # store or a ConversionError naming the source is a finding (exit 1).
-    proc = subprocess.run(
-        [sys.executable, FUZZ, "--seeded", "--seed", "20261204", "--cases", "400",
-         "--workdir", str(tmp_path / "work"), "--findings", str(tmp_path / "findings")],
-        capture_output=True, text=True, timeout=600, cwd=CHILD_CWD, env=dict(os.environ, OPENBLAS_NUM_THREADS="1"),
-    )
-    lines = proc.stdout.splitlines()
-    assert proc.returncode == 0, (f"exit status {proc.returncode} (negative = killed by that signal) at "
-                                  f"{lines[-1:]}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    summary = json.loads(lines[-1])
-    assert summary["executions"] == 400 and summary["findings"] == 0
+    summary = run_fuzz_seeded("fuzz_import.py", 20261204, 400, tmp_path)
     outcomes = summary["outcomes"]
     assert outcomes.get("store", 0) > 0 and outcomes.get("conversion_error", 0) > 0
     assert sum(outcomes.values()) == 400

@@ -23,7 +23,7 @@ import pytest
 import finegym_store as fgs
 from finegym_store import safe_pickle
 
-from conftest import CHILD_CWD
+from conftest import CHILD_CWD, run_fuzz_seeded
 
 
 class _Payload:
@@ -378,9 +378,6 @@ def test_bad_dtype_state_is_refused(tmp_path):
         safe_pickle.load(path)
 
 
-FUZZ = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fuzz", "fuzz_pickle.py")
-
-
 def test_seeded_mutants_load_and_convert_without_crash(tmp_path):
     # 300 mutants (byte flips, truncations, length fields set to extremes,
     # opcode splices) of FineGym-layout pickles from finegym_store.synth and of
@@ -389,16 +386,7 @@ def test_seeded_mutants_load_and_convert_without_crash(tmp_path):
     # every outcome: a store, or ConversionError / UnsafePickleError naming the
     # file; anything else (another exception, "ran out of memory" under its
     # address-space cap, over 20 s) is a finding and exit status 1.
-    proc = subprocess.run(
-        [sys.executable, FUZZ, "--seeded", "--seed", "20261127", "--cases", "300",
-         "--workdir", str(tmp_path / "work"), "--findings", str(tmp_path / "findings")],
-        capture_output=True, text=True, timeout=600, cwd=CHILD_CWD, env=dict(os.environ, OPENBLAS_NUM_THREADS="1"),
-    )
-    lines = proc.stdout.splitlines()
-    assert proc.returncode == 0, (f"exit status {proc.returncode} (negative = killed by that signal) at "
-                                  f"{lines[-1:]}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    summary = json.loads(lines[-1])
-    assert summary["executions"] == 300 and summary["findings"] == 0
+    summary = run_fuzz_seeded("fuzz_pickle.py", 20261127, 300, tmp_path)
     outcomes = summary["outcomes"]
     # The mutants exercise every path: refused, malformed, converted, rejected by convert.
     assert outcomes["refused"] > 0 and outcomes["error"] > 0 and outcomes["converted"] > 0

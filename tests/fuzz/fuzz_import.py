@@ -34,7 +34,6 @@ import io
 import json
 import os
 import random
-import resource
 import signal
 import struct
 import sys
@@ -47,9 +46,8 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # keep numpy's address space
 
 import numpy as np  # noqa: E402
 
-ADDRESS_SPACE = 6 << 30  # a memory bomb fails as MemoryError under this cap
-TIMEOUT_S = 20
-MAX_INPUT = 1 << 20
+from harness import EXTREMES, MAX_INPUT, TIMEOUT_S, Finding, cap_address_space, on_timeout  # noqa: E402
+
 KINDS = ("ipc_file", "ipc_stream", "parquet", "meta")
 
 
@@ -138,8 +136,6 @@ def meta_table():
 
 # -- mutation -----------------------------------------------------------------------------------------
 
-_EXTREMES = [0, 1, 0x7F, 0x80, 0xFF, 0x7FFF, 0xFFFF, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 2**63 - 1, 2**63,
-             2**64 - 1]
 _JSON_VALUES = [0, -1, 1, 2**31, 2**63, 2**70, -(2**70), 1.5, True, None, "", "float16", "x" * 50, [], {}, [[0]],
                 [1, 2], {"a": 1}, "\ud800"]
 
@@ -170,13 +166,13 @@ def _bytes_mutation(b: bytearray, rnd: random.Random, donors: list[bytes], lo: i
         b[i:i] = bytes(rnd.randrange(256) for _ in range(rnd.randint(1, 8)))
     elif kind == 4:
         width = rnd.choice([1, 2, 4, 8])
-        v = rnd.choice(_EXTREMES) & ((1 << (8 * width)) - 1)
+        v = rnd.choice(EXTREMES) & ((1 << (8 * width)) - 1)
         b[i:i + width] = v.to_bytes(width, "little")
     elif kind == 5:  # a zigzag varint (thrift compact) set to an extreme
         n = 1
         while i + n < len(b) and b[i + n - 1] & 0x80:
             n += 1
-        b[i:i + n] = _varint(rnd.choice(_EXTREMES) << 1)
+        b[i:i + n] = _varint(rnd.choice(EXTREMES) << 1)
     else:  # splice from another seed
         donor = rnd.choice(donors) or b"\0"
         s = rnd.randrange(len(donor))
@@ -255,23 +251,6 @@ def mutate(kind: str, data: bytes, rnd: random.Random, donors: list[bytes]) -> b
 
 
 # -- one input -----------------------------------------------------------------------------------------
-
-
-class Finding(BaseException):
-    """A bug. A BaseException, so that no `except Exception` in the code
-    under test can swallow it (the timeout raises it from a signal handler)."""
-
-
-def _cap_address_space() -> None:
-    if "libasan" in os.environ.get("LD_PRELOAD", ""):
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    want = ADDRESS_SPACE if hard == resource.RLIM_INFINITY else min(ADDRESS_SPACE, hard)
-    resource.setrlimit(resource.RLIMIT_AS, (want, hard))
-
-
-def _timeout(signum, frame):
-    raise Finding(f"an input took more than {TIMEOUT_S} s")
 
 
 class Checker:
@@ -506,8 +485,8 @@ def main(argv: list[str] | None = None) -> int:
         workdir.mkdir(parents=True, exist_ok=True)
         args.workdir = str(workdir)
         corpus = seeds(workdir)  # before the cap: building the seeds is trusted work
-        _cap_address_space()
-        signal.signal(signal.SIGALRM, _timeout)
+        cap_address_space()
+        signal.signal(signal.SIGALRM, on_timeout)
         if args.replay:
             return run_replay(args, Checker(workdir))
         if args.seeded:

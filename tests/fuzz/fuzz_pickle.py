@@ -32,7 +32,6 @@ import os
 import pickle
 import pickletools
 import random
-import resource
 import signal
 import sys
 import tempfile
@@ -44,8 +43,8 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # keep numpy's address space
 
 import numpy as np  # noqa: E402
 
-ADDRESS_SPACE = 6 << 30  # a memory bomb fails as MemoryError under this cap
-TIMEOUT_S = 20
+from harness import EXTREMES, MAX_INPUT, TIMEOUT_S, Finding, cap_address_space, on_timeout  # noqa: E402
+
 
 
 # -- seeds --------------------------------------------------------------------------------------------
@@ -133,10 +132,8 @@ def _op_bounds(data: bytes) -> list[int]:
     return bounds or [0]
 
 
-_EXTREMES = [0, 1, 0x7F, 0x80, 0xFF, 0x7FFF, 0xFFFF, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 2**63 - 1, 2**63, 2**64 - 1]
 
 
-MAX_INPUT = 1 << 20  # mutants stay below 1 MiB
 
 
 def mutate(data: bytes, rnd: random.Random, corpus: list[bytes]) -> bytes:
@@ -160,7 +157,7 @@ def mutate(data: bytes, rnd: random.Random, corpus: list[bytes]) -> bytes:
         elif kind == 4:  # a length or int field set to an extreme
             i = rnd.randrange(len(b))
             width = rnd.choice([1, 2, 4, 8])
-            v = rnd.choice(_EXTREMES) & ((1 << (8 * width)) - 1)
+            v = rnd.choice(EXTREMES) & ((1 << (8 * width)) - 1)
             b[i:i + width] = v.to_bytes(width, "little")
         elif kind in (5, 6):  # splice whole opcodes from another pickle (or this one)
             donor = rnd.choice(corpus) if kind == 5 else bytes(b)
@@ -185,26 +182,6 @@ def mutate(data: bytes, rnd: random.Random, corpus: list[bytes]) -> bytes:
 
 
 # -- one input -----------------------------------------------------------------------------------------
-
-
-class Finding(BaseException):
-    """A bug. A BaseException, so that no `except Exception` in the code
-    under test can swallow it (the timeout raises it from a signal handler)."""
-
-
-def _cap_address_space() -> None:
-    # Not under AddressSanitizer (.ci/asan preloads it): its shadow memory
-    # counts against RLIMIT_AS, and its allocator refuses absurd sizes itself
-    # (allocator_may_return_null=1 there), which the checks below still report.
-    if "libasan" in os.environ.get("LD_PRELOAD", ""):
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    want = ADDRESS_SPACE if hard == resource.RLIM_INFINITY else min(ADDRESS_SPACE, hard)
-    resource.setrlimit(resource.RLIMIT_AS, (want, hard))
-
-
-def _timeout(signum, frame):
-    raise Finding(f"an input took more than {TIMEOUT_S} s")
 
 
 class Checker:
@@ -374,8 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--findings", default=str(Path(tempfile.gettempdir()) / "finegym-fuzz-findings"))
     args = p.parse_args(argv)
 
-    _cap_address_space()
-    signal.signal(signal.SIGALRM, _timeout)
+    cap_address_space()
+    signal.signal(signal.SIGALRM, on_timeout)
     engine = args.engine
     if engine == "auto" and not args.seeded:
         try:
