@@ -8,13 +8,14 @@
 
 from __future__ import annotations
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 from ._core import FORMAT_VERSION
 from .errors import ConversionError, ForkedJobError, FormatError, LabelSpaceError, UnsafePickleError
 from .labelspace import LabelSpace
 from .loader import Batch, Loader
 from .spec import SegmentSpec
+from .stats import ColumnStats, add_stats
 from .store import Classes, Column, Meta, Store, Strings, open
 from .sources import HDF5Source
 from .convert import convert  # noqa: E402 (needs __version__)
@@ -36,6 +37,8 @@ __all__ = [
     "Meta",
     "Classes",
     "SegmentSpec",
+    "ColumnStats",
+    "add_stats",
     "Batch",
     "Loader",
     "FormatError",

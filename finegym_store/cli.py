@@ -1,4 +1,4 @@
-"""The ``finegym-store`` command: convert, info, verify, demo, export, import, select."""
+"""The ``finegym-store`` command: convert, info, verify, demo, export, import, select, stats."""
 
 from __future__ import annotations
 
@@ -61,6 +61,21 @@ def _parser() -> argparse.ArgumentParser:
                        help="a FineGym split file: its ids (e.g. train v1.0 from a v1.1 store; labels must agree)")
     which.add_argument("--rows", metavar="A:B", help="rows A to B-1, in store order")
     sl.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+    st = sub.add_parser(
+        "stats", help="per-channel mean and standard deviation of each column; add them to an older store",
+        description="Print the per-channel statistics (mean and standard deviation over every stored row) of "
+                    "each feature column of STORE, which normalize=True applies. Stores written by "
+                    "finegym-store 0.3 and later (format version 3) hold them; for an older store, --output "
+                    "writes a copy that holds them and --in-place replaces STORE with such a copy (atomically: "
+                    "written beside it, then renamed over it).")
+    st.add_argument("store")
+    where = st.add_mutually_exclusive_group()
+    where.add_argument("-o", "--output", metavar="OUT", help="write a copy of STORE with statistics to OUT")
+    where.add_argument("--in-place", action="store_true", help="replace STORE with a copy that holds statistics")
+    st.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    st.add_argument("--json", action="store_true",
+                    help="print every channel's mean and std as JSON ({column: {mean, std, count}})")
 
     i = sub.add_parser("info", help="schema, counts, class histogram and size of a store")
     i.add_argument("store")
@@ -228,6 +243,42 @@ def _select(args: argparse.Namespace) -> None:
     out = sel.select(store, rows, args.out, overwrite=args.overwrite, how=how)
     print(f"wrote {out.path}: {len(out)} of the {len(store)} instances of {store.path}, "
           f"{out.file_size / 2**20:.1f} MiB")
+
+
+def _stats(args: argparse.Namespace) -> None:
+    import json
+    import os
+
+    from .stats import add_stats
+    from .store import open as open_store
+
+    store = open_store(args.store)
+    if args.overwrite and args.output is None:
+        raise ValueError("--overwrite goes with --output OUT (--in-place replaces STORE without it)")
+    if args.output is not None or args.in_place:
+        target = args.store if args.in_place else args.output
+        if args.output is not None and "://" not in store.path and os.path.exists(args.output) \
+                and os.path.samefile(args.output, store.path):
+            raise ValueError(f"--output {args.output} is STORE itself; use --in-place to replace it")
+        before = store.format_version
+        store = add_stats(store, target, overwrite=args.overwrite or args.in_place)
+        if not args.json:
+            done = "already held statistics; left as it is" if args.in_place and before >= 3 else \
+                f"wrote {store.path} (format version {store.format_version})"
+            print(f"{args.store}: {done}")
+    elif store.format_version < 3:
+        raise ValueError(f"{store.path} (format version {store.format_version}) holds no statistics: "
+                         "--output OUT writes a copy that does, --in-place replaces it")
+    columns = {name: store.stats(name) for name in store.columns}
+    if args.json:
+        print(json.dumps({name: {"mean": s.mean.tolist(), "std": s.std.tolist(), "count": s.count}
+                          for name, s in columns.items()}))
+        return
+    print(f"{'column':<16} {'C':>6} {'rows':>10}  {'mean: min / median / max':<34}  std: min / median / max")
+    for name, s in columns.items():
+        def span(v: np.ndarray) -> str:
+            return f"{np.min(v):.4g} / {np.median(v):.4g} / {np.max(v):.4g}"
+        print(f"{name:<16} {len(s.mean):>6} {s.count:>10}  {span(s.mean):<34}  {span(s.std)}")
 
 
 def _info(path: str) -> dict:
@@ -465,6 +516,8 @@ def _main(argv: Sequence[str] | None) -> int:
             _import(args)
         elif args.command == "select":
             _select(args)
+        elif args.command == "stats":
+            _stats(args)
     except FormatError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 1
@@ -485,7 +538,7 @@ def _check_paths(args: argparse.Namespace) -> None:
     """Before any work: every store the command reads is a store, and every
     file it writes has a folder. The errors name the argument (STORE, OUT,
     --json, ...) and what to do."""
-    if args.command in ("info", "verify", "export", "select"):
+    if args.command in ("info", "verify", "export", "select", "stats"):
         _check_store("STORE", args.store)
     elif args.command == "probe":
         for k, path in enumerate(args.stores):
@@ -497,6 +550,8 @@ def _check_paths(args: argparse.Namespace) -> None:
     outputs = []
     if args.command in ("convert", "select", "export", "import"):
         outputs.append(("OUT", args.out))
+    elif args.command == "stats":
+        outputs.append(("--output", args.output))
     elif args.command in ("probe", "bench"):
         outputs += [("--json", getattr(args, "json", None)), ("--plot", getattr(args, "plot", None))]
     for name, path in outputs:

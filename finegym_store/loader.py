@@ -234,6 +234,10 @@ class Loader:
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"Loader.load_state_dict: not a loader state: 'format' is {state.get('format')!r}, "
                              f"expected {STATE_FORMAT!r}")
+        state = dict(state)
+        if isinstance(state.get("spec"), Mapping):
+            # Fields a spec gained later take their defaults in older states.
+            state["spec"] = {**dataclasses.asdict(SegmentSpec()), **state["spec"]}
         for name, mine in self._config().items():
             if name not in state:
                 raise ValueError(f"Loader.load_state_dict: the state has no {name!r}")

@@ -58,6 +58,11 @@ class SegmentSpec:
       arithmetic); docs/sampling.md.
     * ``dtype``: ``"float32"``, ``"float16"`` or None (the column's).
     * ``seed``: keys train-mode segments (and a loader's order).
+    * ``normalize``: standardise every value with its channel's mean and
+      standard deviation (:meth:`finegym_store.Store.stats`), in float32, in
+      the same pass as the copy: ``(x - mean) * (1 / std)`` (a channel whose
+      std is 0 keeps ``x - mean``). Needs a store of format version 3
+      (``finegym-store stats`` adds the statistics to an older one).
 
     Frozen, hashable and picklable; equal specs give equal batches.
     Everything but num_segments is keyword-only. TypeError for a value of
@@ -71,6 +76,7 @@ class SegmentSpec:
     rule: Literal["mmaction2", "exact"] = "mmaction2"
     dtype: Literal["float32", "float16"] | None = None
     seed: int = 0
+    normalize: bool = False
 
     def __post_init__(self) -> None:
         conv = {
@@ -80,6 +86,7 @@ class SegmentSpec:
             "rule": _args.choice(self.rule, "rule", RULES),
             "dtype": _dtype(self.dtype),
             "seed": _args.count(self.seed, "seed", 0),
+            "normalize": _args.flag(self.normalize, "normalize"),
         }
         for name, value in conv.items():
             object.__setattr__(self, name, value)
@@ -88,7 +95,7 @@ class SegmentSpec:
         # num_segments, clip_len > 1 only with num_segments, num_segments x
         # clip_len within 2^53.
         native = _core.GatherSpec(conv["num_segments"], conv["mode"], conv["clip_len"], conv["rule"],
-                                  conv["dtype"], conv["seed"])
+                                  conv["dtype"], conv["seed"], conv["normalize"])
         object.__setattr__(self, "_native", native)
 
     def __reduce__(self) -> tuple[Any, ...]:

@@ -20,6 +20,7 @@ from .errors import FormatError
 from .labelspace import LabelSpace
 from .loader import Loader
 from .spec import SegmentSpec, resolve
+from .stats import ColumnStats, missing_message
 
 __all__ = ["Store", "Column", "Strings", "Meta", "Classes", "open"]
 
@@ -442,6 +443,19 @@ class Store:
         if self._remote is not None:
             return self.column(column)[_args.integer(index)]  # type: ignore[return-value]
         return self._reader.features(column, _args.integer(index))
+
+    def stats(self, column: str) -> ColumnStats:
+        """Per-channel mean and standard deviation of ``column`` over every
+        stored row (:class:`finegym_store.stats.ColumnStats`; copies, read and
+        checked at open). ValueError for a store of format version 1 or 2,
+        which holds none, saying how to add them (``finegym-store stats``)."""
+        self.column(column)  # KeyError naming the columns
+        pair = self._reader.stats(column)
+        if pair is None:
+            raise ValueError(missing_message(self, column))
+        col = self.column(column)
+        count = len(self) * col.length if col.length is not None else int(col.offsets[-1])  # type: ignore[index]
+        return ColumnStats(pair[0], pair[1], count)
 
     # -- batches -----------------------------------------------------------------
     @staticmethod

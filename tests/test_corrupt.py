@@ -165,8 +165,8 @@ HEADER_CASES = [
     ("magic", lambda b: b"FGSTORX\0", r"bad magic"),
     ("magic", lambda b: b"\0" * 8, r"bad magic"),
     ("magic", lambda b: b"FGSTORE1", r"bad magic"),
-    ("version", lambda b: 0, r"format version 0 is not supported; this build reads versions 1 to 2"),
-    ("version", lambda b: 3, r"format version 3 is not supported"),
+    ("version", lambda b: 0, r"format version 0 is not supported; this build reads versions 1 to 3"),
+    ("version", lambda b: 4, r"format version 4 is not supported"),
     ("version", lambda b: 2**32 - 1, r"format version 4294967295 is not supported"),
     ("header_size", lambda b: 128, r"header_size is 128, expected 64"),
     ("header_size", lambda b: 0, r"header_size is 0, expected 64"),
@@ -345,7 +345,9 @@ ENTRY_CASES = [
     ("labels", _shape(2**40, 2**40), r"section 'labels': shape overflows"),
     ("labels", _shape(2**62, 4), r"section 'labels': shape overflows|does not match"),
     ("features/fix", _shape(N * FIX_T, FIX_C), r"required section 'features/fix/offsets' is missing"),
-    ("features/fix", _shape(N, FIX_T * FIX_C, 1), None),  # a different but valid view of the same bytes
+    # A different view of the same bytes, refused by the statistics of C = 8 channels.
+    ("features/fix", _shape(N, FIX_T * FIX_C, 1),
+     rf"section 'features/fix/stats' is float32\(2, {FIX_C}\), expected float32\(2, 1\)"),
     ("features/fix", _shape(N + 1, FIX_T, FIX_C), r"section 'features/fix': length \d+ does not match"),
     ("features/fix", _all(_shape(N, 0, FIX_C), _field("length", 0)),
      rf"section 'features/fix' has shape \({N}, 0, {FIX_C}\), expected \({N}, T > 0, C > 0\)"),
@@ -807,7 +809,7 @@ def test_overlap_message(base, damaged):
 
 def test_store_without_feature_columns_is_refused(base, damaged):
     rows = [r for r in _table(base.data) if not _entry_name(r).startswith("features/")]
-    assert len(rows) == base.section_count - 5  # two columns' features and blocks, one's offsets
+    assert len(rows) == base.section_count - 7  # two columns' features, blocks and stats, one's offsets
     open_fails(damaged(_with_table(base.data, rows)),
                r"no feature column \(no 'features/NAME' section\); a store needs at least one")
 
@@ -961,13 +963,13 @@ def test_sections_dict_names_the_schema(base):
                 *s["class_ints"], *(c + x for c in s["class_strings"] for x in (s["offsets_suffix"], s["data_suffix"])),
                 s["attrs"], s["feature_prefix"] + "fix", s["feature_prefix"] + "rag",
                 s["feature_prefix"] + "rag" + s["offsets_suffix"],
-                *(s["feature_prefix"] + c + s["blocks_suffix"] for c in ("fix", "rag"))}
+                *(s["feature_prefix"] + c + x for c in ("fix", "rag") for x in (s["blocks_suffix"], s["stats_suffix"]))}
     assert set(base.sections) == expected
     # The spelling of docs/FORMAT.md, independently of the code.
     assert s["meta_ints"] == ("meta/event_start", "meta/event_end", "meta/element_start", "meta/element_end")
     assert s["class_ints"] == ("classes/label", "classes/glabel", "classes/set")
     assert (s["ids"], s["feature_prefix"], s["offsets_suffix"], s["attrs"]) == ("ids", "features/", "/offsets", "attrs")
-    assert s["blocks_suffix"] == "/blocks"
+    assert s["blocks_suffix"] == "/blocks" and s["stats_suffix"] == "/stats"
 
 
 # -- format version 2: block checksums ------------------------------------------------

@@ -295,6 +295,11 @@ def test_float_half_conversions_match_numpy(store, tmp_path):
     ref = every.reshape(-1).astype(np.float32)
     np.testing.assert_array_equal(wide.view(np.uint32)[~np.isnan(ref)], ref.view(np.uint32)[~np.isnan(ref)])
     assert np.isnan(wide[np.isnan(ref)]).all()
+    # NaNs keep sign and payload (a signalling NaN stays signalling).
+    half = every.reshape(-1).view(np.uint16).astype(np.uint32)
+    nan = np.isnan(ref)
+    payload = ((half & 0x8000) << 16) | 0x7F800000 | ((half & 0x3FF) << 13)
+    np.testing.assert_array_equal(wide.view(np.uint32)[nan], payload[nan])
     # float32 -> float16 rounding (ties, subnormals, overflow) equals numpy's.
     rng = np.random.default_rng(0)
     bits = np.concatenate([rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32),

@@ -1,6 +1,6 @@
 """Golden stores: committed files of every format version must keep opening
-with the same content. tests/data/golden_v1.fgs and golden_v2.fgs were each
-made once by tests/data/make_golden.py; these tests read the committed bytes
+with the same content. tests/data/golden_v1.fgs, golden_v2.fgs and
+golden_v3.fgs were each made once by tests/data/make_golden.py; these tests read the committed bytes
 and never regenerate them."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import finegym_store as fgs
 
@@ -27,6 +28,7 @@ def _load_make_golden():
 make_golden = _load_make_golden()
 GOLDEN_V1 = DATA / "golden_v1.fgs"
 GOLDEN_V2 = DATA / "golden_v2.fgs"
+GOLDEN_V3 = DATA / "golden_v3.fgs"
 
 #: The section names a store made from golden_inputs() has, in format v1.
 V1_SECTIONS = {
@@ -40,6 +42,8 @@ V1_SECTIONS = {
 }
 #: Format v2 adds the block checksums of every feature column.
 V2_SECTIONS = V1_SECTIONS | {"features/tsn/blocks", "features/frames/blocks"}
+#: Format v3 adds the per-channel statistics of every feature column.
+V3_SECTIONS = V2_SECTIONS | {"features/tsn/stats", "features/frames/stats"}
 
 
 def _is_feature(name: str) -> bool:
@@ -104,10 +108,10 @@ def assert_golden_content(store: fgs.Store) -> None:
 # -- the committed golden files ---------------------------------------------------
 
 
-def test_format_version_is_2():
+def test_format_version_is_3():
     # Bumping the format version must add tests/data/golden_v{N}.fgs (keeping the
     # old ones opening, as far as the new reader promises) and update this file.
-    assert fgs.FORMAT_VERSION == 2
+    assert fgs.FORMAT_VERSION == 3
 
 
 def test_a_golden_file_exists_for_every_version():
@@ -175,6 +179,58 @@ def test_golden_v2_opens_with_its_content_and_block_checksums():
         assert by_name[name]["checksum"] == v1[name]["checksum"], name
 
 
+def golden_stats(column: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """Mean and population std (float64) of every row of a golden column, and the row count."""
+    g = make_golden.golden_inputs()
+    c = g["channels"][column]
+    rows = np.concatenate([g["columns"][column][k].reshape(-1, c) for k in g["ids"]]).astype(np.float64)
+    return rows.mean(axis=0), rows.std(axis=0), len(rows)
+
+
+def test_golden_v3_opens_with_its_content_and_statistics():
+    raw = GOLDEN_V3.read_bytes()
+    assert struct.unpack_from("<I", raw, 8)[0] == 3
+    store = fgs.open(GOLDEN_V3)
+    assert store.format_version == 3
+    assert {s["name"] for s in store.sections()} == V3_SECTIONS
+    assert_golden_content(store)
+    by_name = {s["name"]: s for s in store.sections()}
+    for col in store.columns:
+        mean, std, count = golden_stats(col)
+        sec = by_name[f"features/{col}/stats"]
+        assert sec["dtype"] == "float32" and sec["shape"] == (2, len(mean))
+        on_disk = np.frombuffer(raw, "<f4", 2 * len(mean), sec["offset"]).reshape(2, -1)
+        # float64 statistics rounded to float32 (the golden values make them exact in float64)
+        np.testing.assert_array_equal(on_disk[0], mean.astype(np.float32))
+        np.testing.assert_allclose(on_disk[1], std, rtol=1e-7)
+        st = store.stats(col)
+        assert st.count == count and st.mean.dtype == st.std.dtype == np.float32
+        np.testing.assert_array_equal(st.mean, on_disk[0])
+        np.testing.assert_array_equal(st.std, on_disk[1])
+    # Same sections as version 2 byte for byte, statistics aside.
+    v2 = {s["name"]: s for s in fgs.open(GOLDEN_V2).sections()}
+    for name in V2_SECTIONS - {"attrs"}:
+        assert by_name[name]["checksum"] == v2[name]["checksum"], name
+
+
+def test_older_golden_files_have_no_statistics_until_added(tmp_path):
+    for path in (GOLDEN_V1, GOLDEN_V1_F16, GOLDEN_V2):
+        old = fgs.open(path)
+        with pytest.raises(ValueError, match=r"format version [12]\) holds no statistics for column 'tsn'.*"
+                                             r"finegym-store stats"):
+            old.stats("tsn")
+        with pytest.raises(ValueError, match=r"normalize=True needs the per-channel statistics of column 'tsn'"):
+            old.gather("tsn", [0], normalize=True)
+        new = fgs.add_stats(old, tmp_path / f"{path.stem}_v3.fgs")
+        assert new.format_version == 3 and new.verify() == []
+        for col in new.columns:
+            np.testing.assert_array_equal(np.asarray(new.column(col).values), np.asarray(old.column(col).values))
+            np.testing.assert_array_equal(new.stats(col).mean, fgs.open(GOLDEN_V3).stats(col).mean)
+        assert new.ids.to_list() == old.ids.to_list()
+        np.testing.assert_array_equal(new.labels, old.labels)
+        assert new.attrs["selected_from"]["how"] == "every row, to add per-channel statistics"
+
+
 def test_block_checksums_cover_several_blocks(tmp_path):
     # A column of 2.5 blocks: three checksums, the last over a short block.
     block = fgs._core.BLOCK_SIZE
@@ -199,10 +255,10 @@ def test_block_checksums_cover_several_blocks(tmp_path):
 def test_fresh_conversion_has_the_golden_content(tmp_path):
     store = make_golden.build(tmp_path / "fresh.fgs", tmp_path)
     assert store.format_version == fgs.FORMAT_VERSION
-    assert {s["name"] for s in store.sections()} == V2_SECTIONS
+    assert {s["name"] for s in store.sections()} == V3_SECTIONS
     assert_golden_content(store)
 
-    golden = fgs.open(GOLDEN_V2)
+    golden = fgs.open(GOLDEN_V3)
     by_name = {s["name"]: s for s in golden.sections()}
     for s in store.sections():
         if s["name"] == "attrs":  # provenance: paths differ
@@ -261,7 +317,7 @@ def test_golden_v1_f16_opens_with_its_content(tmp_path):
     # A fresh float16 conversion writes the same sections (attrs aside).
     fresh = make_golden.build(tmp_path / "fresh16.fgs", tmp_path, dtype="float16")
     for s in fresh.sections():
-        if s["name"] != "attrs" and not s["name"].endswith("/blocks"):  # blocks: version 2 only
+        if s["name"] != "attrs" and s["name"] in V1_SECTIONS:  # blocks and stats: versions 2 and 3
             assert s["checksum"] == by_name[s["name"]]["checksum"], s["name"]
 
 

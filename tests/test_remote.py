@@ -78,7 +78,7 @@ def _served_ranges(server: RangeServer) -> list[tuple[int, int]]:
 def test_gathers_equal_the_local_store_over_http(served, tmp_path):
     _server, local, _ = served
     store = _open_http(served, tmp_path / "c")
-    assert store.path.startswith("http://") and store.format_version == 2 and len(store) == N
+    assert store.path.startswith("http://") and store.format_version == fgs.FORMAT_VERSION and len(store) == N
     assert store.ids.to_list() == local.ids.to_list()
     np.testing.assert_array_equal(store.labels, local.labels)
     rng = np.random.default_rng(1)
@@ -87,6 +87,13 @@ def test_gathers_equal_the_local_store_over_http(served, tmp_path):
             idx = rng.integers(-N, N, 40)
             np.testing.assert_array_equal(store.gather(column, idx, num_segments=5, mode=mode, seed=3),
                                           local.gather(column, idx, num_segments=5, mode=mode, seed=3))
+        # The statistics come with the metadata, at open; normalising gathers agree.
+        remote_stats, local_stats = store.stats(column), local.stats(column)
+        assert remote_stats.count == local_stats.count
+        np.testing.assert_array_equal(remote_stats.mean, local_stats.mean)
+        np.testing.assert_array_equal(remote_stats.std, local_stats.std)
+        np.testing.assert_array_equal(store.gather(column, idx, num_segments=2, mode="test", normalize=True),
+                                      local.gather(column, idx, num_segments=2, mode="test", normalize=True))
     assert store.verify() == []
     assert store.column("fix").values.tobytes() == local.column("fix").values.tobytes()
 
@@ -451,7 +458,7 @@ def test_cli_info_and_verify_open_urls(served, local_scratch, capsys):
     url = f"{served[0].url}/s.fgs"
     assert main(["info", url, "--json"]) == 0
     out = capsys.readouterr().out
-    assert url in out and '"format_version": 2' in out
+    assert url in out and f'"format_version": {fgs.FORMAT_VERSION}' in out
     assert main(["verify", url]) == 0
     assert "OK" in capsys.readouterr().out
 

@@ -96,7 +96,7 @@ def test_state_is_json_and_names_the_configuration(store):
     assert (state["seed"], state["batch_size"], state["rank"], state["world_size"]) == (5, 16, 1, 3)
     assert (state["shuffle"], state["drop_last"], state["sampler"]) == (True, True, "balanced")
     assert state["spec"] == {"num_segments": 3, "mode": "train", "clip_len": 1, "rule": "mmaction2",
-                             "dtype": None, "seed": 5}
+                             "dtype": None, "seed": 5, "normalize": False}
 
 
 def test_state_between_epochs_resumes_at_the_next(store):

@@ -49,7 +49,7 @@ finegym::Readahead parse_readahead(const std::string& readahead) {
 // The native spec from Python values (types only; finegym::validate checks
 // what the values mean).
 GatherSpec make_spec(const py::object& num_segments, const py::object& mode, std::uint64_t clip_len,
-                     const std::string& rule, const py::object& dtype, std::uint64_t seed) {
+                     const std::string& rule, const py::object& dtype, std::uint64_t seed, bool normalize) {
     GatherSpec spec;
     if (!num_segments.is_none()) {
         if (!py::isinstance<py::int_>(num_segments) || py::isinstance<py::bool_>(num_segments))
@@ -67,6 +67,7 @@ GatherSpec make_spec(const py::object& num_segments, const py::object& mode, std
     spec.rule = parse_rule(rule);
     if (!dtype.is_none()) spec.out_dtype = from_numpy(py::dtype::from_args(dtype), "gather output");
     spec.seed = seed;
+    spec.normalize = normalize;
     finegym::validate(spec);
     return spec;
 }
@@ -189,7 +190,7 @@ void register_gather(py::module_& m) {
                            "The native form of finegym_store.SegmentSpec: built (and validated) once, passed to "
                            "every gather.")
         .def(py::init(&make_spec), py::arg("num_segments"), py::arg("mode"), py::arg("clip_len"), py::arg("rule"),
-             py::arg("dtype"), py::arg("seed"))
+             py::arg("dtype"), py::arg("seed"), py::arg("normalize") = false)
         .def_property_readonly("num_segments",
                                [](const GatherSpec& s) -> py::object {
                                    if (s.num_segments == 0) return py::none();
@@ -208,7 +209,8 @@ void register_gather(py::module_& m) {
             if (!s.out_dtype) return py::none();
             return to_numpy(*s.out_dtype);
         })
-        .def_readonly("seed", &GatherSpec::seed);
+        .def_readonly("seed", &GatherSpec::seed)
+        .def_readonly("normalize", &GatherSpec::normalize);
 
     m.def(
         "gather",
@@ -240,6 +242,7 @@ void register_gather(py::module_& m) {
                  const auto& col = r.column(column);
                  const finegym::GatherOptions options{epoch, threads, parse_readahead(readahead)};
                  IndexArray idx = to_indices(indices);
+                 if (spec.normalize) finegym::check_normalizable(r, col);
                  py::array result = prepare_out(std::move(out), static_cast<std::size_t>(idx.size()),
                                                 finegym::output_rows(col, spec), col.channels,
                                                 output_numpy_dtype(finegym::output_dtype(col, spec)));
@@ -278,7 +281,7 @@ void register_gather(py::module_& m) {
         "sample_segments",
         [sample](std::uint64_t T, py::object num_segments, std::uint64_t clip_len, py::object mode,
                  std::uint64_t seed, std::uint64_t epoch, std::uint64_t index, const std::string& rule) {
-            return sample(T, make_spec(num_segments, mode, clip_len, rule, py::none(), seed), epoch, index);
+            return sample(T, make_spec(num_segments, mode, clip_len, rule, py::none(), seed, false), epoch, index);
         },
         py::arg("T"), py::arg("num_segments"), py::arg("clip_len"), py::arg("mode"), py::kw_only(),
         py::arg("seed") = 0, py::arg("epoch") = 0, py::arg("index") = 0, py::arg("rule") = "mmaction2",

@@ -76,6 +76,7 @@ void register_reader(py::module_& m) {
     sections["offsets_suffix"] = std::string(sc::kOffsetsSuffix);
     sections["data_suffix"] = std::string(sc::kDataSuffix);
     sections["blocks_suffix"] = std::string(sc::kBlocksSuffix);  // version 2: features/COL/blocks
+    sections["stats_suffix"] = std::string(sc::kStatsSuffix);    // version 3: features/COL/stats
     py::tuple class_ints(sc::kClassInts.size());
     for (std::size_t i = 0; i < sc::kClassInts.size(); ++i) class_ints[i] = std::string(sc::kClassInts[i]);
     sections["class_ints"] = class_ints;  // label, glabel, set
@@ -173,6 +174,20 @@ void register_reader(py::module_& m) {
                                      rows.data);
             },
             py::arg("column"), py::arg("index"), "Read-only (T_i, C) view of one instance.")
+        .def(
+            "stats",
+            [](const StoreReader& r, const std::string& column) -> py::object {
+                const auto& col = r.column(column);
+                if (!col.has_stats) return py::none();
+                const auto c = static_cast<py::ssize_t>(col.channels);
+                py::array_t<float> mean(c), std_dev(c);
+                std::copy(col.mean.begin(), col.mean.end(), mean.mutable_data());
+                std::copy(col.std_dev.begin(), col.std_dev.end(), std_dev.mutable_data());
+                return py::make_tuple(mean, std_dev);
+            },
+            py::arg("column"),
+            "(mean, std) float32 arrays of C values, copies of the column's statistics as read at open; None for "
+            "a store of format version 1 or 2.")
         .def(
             "verify",
             [](const StoreReader& r) {

@@ -58,6 +58,30 @@ StoreReader::StoreReader(const std::string& path) : file_(path, kHeaderSize) {
         for (std::size_t i = 1; common && i + 1 < off.size(); ++i) common = off[i + 1] - off[i] == off[1] - off[0];
         col.common_segments = common ? static_cast<std::uint64_t>(off[1] - off[0]) : 0;
     }
+    for (auto& col : schema_.columns)
+        if (col.has_stats) load_stats(col);
+}
+
+// The statistics are read at every normalising gather, so they are copied
+// here and checked in full (their checksum too: a flipped bit would skew
+// every normalised batch without failing anything else).
+void StoreReader::load_stats(FeatureColumn& col) {
+    const Section& s = sections_[col.stats];
+    const auto c = static_cast<std::size_t>(col.channels);
+    std::vector<float> values(2 * c);
+    copy_mapped(values.data(), bytes(s), static_cast<std::size_t>(s.length), path(), "open");
+    if (hash64(values.data(), static_cast<std::size_t>(s.length)) != s.checksum)
+        fail(path(), "section '" + s.name + "' does not match its checksum (damaged statistics)");
+    col.mean.assign(values.begin(), values.begin() + static_cast<std::ptrdiff_t>(c));
+    col.std_dev.assign(values.begin() + static_cast<std::ptrdiff_t>(c), values.end());
+    col.scale.resize(c);
+    for (std::size_t k = 0; k < c; ++k) {
+        const float sd = col.std_dev[k];
+        if (sd < 0)
+            fail(path(), "section '" + s.name + "' gives channel " + std::to_string(k) +
+                             " a negative standard deviation (" + std::to_string(sd) + ")");
+        col.scale[k] = sd > 0 ? 1.0f / sd : 1.0f;
+    }
 }
 
 // Sections sorted by offset must not overlap, and what lies between them (and

@@ -128,10 +128,12 @@ Schema validate_schema(const std::vector<Section>& sections, const SectionIndex&
     for (std::size_t i = 0; i < sections.size(); ++i) {
         const Section& s = sections[i];
         if (!starts_with(s.name, schema::kFeaturePrefix) || ends_with(s.name, schema::kOffsetsSuffix)) continue;
-        // features/COL/blocks (version 2) belongs to column COL; "features/blocks"
-        // (no second slash) is a column named "blocks".
-        if (version >= 2 && ends_with(s.name, schema::kBlocksSuffix) &&
-            s.name.find('/', schema::kFeaturePrefix.size()) != std::string::npos)
+        // features/COL/blocks (version 2) and features/COL/stats (version 3)
+        // belong to column COL; "features/blocks" (no second slash) is a
+        // column named "blocks".
+        const bool nested = s.name.find('/', schema::kFeaturePrefix.size()) != std::string::npos;
+        if (nested && ((version >= 2 && ends_with(s.name, schema::kBlocksSuffix)) ||
+                       (version >= kStatsVersion && ends_with(s.name, schema::kStatsSuffix))))
             continue;
         FeatureColumn col;
         col.name = s.name.substr(schema::kFeaturePrefix.size());
@@ -169,6 +171,15 @@ Schema validate_schema(const std::vector<Section>& sections, const SectionIndex&
             c.vector(blocks_name, DType::Int64, nblocks);
             col.has_blocks = true;
             col.blocks = static_cast<std::size_t>(c.find(blocks_name));
+        }
+        if (version >= kStatsVersion) {
+            const std::string stats_name = s.name + std::string(schema::kStatsSuffix);
+            const Section& st = c.require(stats_name);
+            if (st.dtype != DType::Float32 || st.shape.size() != 2 || st.shape[0] != 2 || st.shape[1] != col.channels)
+                fail(path, "section '" + stats_name + "' is " + dtype_name(st.dtype) + shape_str(st.shape) +
+                               ", expected float32(2, " + std::to_string(col.channels) + ")");
+            col.has_stats = true;
+            col.stats = static_cast<std::size_t>(c.find(stats_name));
         }
         out.columns.push_back(col);
     }

@@ -194,6 +194,7 @@ void StoreWriter::begin_features(const std::string& column, DType dtype, std::ui
     block_hasher_ = Hasher64{};
     block_fill_ = 0;
     block_sums_.clear();
+    stats_ = ChannelStats(channels);
 }
 
 void StoreWriter::hash_blocks(const unsigned char* data, std::size_t size) {
@@ -220,6 +221,7 @@ void StoreWriter::append_features(const void* data, std::size_t size) {
                                     " bytes, not a whole number of " + std::to_string(row_bytes) + "-byte rows");
     hasher_.update(data, size);
     hash_blocks(static_cast<const unsigned char*>(data), size);
+    stats_.add(data, static_cast<std::size_t>(size / row_bytes), current_.dtype);
     write_all(data, size);
     current_bytes_ += size;
 }
@@ -232,8 +234,12 @@ void StoreWriter::end_features(const std::vector<std::int64_t>& row_counts) {
     if (block_fill_ > 0) block_sums_.push_back(static_cast<std::int64_t>(block_hasher_.digest()));
     block_fill_ = 0;
     const auto add_blocks = [this] {
-        add_section(std::string(schema::kFeaturePrefix) + feat_column_ + std::string(schema::kBlocksSuffix),
-                    DType::Int64, {block_sums_.size()}, block_sums_.data(), block_sums_.size() * sizeof(std::int64_t));
+        const std::string base = std::string(schema::kFeaturePrefix) + feat_column_;
+        add_section(base + std::string(schema::kBlocksSuffix), DType::Int64, {block_sums_.size()},
+                    block_sums_.data(), block_sums_.size() * sizeof(std::int64_t));
+        const std::vector<float> stats = stats_.result();
+        add_section(base + std::string(schema::kStatsSuffix), DType::Float32, {2, feat_channels_}, stats.data(),
+                    stats.size() * sizeof(float));
     };
     if (feat_segments_ != 0) {
         if (!row_counts.empty())

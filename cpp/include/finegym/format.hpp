@@ -14,7 +14,7 @@ namespace finegym {
 
 // ---- file header: 64 bytes at offset 0, all integers little-endian -------
 inline constexpr std::array<char, 8> kMagic = {'F', 'G', 'S', 'T', 'O', 'R', 'E', '\0'};
-inline constexpr std::uint32_t kFormatVersion = 2;     // what the writer writes
+inline constexpr std::uint32_t kFormatVersion = 3;     // what the writer writes
 inline constexpr std::uint32_t kMinFormatVersion = 1;  // the oldest version the reader opens
 inline constexpr std::uint32_t kHeaderSize = 64;
 inline constexpr std::uint32_t kSectionEntrySize = 128;
@@ -31,6 +31,11 @@ inline constexpr std::uint64_t kFeatureAlign = 4096;
 // stored as int64. A reader of part of a column (a remote store's cache)
 // checks the blocks it holds without reading the rest.
 inline constexpr std::uint64_t kBlockSize = std::uint64_t{1} << 20;
+// Version 3: every feature column COL also has features/COL/stats, float32
+// (2, C): row 0 the mean, row 1 the standard deviation (population: divided
+// by the row count) of each channel over every stored row of the column,
+// accumulated in float64 by the writer from the values as stored.
+inline constexpr std::uint32_t kStatsVersion = 3;
 
 struct Header {
     std::uint32_t version = kFormatVersion;
@@ -110,8 +115,10 @@ std::uint64_t header_checksum(const unsigned char* header, const unsigned char* 
 //                          or (S, C) with S = total rows when T varies (ragged), plus
 //   features/NAME/offsets  int64 (N+1), ragged columns only: rows of instance i are
 //                          [offsets[i], offsets[i+1]); strictly increasing (T_i > 0)
-//   features/NAME/blocks   int64 (ceil(bytes / kBlockSize),), version 2 only (and
+//   features/NAME/blocks   int64 (ceil(bytes / kBlockSize),), version >= 2 (and
 //                          required there): XXH64 of each block of features/NAME
+//   features/NAME/stats    float32 (2, C), version >= 3 (and required there):
+//                          per-channel mean (row 0) and standard deviation (row 1)
 // At least one feature column. Ids are unique (checked by verify, not open).
 // Optional, present together when a categories file was given (M classes):
 //   classes/label int32 (M), classes/glabel int32 (M), classes/set int32 (M),
@@ -128,6 +135,7 @@ inline constexpr std::string_view kFeaturePrefix = "features/";
 inline constexpr std::string_view kOffsetsSuffix = "/offsets";
 inline constexpr std::string_view kDataSuffix = "/data";
 inline constexpr std::string_view kBlocksSuffix = "/blocks";
+inline constexpr std::string_view kStatsSuffix = "/stats";
 inline constexpr std::string_view kClassPrefix = "classes/";
 inline constexpr std::array<std::string_view, 3> kClassInts = {
     "classes/label", "classes/glabel", "classes/set"};

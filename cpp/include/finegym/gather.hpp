@@ -30,6 +30,9 @@ struct GatherSpec {
     Sampling rule = Sampling::MMAction2;
     std::optional<DType> out_dtype;   // float32 or float16; empty = the column's dtype
     std::uint64_t seed = 0;
+    // Standardise every value with its channel's statistics (format version
+    // 3): (x - mean) * scale in float32, in the same pass as the copy.
+    bool normalize = false;
 };
 
 // Per call: the epoch (train-mode segments are keyed by it) and execution.
@@ -58,10 +61,18 @@ DType output_dtype(const FeatureColumn& col, const GatherSpec& spec) noexcept;
 // or exceeds this machine's physical memory (so it could never be allocated).
 std::size_t output_bytes(std::uint64_t batch, std::uint64_t rows, std::uint64_t channels, std::size_t itemsize);
 
+// Throws std::invalid_argument, naming the column and the file, when a
+// normalising gather cannot use `col`: it has no statistics (a store of
+// format version 1 or 2), or a channel's mean or standard deviation is NaN
+// or infinite.
+void check_normalizable(const StoreReader& reader, const FeatureColumn& col);
+
 // Throws std::out_of_range naming the first index outside [-n, n) and its position.
 void check_indices(const std::int64_t* indices, std::size_t batch, std::uint64_t num_instances);
 
-// Fills `out` (B x output_rows x C elements of output_dtype, C-contiguous).
+// Fills `out` (B x output_rows x C elements of output_dtype, C-contiguous);
+// with spec.normalize, each value x of channel c becomes
+// (x - col.mean[c]) * col.scale[c], computed in float32.
 // Every index is checked before anything is copied: std::out_of_range names
 // the first bad one and its position. Negative indices count from the end.
 void gather(const StoreReader& reader, const FeatureColumn& col, const std::int64_t* indices, std::size_t batch,

@@ -4,7 +4,8 @@
 // What opening reads: the header and section table (copied into the reader),
 // the zero padding between sections (< 4096 bytes per section), and every
 // int64 offsets array (8 bytes per instance per string or ragged column, plus
-// 8 per class), which it copies into reader-owned memory and validates there.
+// 8 per class) and every column's statistics (8 bytes per channel), which it
+// copies into reader-owned memory and validates there.
 // It never touches feature or string bytes, so its cost does not depend on
 // how much feature data the file holds.
 //
@@ -73,6 +74,7 @@ public:
 
 private:
     void load_offsets(const Section& s, std::uint64_t limit, bool strictly_increasing);
+    void load_stats(FeatureColumn& col);
     void check_layout();
     void check_unique_ids() const;
 

@@ -23,6 +23,12 @@ struct FeatureColumn {
     std::size_t offsets = 0;     // index of features/NAME/offsets (ragged only)
     bool has_blocks = false;     // version 2: features/NAME/blocks exists
     std::size_t blocks = 0;      // its index
+    bool has_stats = false;      // version 3: features/NAME/stats exists
+    std::size_t stats = 0;       // its index
+    // Its content, loaded and checked by the reader at open (C values each):
+    // the mean, the standard deviation, and the scale a normalising gather
+    // multiplies by (1 / std, or 1 where std is 0).
+    std::vector<float> mean, std_dev, scale;
     // Ragged columns whose instances all have one T: that T (the reader sets
     // it from the offsets, for messages); 0 otherwise.
     std::uint64_t common_segments = 0;
@@ -47,7 +53,8 @@ SectionIndex index_sections(const std::vector<Section>& sections, const std::str
 // Checks names, dtypes, shapes and alignment of every section against the
 // schema in format.hpp, in O(sections). Throws FormatError naming `path` and
 // the section.
-// `version` decides whether feature columns carry block checksums (2) or not (1).
+// `version` decides what each feature column carries besides its values:
+// block checksums from version 2 on, statistics from version 3 on.
 Schema validate_schema(const std::vector<Section>& sections, const SectionIndex& index,
                        std::uint64_t num_instances, const std::string& path, std::uint32_t version);
 Schema validate_schema(const std::vector<Section>& sections, std::uint64_t num_instances, const std::string& path,

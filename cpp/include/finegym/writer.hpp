@@ -14,6 +14,7 @@
 
 #include "finegym/format.hpp"
 #include "finegym/hash.hpp"
+#include "finegym/stats.hpp"
 
 namespace finegym {
 
@@ -34,7 +35,9 @@ public:
 
     // Feature columns are streamed: begin, append whole rows in instance
     // order, end. `segments` is T for a fixed column, 0 for a ragged one
-    // (whose end() takes the row count of every instance).
+    // (whose end() takes the row count of every instance). Appending hashes
+    // the rows (section and block checksums) and adds them to the column's
+    // per-channel statistics; end() writes those sections.
     void begin_features(const std::string& column, DType dtype, std::uint64_t segments, std::uint64_t channels);
     void append_features(const void* data, std::size_t size);
     void end_features(const std::vector<std::int64_t>& row_counts);
@@ -80,6 +83,8 @@ private:
     Hasher64 block_hasher_;
     std::uint64_t block_fill_ = 0;
     std::vector<std::int64_t> block_sums_;
+    // Per-channel statistics of the feature column being streamed.
+    ChannelStats stats_;
 };
 
 }  // namespace finegym
