@@ -16,7 +16,7 @@ import hashlib
 import math
 import weakref
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -268,15 +268,25 @@ class Loader:
         return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
+        return self._iterate()[0]
+
+    def _iterate(self, buffers: Callable[[str, int], np.ndarray | None] | None = None,
+                 ) -> tuple[Iterator[Batch], _Cursor]:
+        # __iter__, and its cursor. buffers(column, rows), when given, supplies
+        # the array each gather of `rows` instances writes into (None: a new
+        # one); finegym_store.torch gathers into pinned memory this way. A
+        # caller that holds batches back from its own caller lowers
+        # cursor.done by as many while it does.
         epoch, start = self.epoch, self._skip
         self.epoch += 1
         self._skip = 0
         cursor = _Cursor(epoch, start)
-        it = self._run(epoch, start, cursor)
+        it = self._run(epoch, start, cursor, buffers)
         self._active = (weakref.ref(it), cursor)
-        return it
+        return it, cursor
 
-    def _run(self, epoch: int, start: int, cursor: _Cursor) -> Iterator[Batch]:
+    def _run(self, epoch: int, start: int, cursor: _Cursor,
+             buffers: Callable[[str, int], np.ndarray | None] | None = None) -> Iterator[Batch]:
         # Batches from `start` on; cursor.done counts those the caller received.
         idx = self.indices(epoch)
         bounds = range(0, len(idx), self.batch_size)
@@ -289,7 +299,7 @@ class Loader:
         reader = self.store._reader
         threads = self.store._threads(self.threads)
         native = self.spec._native
-        free: list[np.ndarray] | None = [] if self.reuse_buffers else None
+        free: list[np.ndarray] | None = [] if self.reuse_buffers and buffers is None else None
         held: np.ndarray | None = None  # the recycled buffer the caller holds now
         pending: deque[tuple[np.ndarray, Any]] = deque()
 
@@ -301,7 +311,9 @@ class Loader:
                 # A remote store: this batch's rows into the cache, the next ones' in the background.
                 self.store._ensure_rows(self.column, chunk, ahead=batches[k + 1 : k + 3 + self.prefetch])
                 out = None
-                if free and free[-1].shape[0] == len(chunk):
+                if buffers is not None:
+                    out = buffers(self.column, len(chunk))
+                elif free and free[-1].shape[0] == len(chunk):
                     out = free.pop()
                 pending.append((chunk, _core.GatherJob(reader, self.column, chunk, native, epoch, out, threads)))
 

@@ -12,14 +12,22 @@ Two ways in:
   lives in shared memory, so workers (persistent or not, fork or spawn)
   read the one set last.
 * :func:`tensor_batches`: wraps a :class:`finegym_store.Loader`, turning its
-  batches into tensors without a copy (``torch.from_numpy``).
+  batches into tensors without a copy (``torch.from_numpy``). With
+  ``device="cuda"`` the loader gathers into page-locked (pinned) host
+  buffers, and each batch is copied to the GPU on a separate CUDA stream
+  while the previous batch's step runs; a buffer is written again only once
+  its copy has completed.
+
+A :class:`TensorBatch` moves as a whole: ``batch.to(device,
+non_blocking=True)``, and ``batch.pin_memory()`` (what a DataLoader with
+``pin_memory=True`` calls) gives a plain TensorBatch of pinned tensors.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -39,6 +47,17 @@ class TensorBatch(NamedTuple):
     features: torch.Tensor
     labels: torch.Tensor
     indices: torch.Tensor
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> TensorBatch:
+        """The three tensors on ``device`` (``Tensor.to(device,
+        non_blocking)`` each), as a plain TensorBatch."""
+        return TensorBatch(*(t.to(device, non_blocking=non_blocking) for t in tuple.__iter__(self)))
+
+    def pin_memory(self, device: Any = None) -> TensorBatch:
+        """The three tensors copied into page-locked host memory, as a plain
+        TensorBatch. A DataLoader with ``pin_memory=True`` calls this (its
+        pinning thread prefers an object's own ``pin_memory``)."""
+        return TensorBatch(*(t.pin_memory() for t in tuple.__iter__(self)))
 
 
 _COLLATE_HINT = ("a StoreDataset batch is already gathered: pass collate_fn=finegym_store.torch.collate "
@@ -188,8 +207,239 @@ def collate(batch: TensorBatch | list[tuple[torch.Tensor, int]]) -> TensorBatch:
     return TensorBatch(features, labels, torch.full((len(batch),), -1, dtype=torch.int64))
 
 
-def tensor_batches(loader: Loader) -> Iterator[TensorBatch]:
-    """Iterate one epoch of ``loader`` as tensors that share the batch memory."""
+def tensor_batches(loader: Loader, *, device: torch.device | str | None = None,
+                   non_blocking: bool = True) -> Iterator[TensorBatch]:
+    """Iterate one epoch of ``loader`` as :class:`TensorBatch` es.
+
+    ``device=None`` or a CPU device: tensors that share the batch memory
+    (``torch.from_numpy``, no copy). A CUDA device (``"cuda"``,
+    ``"cuda:1"``, a ``torch.device``): features, labels (int64) and
+    indices on that GPU. The loader's background gathers then write
+    straight into page-locked (pinned) host buffers, a small ring of
+    ``loader.prefetch + 3``; each batch is copied to the GPU on a CUDA
+    stream of its own (``non_blocking=True``: asynchronously) as soon as it
+    is gathered, one batch ahead, so the copy of the next batch overlaps the
+    current step. When a batch is handed over, the stream that is current
+    then waits for its copy (GPU-side: the host does not block) and its
+    tensors are recorded on that stream (``Tensor.record_stream``), so the
+    caching allocator keeps their memory until that stream's work on them
+    is done. A pinned buffer is gathered into again only once an event
+    recorded after its copy has completed. ``loader.state_dict()`` counts
+    the batches handed out, not the one copied ahead. A loader's
+    ``reuse_buffers`` does not apply: the pinned ring replaces it.
+
+    ValueError naming ``device`` for a device that is not there (CUDA
+    unavailable, an index beyond the GPUs) or not a CPU or CUDA device,
+    and TypeError for a ``device`` that is not a str or torch.device or a
+    ``non_blocking`` that is not a bool, at the call."""
+    non_blocking = _args.flag(non_blocking, "tensor_batches(): non_blocking")
+    target = _device(device)
+    if target is None:
+        return _host_batches(loader)
+    return _device_batches(loader, _CudaCopies(target, non_blocking))
+
+
+def _host_batches(loader: Loader) -> Iterator[TensorBatch]:
     for b in loader:
         yield TensorBatch(torch.from_numpy(b.features), torch.from_numpy(b.labels.astype(np.int64)),
                           torch.from_numpy(b.indices))
+
+
+def _device(device: Any) -> torch.device | None:
+    """The CUDA device ``device`` names (with its index), or None for the host."""
+    if device is None:
+        return None
+    if isinstance(device, str):
+        try:
+            target = torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"tensor_batches(): device must name a device ('cpu', 'cuda', 'cuda:0', ...), "
+                             f"got {device!r}") from None
+    elif isinstance(device, torch.device):
+        target = device
+    else:
+        raise TypeError(f"tensor_batches(): device must be a str, a torch.device or None, "
+                        f"got {type(device).__name__} {device!r}")
+    if target.type == "cpu":
+        return None
+    if target.type != "cuda":
+        raise ValueError(f"tensor_batches(): device must be a CPU or CUDA device, got {device!r}")
+    if not torch.cuda.is_available():
+        why = ("this torch is a CPU-only build" if torch.version.cuda is None
+               else f"torch (CUDA {torch.version.cuda}) finds no GPU")
+        raise ValueError(f"tensor_batches(): device={device!r} but CUDA is not available ({why}); "
+                         "the available device is 'cpu' (or None)")
+    count = torch.cuda.device_count()
+    index = torch.cuda.current_device() if target.index is None else target.index
+    if index >= count:
+        raise ValueError(f"tensor_batches(): device={device!r} but there {'is' if count == 1 else 'are'} "
+                         f"{count} CUDA device{'' if count == 1 else 's'}: "
+                         + ", ".join(f"'cuda:{i}'" for i in range(count)))
+    return torch.device("cuda", index)
+
+
+class _Copies(Protocol):
+    """What the pinned ring needs of the device: host buffers, asynchronous
+    copies that end in an event, and the hand-over to the consumer. CUDA
+    implements it (:class:`_CudaCopies`); the tests, with events they
+    complete themselves."""
+
+    def host(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor: ...
+
+    def copy(self, tensors: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], Any]: ...
+
+    def done(self, event: Any) -> bool: ...
+
+    def wait(self, event: Any) -> None: ...
+
+    def hand_over(self, tensors: tuple[torch.Tensor, ...], event: Any) -> None: ...
+
+
+class _CudaCopies:
+    """Copies to one GPU on a stream of their own."""
+
+    def __init__(self, device: torch.device, non_blocking: bool) -> None:
+        self.device = device
+        self.non_blocking = non_blocking
+        self.stream = torch.cuda.Stream(device)
+
+    def host(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+    def copy(self, tensors: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], Any]:
+        # Allocated and copied on the copy stream; hand_over records the
+        # tensors on the consumer's stream before anyone uses them there.
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            out = tuple(t.to(self.device, non_blocking=self.non_blocking) for t in tensors)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return out, event
+
+    def done(self, event: Any) -> bool:
+        return bool(event.query())
+
+    def wait(self, event: Any) -> None:
+        event.synchronize()
+
+    def hand_over(self, tensors: tuple[torch.Tensor, ...], event: Any) -> None:
+        consumer = torch.cuda.current_stream(self.device)
+        consumer.wait_event(event)
+        for t in tensors:
+            t.record_stream(consumer)
+
+
+# The states of a pinned buffer: free, being gathered into, returned by the
+# loader (its copy not yet queued), being copied (until its event completes).
+_FREE, _GATHER, _HELD, _COPY = "free", "gather", "held", "copy"
+
+
+class _Slot:
+    __slots__ = ("address", "event", "features", "indices", "labels", "order", "state")
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> None:
+        self.features, self.labels, self.indices = features, labels, indices
+        self.address = features.data_ptr()
+        self.state = _FREE
+        self.event: Any = None
+        self.order = 0
+
+
+class _PinnedRing:
+    """Host buffers of whole batches (features, labels, indices) that the
+    loader's gathers write into. A buffer goes to a new gather only when it
+    is free or its last copy's event has completed; with ``capacity``
+    buffers and none of them free, the oldest copy is waited for (a buffer
+    more is made only if none is being copied, which the loader's bounded
+    prefetch does not reach)."""
+
+    def __init__(self, copies: _Copies, shape: tuple[int, int, int], dtype: torch.dtype, capacity: int) -> None:
+        self.copies = copies
+        self.shape = shape
+        self.dtype = dtype
+        self.capacity = capacity
+        self.slots: list[_Slot] = []
+        self._copied = 0
+        self.waits = 0  # how often acquire() had to wait for a copy
+
+    def _copying(self) -> list[_Slot]:
+        return sorted((s for s in self.slots if s.state == _COPY), key=lambda s: s.order)
+
+    def acquire(self, rows: int) -> np.ndarray:
+        """A buffer for the gather of ``rows`` instances (its features, as the
+        ``out`` array)."""
+        slot = next((s for s in self.slots if s.state == _FREE), None)
+        if slot is None:
+            slot = next((s for s in self._copying() if self.copies.done(s.event)), None)
+        if slot is None:
+            copying = self._copying()
+            if len(self.slots) < self.capacity or not copying:
+                b = self.shape[0]
+                slot = _Slot(self.copies.host(self.shape, self.dtype), self.copies.host((b,), torch.int64),
+                             self.copies.host((b,), torch.int64))
+                self.slots.append(slot)
+            else:
+                slot = copying[0]
+                self.copies.wait(slot.event)
+                self.waits += 1
+        slot.state, slot.event = _GATHER, None
+        return slot.features.numpy()[:rows]
+
+    def take(self, features: np.ndarray) -> _Slot | None:
+        """The buffer a gathered batch's features are in (None: not one of ours)."""
+        address = features.__array_interface__["data"][0]
+        for s in self.slots:
+            if s.state == _GATHER and s.address == address:
+                s.state = _HELD
+                return s
+        return None
+
+    def copied(self, slot: _Slot, event: Any) -> None:
+        """The buffer's copy is queued; it is free once ``event`` completes."""
+        self._copied += 1
+        slot.state, slot.event, slot.order = _COPY, event, self._copied
+
+
+def _stage(batch: Any, ring: _PinnedRing, copies: _Copies) -> tuple[tuple[torch.Tensor, ...], Any]:
+    """Queue the copy of a gathered batch; the device tensors and the copy's event."""
+    n = len(batch.indices)
+    slot = ring.take(batch.features)
+    if slot is None:
+        host = (torch.from_numpy(batch.features), torch.from_numpy(batch.labels.astype(np.int64)),
+                torch.from_numpy(batch.indices))
+    else:
+        slot.labels.numpy()[:n] = batch.labels
+        slot.indices.numpy()[:n] = batch.indices
+        host = (slot.features[:n], slot.labels[:n], slot.indices[:n])
+    tensors, event = copies.copy(host)
+    if slot is not None:
+        ring.copied(slot, event)
+    return tensors, event
+
+
+_TORCH_DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}
+
+
+def _device_batches(loader: Loader, copies: _Copies, capacity: int | None = None) -> Iterator[TensorBatch]:
+    empty = loader.store.gather(loader.column, np.zeros(0, np.int64), spec=loader.spec, threads=1)
+    batch_size, column = loader.batch_size, loader.column
+    ring = _PinnedRing(copies, (batch_size, *empty.shape[1:]), _TORCH_DTYPES[empty.dtype],
+                       loader.prefetch + 3 if capacity is None else capacity)
+
+    def buffers(name: str, rows: int) -> np.ndarray | None:
+        return ring.acquire(rows) if name == column and rows <= batch_size else None
+
+    it, cursor = loader._iterate(buffers)
+    ahead: tuple[tuple[torch.Tensor, ...], Any] | None = None
+    try:
+        for batch in it:
+            staged = _stage(batch, ring, copies)
+            if ahead is not None:
+                cursor.done -= 1  # `staged` is copied ahead, not yet received
+                copies.hand_over(*ahead)
+                yield TensorBatch(*ahead[0])
+            ahead = staged
+        if ahead is not None:
+            copies.hand_over(*ahead)
+            yield TensorBatch(*ahead[0])
+    finally:
+        it.close()  # waits for the loader's in-flight gathers
