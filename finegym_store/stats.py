@@ -61,6 +61,9 @@ def add_stats(source: Store | str | os.PathLike[str], out: str | os.PathLike[str
     out = os.fspath(out)
     how = "every row, to add per-channel statistics"
     local = "://" not in store.path
+    if not local and out == store.path:
+        raise ValueError(f"{out} is a remote store: it cannot be replaced in place; write the copy elsewhere "
+                         "(out=PATH, finegym-store stats URL --output PATH)")
     if not (local and os.path.exists(out) and os.path.samefile(out, store.path)):
         return sel.select(store, slice(None), out, overwrite=overwrite, how=how)
     if not overwrite:

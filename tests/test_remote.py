@@ -461,6 +461,10 @@ def test_cli_info_and_verify_open_urls(served, local_scratch, capsys):
     assert url in out and f'"format_version": {fgs.FORMAT_VERSION}' in out
     assert main(["verify", url]) == 0
     assert "OK" in capsys.readouterr().out
+    assert main(["stats", url]) == 0
+    assert "fix" in capsys.readouterr().out
+    assert main(["stats", url, "--in-place"]) == 2
+    assert "remote store: it cannot be replaced in place" in capsys.readouterr().err
 
 
 def test_docs_example(served, moto, tmp_path, monkeypatch):
