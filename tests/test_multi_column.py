@@ -8,11 +8,10 @@ import json
 
 import numpy as np
 import pytest
+from conftest import require
 
 import finegym_store as fgs
 from finegym_store import synth
-
-from conftest import require
 
 
 def _tables(n: int, lengths, seed: int):
@@ -48,8 +47,8 @@ def ragged(tmp_path_factory):
     return fgs.convert({"a": a, "b": b, "e": e, "f": f}, folder / "r.fgs", progress=False)
 
 
-SPECS = [dict(num_segments=3, mode="train"), dict(num_segments=4, mode="test"),
-         dict(num_segments=2, mode="train", clip_len=3, seed=7), dict(num_segments=None)]
+SPECS = [{"num_segments": 3, "mode": "train"}, {"num_segments": 4, "mode": "test"},
+         {"num_segments": 2, "mode": "train", "clip_len": 3, "seed": 7}, {"num_segments": None}]
 
 
 @pytest.mark.parametrize("spec", SPECS)
@@ -120,8 +119,8 @@ def test_out_forms(store):
 def test_single_column_out_may_be_a_column_slice(store):
     # The core writes rows at a stride: a column slice of a C-contiguous array.
     idx = np.arange(len(store))
-    for spec in (dict(num_segments=5, mode="train", clip_len=2), dict(num_segments=None),
-                 dict(num_segments=1, mode="test"), dict(num_segments=3, mode="test", dtype="float16")):
+    for spec in ({"num_segments": 5, "mode": "train", "clip_len": 2}, {"num_segments": None},
+                 {"num_segments": 1, "mode": "test"}, {"num_segments": 3, "mode": "test", "dtype": "float16"}):
         want = store.gather("a", idx, **spec)
         wide = np.full((len(idx), want.shape[1], 19), 7, want.dtype)
         assert np.shares_memory(store.gather("a", idx, out=wide[:, :, 4:12], **spec), wide)
@@ -202,7 +201,7 @@ def test_ragged_columns_with_equal_t(ragged):
 
 def test_hostile_column_arguments(store):
     idx = [0]
-    kw = dict(num_segments=3, mode="test")
+    kw = {"num_segments": 3, "mode": "test"}
     with pytest.raises(ValueError, match="empty list names no column.*columns: a, b, c, d"):
         store.gather([], idx, **kw)
     with pytest.raises(ValueError, match=r"'a' appears twice in the list \(positions 0 and 1\)"):
