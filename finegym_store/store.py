@@ -552,6 +552,15 @@ class Store:
             n = _args.count(threads, "threads", 1)
         return max(1, min(n, _core.max_threads()))
 
+    @overload
+    def gather(self, column: str, indices: Any, *, spec: SegmentSpec | None = None, epoch: int = 0,
+               out: np.ndarray | None = None, threads: int | None = None, readahead: str = "auto",
+               concat: bool = False, **spec_keywords: Any) -> np.ndarray: ...
+    @overload
+    def gather(self, column: Sequence[str], indices: Any, *, spec: SegmentSpec | None = None, epoch: int = 0,
+               out: np.ndarray | dict[str, np.ndarray] | None = None, threads: int | None = None,
+               readahead: str = "auto", concat: bool = False,
+               **spec_keywords: Any) -> np.ndarray | dict[str, np.ndarray]: ...
     def gather(
         self,
         column: str | Sequence[str],
@@ -564,7 +573,7 @@ class Store:
         readahead: str = "auto",
         concat: bool = False,
         **spec_keywords: Any,
-    ) -> Any:
+    ) -> np.ndarray | dict[str, np.ndarray]:
         """Gather a batch: (B, rows, C) from instances ``indices``.
 
         ``spec`` (a :class:`SegmentSpec`) says which segments each instance
