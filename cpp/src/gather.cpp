@@ -248,8 +248,9 @@ void gather(const StoreReader& reader, const FeatureColumn& col, const std::int6
     validate(spec);
     const DType out_dtype = output_dtype(col, spec);
     const std::uint64_t rows_out = output_rows(col, spec);
+    output_bytes(batch, rows_out, col.channels, dtype_size(out_dtype));  // the caller's `out` has this size
     const std::size_t out_stride = output_row_stride(col, spec, out_row_stride);
-    output_bytes(batch, rows_out, out_stride, 1);  // the caller's `out` spans this many bytes
+    output_bytes(batch, rows_out, out_stride, 1);  // and spans this many bytes
     const auto n = static_cast<std::int64_t>(reader.num_instances());
     check_indices(indices, batch, reader.num_instances());
     std::vector<Rows> sources(batch);

@@ -23,6 +23,7 @@ GatherJob::GatherJob(const StoreReader& reader, const FeatureColumn& col, const 
     // Fail at submission, not later in wait(): the same checks gather() starts with.
     check_indices(indices, batch, reader.num_instances());
     validate(spec);
+    output_bytes(batch, output_rows(col, spec), col.channels, dtype_size(output_dtype(col, spec)));
     output_bytes(batch, output_rows(col, spec), output_row_stride(col, spec, out_row_stride), 1);
     // Plain pointers, captured by value; the state by shared_ptr, so a task
     // that outlives this object (it cannot in the owner: ~GatherJob waits)
