@@ -445,10 +445,10 @@ class Store:
             return self.column(column)[_args.integer(index)]  # type: ignore[return-value]
         return self._reader.features(column, _args.integer(index))
 
-    def _copy_features(self, column: str, index: int) -> np.ndarray:
+    def _copy_features(self, column: str, index: int, dtype: Any = None) -> np.ndarray:
         """A writeable (T_i, C) copy of instance ``index`` (valid, >= 0) of
-        ``column``, read by the C++ core under the SIGBUS guard (OSError
-        naming the file if it was truncated)."""
+        ``column``, in ``dtype`` (None: the column's), read by the C++ core
+        under the SIGBUS guard (OSError naming the file if it was truncated)."""
         col = self.column(column)
         self._ensure_rows(column, np.array([index], dtype=np.int64))
         row = col.channels * col.dtype.itemsize
@@ -458,7 +458,7 @@ class Store:
         else:
             first, end = index * int(col.length), (index + 1) * int(col.length)  # type: ignore[arg-type]
         raw = self._reader.read_bytes(_S["feature_prefix"] + column, first * row, end * row)
-        return np.frombuffer(raw, dtype=col.dtype).reshape(end - first, col.channels).copy()
+        return np.frombuffer(raw, dtype=col.dtype).reshape(end - first, col.channels).astype(dtype or col.dtype)
 
     def _columns_of(self, columns: Any) -> tuple[str, ...]:
         """The column names of a multi-column gather, checked: a non-empty

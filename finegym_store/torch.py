@@ -185,10 +185,7 @@ class StoreDataset(Dataset):
         """Instance i (valid, >= 0) at its native T: a (T_i, C) tensor, a
         dict of them, or their concatenation; copies read under the SIGBUS
         guard, in the spec's dtype when it has one."""
-        arrays = {}
-        for name in self._columns:
-            a = self.store._copy_features(name, i)
-            arrays[name] = a if self.spec.dtype is None else a.astype(self.spec.dtype)
+        arrays = {name: self.store._copy_features(name, i, self.spec.dtype) for name in self._columns}
         if not self._multi:
             return torch.from_numpy(arrays[self.column])  # type: ignore[index]
         if self.concat:
