@@ -110,7 +110,11 @@ def gather(
     out: NDArray[Any] | None,
     threads: int,
     readahead: str = "auto",
-) -> NDArray[Any]: ...
+) -> NDArray[Any]:
+    """Fill ``out`` (or a new array) with a (B, rows, C) batch. ``out`` must
+    be C-contiguous, or a column slice ``big[:, :, a:a + C]`` of a
+    C-contiguous array (rows then written one at a time); ValueError
+    otherwise, or for a wrong shape, dtype or a read-only array."""
 
 class ForkedJobError(RuntimeError): ...
 

@@ -16,7 +16,7 @@ import hashlib
 import math
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -36,10 +36,12 @@ SAMPLERS = ("uniform", "balanced")
 class Batch(NamedTuple):
     """One batch: ``features`` (B, K, C), ``labels`` (B,) int32, ``indices`` (B,) int64.
 
+    A loader of several columns gives ``features`` as a dict {column: (B,
+    K, C_i) array}, or one (B, K, sum C_i) array with ``concat=True``.
     A named tuple: ``features, labels, indices = batch`` unpacks it, and the
     fields are attributes too. ``len(batch)`` is B, the number of instances."""
 
-    features: np.ndarray
+    features: np.ndarray | dict[str, np.ndarray]
     labels: np.ndarray
     indices: np.ndarray
 
@@ -124,13 +126,21 @@ class Loader:
     ``spec`` (a :class:`finegym_store.SegmentSpec`) is what each batch is
     made of; its seed keys the epoch orders as well as the segments."""
 
-    def __init__(self, store: Store, column: str, batch_size: int, *, spec: SegmentSpec | None = None,
-                 shuffle: bool = True, drop_last: bool = False, rank: int = 0, world_size: int = 1,
-                 prefetch: int = 2, threads: int | None = None, sampler: str = "uniform",
-                 reuse_buffers: bool = False, **spec_keywords: Any) -> None:
-        store.column(column)  # KeyError naming the columns, now rather than at the first batch
+    def __init__(self, store: Store, column: str | Sequence[str], batch_size: int, *,
+                 spec: SegmentSpec | None = None, shuffle: bool = True, drop_last: bool = False, rank: int = 0,
+                 world_size: int = 1, prefetch: int = 2, threads: int | None = None, sampler: str = "uniform",
+                 reuse_buffers: bool = False, concat: bool = False, **spec_keywords: Any) -> None:
         self.store = store
-        self.column = column
+        # KeyError naming the columns (and the checks of several columns), now
+        # rather than at the first batch.
+        if isinstance(column, str):
+            store.column(column)
+            self.column: str | tuple[str, ...] = column
+            self._columns: tuple[str, ...] = (column,)
+        else:
+            self.column = self._columns = store._columns_of(column)
+        #: Several columns only: one (B, K, sum C_i) array instead of a dict.
+        self.concat = _args.flag(concat, "concat")
         self.spec = resolve(spec, spec_keywords, "Loader()")
         self.batch_size = _args.count(batch_size, "batch_size", 1)
         self.shuffle = _args.flag(shuffle, "shuffle")
@@ -158,7 +168,7 @@ class Loader:
         self._active: tuple[weakref.ref[Iterator[Batch]], _Cursor] | None = None
         self._labels_digest: str | None = None
         # Fail now, not in a background job, on a spec the column can't serve.
-        store.gather(column, np.zeros(0, np.int64), spec=self.spec, threads=self.threads)
+        store.gather(self.column, np.zeros(0, np.int64), spec=self.spec, threads=self.threads, concat=self.concat)
 
     @property
     def seed(self) -> int:
@@ -185,7 +195,8 @@ class Loader:
             "format": STATE_FORMAT,
             "store_length": len(self.store),
             "labels_sha256": self._labels_digest,
-            "column": self.column,
+            "column": self.column if isinstance(self.column, str) else list(self.column),
+            **({} if isinstance(self.column, str) else {"concat": self.concat}),
             "seed": self.spec.seed,
             "batch_size": self.batch_size,
             "rank": self.rank,
@@ -210,8 +221,9 @@ class Loader:
         """Where this loader is, as plain JSON-able values: ``epoch`` and
         ``batches`` (the batches of that epoch the caller has received; 0
         between epochs), and what the batches are a function of (store
-        length and labels, column, seed, batch_size, rank, world_size,
-        shuffle, drop_last, sampler, the spec as a dict, and ``format``).
+        length and labels, column (a list for several columns, with
+        ``concat``), seed, batch_size, rank, world_size, shuffle,
+        drop_last, sampler, the spec as a dict, and ``format``).
         While an iteration is active, its position (batches prefetched but not
         yet received do not count); otherwise the epoch the next iteration
         runs. :meth:`load_state_dict` on a loader over the same store and
@@ -225,7 +237,7 @@ class Loader:
         as an uninterrupted run), and the ones after it the following epochs.
         TypeError if ``state`` is not a mapping; ValueError naming the field
         when it was taken from a loader of another configuration (store,
-        column, seed, batch_size, rank, world_size, shuffle, drop_last,
+        column, concat, seed, batch_size, rank, world_size, shuffle, drop_last,
         sampler, spec) or is not a loader state. ``prefetch``, ``threads``
         and ``reuse_buffers`` do not change the batches and may differ."""
         if not isinstance(state, Mapping):
@@ -299,9 +311,27 @@ class Loader:
         reader = self.store._reader
         threads = self.store._threads(self.threads)
         native = self.spec._native
-        free: list[np.ndarray] | None = [] if self.reuse_buffers and buffers is None else None
-        held: np.ndarray | None = None  # the recycled buffer the caller holds now
-        pending: deque[tuple[np.ndarray, Any]] = deque()
+        free: list[Any] | None = [] if self.reuse_buffers and buffers is None else None
+        held: Any = None  # the recycled buffer (array, dict of arrays) the caller holds now
+        pending: deque[tuple[np.ndarray, list[Any], Any]] = deque()
+        single = isinstance(self.column, str)
+        layout = self.store._concat_layout(self._columns, self.spec) if self.concat and not single else None
+
+        def size(buffer: Any) -> int:
+            return len(next(iter(buffer.values()))) if isinstance(buffer, dict) else len(buffer)
+
+        def submit(chunk: np.ndarray, out: Any) -> tuple[list[Any], Any]:
+            # The jobs that gather `chunk` (one per column), and the concatenated array they fill.
+            if single:
+                return [_core.GatherJob(reader, self.column, chunk, native, epoch, out, threads)], None
+            if layout is not None:  # one array, each column into its channel slice
+                rows, slices, dtype = layout
+                if out is None:
+                    out = np.empty((len(chunk), rows, slices[-1][2]), dtype=dtype)
+                return [_core.GatherJob(reader, name, chunk, native, epoch, out[:, :, first:end], threads)
+                        for name, first, end in slices], out
+            return [_core.GatherJob(reader, name, chunk, native, epoch, None if out is None else out[name], threads)
+                    for name in self._columns], None
 
         def top_up(b: int, jobs: int) -> None:
             # Submit jobs for the batches after b until `jobs` are pending.
@@ -309,13 +339,14 @@ class Loader:
                 k = b + len(pending)
                 chunk = batches[k]
                 # A remote store: this batch's rows into the cache, the next ones' in the background.
-                self.store._ensure_rows(self.column, chunk, ahead=batches[k + 1 : k + 3 + self.prefetch])
+                for name in self._columns:
+                    self.store._ensure_rows(name, chunk, ahead=batches[k + 1 : k + 3 + self.prefetch])
                 out = None
-                if buffers is not None:
+                if buffers is not None and (single or layout is not None):
                     out = buffers(self.column, len(chunk))
-                elif free and free[-1].shape[0] == len(chunk):
+                elif free and size(free[-1]) == len(chunk):
                     out = free.pop()
-                pending.append((chunk, _core.GatherJob(reader, self.column, chunk, native, epoch, out, threads)))
+                pending.append((chunk, *submit(chunk, out)))
 
         try:
             for b in range(start, len(batches)):
@@ -330,10 +361,16 @@ class Loader:
                 # rather than competing with this call; when b is not ready
                 # yet it is submitted first, to overlap with the wait.
                 top_up(b, 1)
-                if not pending[0][1].done:
+                if not all(job.done for job in pending[0][1]):
                     top_up(b, self.prefetch + 1)
-                chunk, job = pending.popleft()
-                features = job.wait()
+                chunk, jobs, features = pending.popleft()
+                if single:
+                    features = jobs[0].wait()
+                elif features is not None:  # concatenated
+                    for job in jobs:
+                        job.wait()
+                else:
+                    features = {name: job.wait() for name, job in zip(self._columns, jobs)}
                 if free is not None:
                     held = features
                 batch = Batch(features, labels[chunk], chunk)
@@ -346,9 +383,9 @@ class Loader:
             # inherited across fork() are not ours to wait for (their thread
             # is not in this process): dropping them is all there is to do.
             while pending:
-                job = pending.popleft()[1]
-                if job.owned:
-                    job.wait()
+                for job in pending.popleft()[1]:
+                    if job.owned:
+                        job.wait()
 
     def __getstate__(self) -> dict[str, Any]:
         # A copy runs what this loader's next iteration would (its epoch, and

@@ -224,6 +224,8 @@ class Store:
                          for name, dtype, t, c in self._reader.columns()}
         self._index: dict[str, int] | None = None
         self._labels_copy: np.ndarray | None = None
+        # Column tuples checked for equal T per instance (_columns_of).
+        self._equal_t: set[tuple[str, ...]] = set()
 
     def _row_map(self, name: str, dtype: str, t: int | None, c: int) -> Any:
         if self._remote is None:
@@ -457,6 +459,102 @@ class Store:
         count = len(self) * col.length if col.length is not None else int(col.offsets[-1])  # type: ignore[index]
         return ColumnStats(pair[0], pair[1], count)
 
+    def _copy_features(self, column: str, index: int, dtype: Any = None) -> np.ndarray:
+        """A writeable (T_i, C) copy of instance ``index`` (valid, >= 0) of
+        ``column``, in ``dtype`` (None: the column's), read by the C++ core
+        under the SIGBUS guard (OSError naming the file if it was truncated)."""
+        col = self.column(column)
+        self._ensure_rows(column, np.array([index], dtype=np.int64))
+        row = col.channels * col.dtype.itemsize
+        if col.ragged:
+            offsets = col.offsets
+            first, end = int(offsets[index]), int(offsets[index + 1])  # type: ignore[index]
+        else:
+            first, end = index * int(col.length), (index + 1) * int(col.length)  # type: ignore[arg-type]
+        raw = self._reader.read_bytes(_S["feature_prefix"] + column, first * row, end * row)
+        return np.frombuffer(raw, dtype=col.dtype).reshape(end - first, col.channels).astype(dtype or col.dtype)
+
+    def _columns_of(self, columns: Any) -> tuple[str, ...]:
+        """The column names of a multi-column gather, checked: a non-empty
+        list or tuple of distinct names of this store's columns, whose
+        instances have equal T in every column (one segment draw serves
+        them all). TypeError, ValueError or KeyError naming the mistake."""
+        if not isinstance(columns, (list, tuple)):
+            raise TypeError(f"column must be a str or a list or tuple of str (several columns), "
+                            f"got {type(columns).__name__}")
+        names = tuple(columns)
+        for j, name in enumerate(names):
+            if type(name) is not str:
+                raise TypeError(f"column: entry {j} must be a str (a column name), got {type(name).__name__} "
+                                f"{name!r}"[:300])
+        if names in self._equal_t:
+            return names
+        if not names:
+            raise ValueError("column: an empty list names no column; pass a column name or a list of them "
+                             f"(columns: {', '.join(self._columns)})")
+        seen: dict[str, int] = {}
+        for j, name in enumerate(names):
+            if name in seen:
+                raise ValueError(f"column: {name!r} appears twice in the list (positions {seen[name]} and {j}); "
+                                 "each column can be gathered once")
+            seen[name] = j
+            self.column(name)  # KeyError naming the columns
+        for other in names[1:]:
+            self._check_equal_t(names[0], other)
+        if len(self._equal_t) >= 64:
+            self._equal_t.clear()
+        self._equal_t.add(names)
+        return names
+
+    def _check_equal_t(self, a: str, b: str) -> None:
+        """ValueError unless every instance has the same T in columns a and b."""
+        ca, cb = self._columns[a], self._columns[b]
+        if len(self) == 0 or (not ca.ragged and not cb.ragged and ca.length == cb.length):
+            return
+        # Offsets are the reader's copies, validated at open: no byte of the mapping is read.
+        la, lb = ca.lengths(), cb.lengths()
+        differ = np.flatnonzero(la != lb)
+        if len(differ) == 0:
+            return
+        i = int(differ[0])
+
+        def t(col: Column, lengths: np.ndarray) -> str:
+            return f"T = {col.length} (every instance)" if not col.ragged else f"T = {int(lengths[i])}"
+
+        raise ValueError(f"columns {a!r} ({t(ca, la)}) and {b!r} ({t(cb, lb)}) differ in T at instance {i} "
+                         f"(id {self.ids[i]!r}) in {self.path}: a gather of several columns takes one segment "
+                         "draw per instance, which needs equal T in every column; gather them in separate calls")
+
+    def _output_dtype(self, names: Sequence[str], spec: SegmentSpec) -> np.dtype:
+        """The one dtype a concatenated gather of ``names`` has: spec.dtype,
+        or the columns' shared dtype (ValueError naming them otherwise)."""
+        if spec.dtype is not None:
+            return np.dtype(spec.dtype)
+        dtypes = {name: self._columns[name].dtype for name in names}
+        if len(set(dtypes.values())) > 1:
+            listing = ", ".join(f"{name!r} {dt.name}" for name, dt in dtypes.items())
+            raise ValueError(f"concat=True needs one output dtype, but the columns are stored as {listing}; "
+                             'pass dtype="float32" (or "float16") to convert them all')
+        return dtypes[names[0]]
+
+    def _concat_layout(self, names: Sequence[str], spec: SegmentSpec) -> tuple[int, list[tuple[str, int, int]], np.dtype]:
+        """Rows per instance, (column, first channel, end channel) of each
+        column and the dtype of a concatenated gather of ``names``."""
+        dtype = self._output_dtype(names, spec)
+        if spec.num_segments is None:
+            for name in names:  # the core's error for a ragged column
+                if self._columns[name].ragged:
+                    _core.gather(self._reader, name, np.zeros(0, np.int64), spec._native, 0, None, 1, "off")
+            rows = int(self._columns[names[0]].length)  # type: ignore[arg-type]
+        else:
+            rows = int(spec.rows)  # type: ignore[arg-type]
+        slices, at = [], 0
+        for name in names:
+            c = self._columns[name].channels
+            slices.append((name, at, at + c))
+            at += c
+        return rows, slices, dtype
+
     # -- batches -----------------------------------------------------------------
     @staticmethod
     def _threads(threads: int | None) -> int:
@@ -468,18 +566,28 @@ class Store:
             n = _args.count(threads, "threads", 1)
         return max(1, min(n, _core.max_threads()))
 
+    @overload
+    def gather(self, column: str, indices: Any, *, spec: SegmentSpec | None = None, epoch: int = 0,
+               out: np.ndarray | None = None, threads: int | None = None, readahead: str = "auto",
+               concat: bool = False, **spec_keywords: Any) -> np.ndarray: ...
+    @overload
+    def gather(self, column: Sequence[str], indices: Any, *, spec: SegmentSpec | None = None, epoch: int = 0,
+               out: np.ndarray | dict[str, np.ndarray] | None = None, threads: int | None = None,
+               readahead: str = "auto", concat: bool = False,
+               **spec_keywords: Any) -> np.ndarray | dict[str, np.ndarray]: ...
     def gather(
         self,
-        column: str,
+        column: str | Sequence[str],
         indices: Any,
         *,
         spec: SegmentSpec | None = None,
         epoch: int = 0,
-        out: np.ndarray | None = None,
+        out: np.ndarray | dict[str, np.ndarray] | None = None,
         threads: int | None = None,
         readahead: str = "auto",
+        concat: bool = False,
         **spec_keywords: Any,
-    ) -> np.ndarray:
+    ) -> np.ndarray | dict[str, np.ndarray]:
         """Gather a batch: (B, rows, C) from instances ``indices``.
 
         ``spec`` (a :class:`SegmentSpec`) says which segments each instance
@@ -493,18 +601,65 @@ class Store:
         GIL released; ``readahead`` ("auto", "on", "off") is when to ask the
         kernel to read a batch's rows ahead of the copy
         (docs/loading.md). IndexError names an out-of-range index; TypeError a
-        non-integer one (bools and floats included)."""
+        non-integer one (bools and floats included).
+
+        Several columns: ``column`` a list or tuple of distinct names gives
+        a dict {name: (B, rows, C_i) array} in that order, with one draw of
+        segments for all of them (every instance must have the same T in
+        each column: ValueError naming the first that does not), or with
+        ``concat=True`` one (B, rows, sum C_i) array, the columns' channels
+        side by side in that order (one output dtype: ``spec.dtype`` or the
+        columns' shared one). ``out`` is then a dict of arrays with the same
+        keys, or the one concatenated array (C-contiguous). A str is always
+        one column (``concat`` changes nothing)."""
         if spec_keywords or type(spec) is not SegmentSpec:
             spec = resolve(spec, spec_keywords, "gather()")
         idx = _args.indices(indices, len(self))
-        self._ensure_rows(column, idx)
-        return _core.gather(self._reader, column, idx, spec._native,
-                            _args.count(epoch, "epoch"), out, self._threads(threads),
-                            _args.choice(readahead, "readahead", READAHEAD))
+        if isinstance(column, str):
+            if concat is not False:
+                _args.flag(concat, "concat")
+            self._ensure_rows(column, idx)
+            return _core.gather(self._reader, column, idx, spec._native,
+                                _args.count(epoch, "epoch"), out, self._threads(threads),
+                                _args.choice(readahead, "readahead", READAHEAD))
+        names = self._columns_of(column)
+        concat = _args.flag(concat, "concat")
+        epoch = _args.count(epoch, "epoch")
+        threads = self._threads(threads)
+        readahead = _args.choice(readahead, "readahead", READAHEAD)
+        if concat:
+            rows, slices, dtype = self._concat_layout(names, spec)
+            shape = (len(idx), rows, slices[-1][2])
+            if out is None:
+                out = np.empty(shape, dtype=dtype)
+            elif not (isinstance(out, np.ndarray) and out.shape == shape and out.dtype == dtype
+                      and out.flags.c_contiguous and out.flags.writeable):
+                got = (f"{out.dtype} {out.shape}" + ("" if out.flags.c_contiguous else ", not C-contiguous")
+                       + ("" if out.flags.writeable else ", read-only")) if isinstance(out, np.ndarray) \
+                    else type(out).__name__
+                raise ValueError(f"out must be a writeable C-contiguous {dtype} array of shape {shape} (concat=True "
+                                 f"of columns {', '.join(names)}), got {got}")
+            for name, first, end in slices:
+                self._ensure_rows(name, idx)
+                _core.gather(self._reader, name, idx, spec._native, epoch, out[:, :, first:end], threads, readahead)
+            return out
+        if out is not None:
+            if not isinstance(out, dict):
+                raise TypeError(f"out must be a dict of arrays keyed by column ({', '.join(names)}) for a gather "
+                                f"of several columns, got {type(out).__name__}")
+            if set(out) != set(names):
+                raise ValueError(f"out must have one array per column gathered: keys {list(names)}, got "
+                                 f"{list(out)}"[:500])
+        result = {}
+        for name in names:
+            self._ensure_rows(name, idx)
+            result[name] = _core.gather(self._reader, name, idx, spec._native, epoch,
+                                        None if out is None else out[name], threads, readahead)
+        return result
 
     def loader(
         self,
-        column: str,
+        column: str | Sequence[str],
         batch_size: int,
         *,
         spec: SegmentSpec | None = None,
@@ -516,6 +671,7 @@ class Store:
         threads: int | None = None,
         sampler: str = "uniform",
         reuse_buffers: bool = False,
+        concat: bool = False,
         **spec_keywords: Any,
     ) -> Loader:
         """Batches for a training loop; see docs/loading.md, "Loader". Iterating yields
@@ -527,10 +683,13 @@ class Store:
         uniformly. ``prefetch`` batches are gathered ahead on persistent C++
         threads. A yielded batch is the caller's; ``reuse_buffers=True``
         recycles its array once the next batch is requested.
-        ``state_dict()`` / ``load_state_dict()`` resume mid-epoch."""
+        ``state_dict()`` / ``load_state_dict()`` resume mid-epoch.
+        ``column`` may be a list of columns (with ``concat``) as in
+        :meth:`gather`: features are then a dict of arrays, or one
+        concatenated array, gathered with one draw of segments."""
         return Loader(self, column, batch_size, spec=resolve(spec, spec_keywords, "loader()"), shuffle=shuffle,
                       drop_last=drop_last, rank=rank, world_size=world_size, prefetch=prefetch, threads=threads,
-                      sampler=sampler, reuse_buffers=reuse_buffers)
+                      sampler=sampler, reuse_buffers=reuse_buffers, concat=concat)
 
     # -- integrity ---------------------------------------------------------------
     def verify(self) -> list[str]:

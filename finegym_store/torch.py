@@ -42,9 +42,15 @@ __all__ = ["StoreDataset", "TensorBatch", "collate", "tensor_batches"]
 
 
 class TensorBatch(NamedTuple):
-    """features (B, K, C) float tensor, labels (B,) int64, indices (B,) int64."""
+    """features (B, K, C) float tensor, labels (B,) int64, indices (B,) int64.
 
-    features: torch.Tensor
+    ``features`` is a dict {column: (B, K, C_i) tensor} for several columns
+    (one (B, K, sum C_i) tensor with ``concat=True``), and a list of B
+    (T_i, C) tensors, one per item at its native T, for a ragged column
+    gathered with num_segments=None (a dict of such lists for several
+    columns)."""
+
+    features: torch.Tensor | dict[str, torch.Tensor] | list[torch.Tensor] | dict[str, list[torch.Tensor]]
     labels: torch.Tensor
     indices: torch.Tensor
 
@@ -77,7 +83,7 @@ class _Gathered(TensorBatch):
 
 
 class StoreDataset(Dataset):
-    """Instances of one feature column as a map-style Dataset.
+    """Instances of one feature column (or several) as a map-style Dataset.
 
     ``dataset[i]`` is ``(features (K, C) tensor, label)``; a DataLoader with
     ``collate_fn=collate`` gets whole :class:`TensorBatch` es gathered in C++.
@@ -108,22 +114,48 @@ class StoreDataset(Dataset):
     ``threads`` (default None): the C++ threads of each gather. In the main
     process that is every available core; inside a DataLoader worker it is
     max(1, cores // num_workers), so the workers together use the cores once
-    rather than each all of them."""
+    rather than each all of them.
 
-    def __init__(self, store: Store | str | os.PathLike[str], column: str, *, spec: SegmentSpec | None = None,
-                 threads: int | None = None, transform: Callable[[TensorBatch], TensorBatch] | None = None,
+    Several columns: ``column`` a list or tuple of names (as in
+    :meth:`finegym_store.Store.gather`, one draw of segments for all, so
+    every instance needs equal T in each column) gives features as a dict
+    {column: tensor}, or one tensor of the channels side by side with
+    ``concat=True``. A ragged column with num_segments=None (every
+    segment) gives each item at its native T: ``dataset[i]`` a (T_i, C)
+    tensor, a batch a list of them (:class:`TensorBatch`)."""
+
+    def __init__(self, store: Store | str | os.PathLike[str], column: str | Sequence[str], *,
+                 spec: SegmentSpec | None = None, threads: int | None = None,
+                 transform: Callable[[TensorBatch], TensorBatch] | None = None, concat: bool = False,
                  **spec_keywords: Any) -> None:
         self.store = store if isinstance(store, Store) else open_store(store)
-        self.store.column(column)  # KeyError naming the columns, now
-        self.column = column
+        # KeyError naming the columns (ValueError for unequal T), now.
+        if isinstance(column, str):
+            self.store.column(column)
+            self.column: str | tuple[str, ...] = column
+            self._columns: tuple[str, ...] = (column,)
+        else:
+            self.column = self._columns = self.store._columns_of(column)
+        self.concat = _args.flag(concat, "concat")
         self.spec = resolve(spec, spec_keywords, "StoreDataset()")
         self.threads = _args.optional_count(threads, "threads", 1)
         if transform is not None and not callable(transform):
             raise TypeError(f"StoreDataset(): transform must be callable or None, got {type(transform).__name__}")
         self.transform = transform
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
-        # A spec the column can't serve fails here, not in a worker.
-        self.store.gather(column, np.zeros(0, np.int64), spec=self.spec, threads=self.threads)
+        #: Items at their native T: a ragged column with num_segments=None.
+        self.native = self.spec.num_segments is None and any(self.store.column(c).ragged for c in self._columns)
+        if self.native:
+            if self._multi and self.concat:
+                self.store._output_dtype(self._columns, self.spec)  # one dtype to concatenate
+        else:
+            # A spec the column can't serve fails here, not in a worker.
+            self.store.gather(self.column, np.zeros(0, np.int64), spec=self.spec, threads=self.threads,
+                              concat=self.concat)
+
+    @property
+    def _multi(self) -> bool:
+        return not isinstance(self.column, str)
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch whose train-mode segments the next items get."""
@@ -151,24 +183,33 @@ class StoreDataset(Dataset):
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         return max(1, cores // max(1, info.num_workers))
 
-    def _gather(self, indices: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    def _gather(self, indices: np.ndarray, out: Any = None) -> Any:
         return self.store.gather(self.column, indices, spec=self.spec, epoch=self.epoch,
-                                 threads=self.gather_threads(), out=out)
+                                 threads=self.gather_threads(), out=out, concat=self.concat)
 
-    def _shared_output(self, batch: int) -> torch.Tensor | None:
-        """Inside a DataLoader worker: an uninitialised tensor in shared
-        memory for a batch, so the gather writes straight into what the
-        worker hands to the main process (torch would otherwise copy the
-        batch into shared memory to send it; its own default_collate does
-        the same). None in the main process."""
+    def _shared_output(self, batch: int) -> Any:
+        """Inside a DataLoader worker: uninitialised tensors in shared memory
+        for a batch (one, or a dict of one per column), so the gather writes
+        straight into what the worker hands to the main process (torch would
+        otherwise copy the batch into shared memory to send it; its own
+        default_collate does the same). None in the main process."""
         if get_worker_info() is None or batch == 0:
             return None
-        empty = self._gather(np.zeros(0, np.int64))  # (0, rows, channels) of the output dtype
-        shape = empty.shape[1:]
-        dtype = torch.float16 if empty.dtype == np.float16 else torch.float32
-        proto = torch.empty(0, dtype=dtype)
-        storage = proto._typed_storage()._new_shared(batch * shape[0] * shape[1], device=proto.device)
-        return proto.new(storage).resize_(batch, *shape)
+        empty = self._gather(np.zeros(0, np.int64))  # (0, rows, channels) of the output dtype, or a dict of them
+        if isinstance(empty, dict):
+            return {name: _shared_tensor(batch, a) for name, a in empty.items()}
+        return _shared_tensor(batch, empty)
+
+    def _native_item(self, i: int) -> Any:
+        """Instance i (valid, >= 0) at its native T: a (T_i, C) tensor, a
+        dict of them, or their concatenation; copies read under the SIGBUS
+        guard, in the spec's dtype when it has one."""
+        arrays = {name: self.store._copy_features(name, i, self.spec.dtype) for name in self._columns}
+        if not self._multi:
+            return torch.from_numpy(arrays[self.column])  # type: ignore[index]
+        if self.concat:
+            return torch.from_numpy(np.concatenate(list(arrays.values()), axis=1))
+        return {name: torch.from_numpy(a) for name, a in arrays.items()}
 
     def __getitem__(self, index: Any) -> Any:
         """``(features (K, C), label)`` for an integer index; a list (or
@@ -176,17 +217,31 @@ class StoreDataset(Dataset):
         if isinstance(index, (list, tuple)) or (isinstance(index, (np.ndarray, torch.Tensor)) and index.ndim == 1):
             return self.__getitems__(index)
         idx = _args.indices([index], len(self.store))
-        features = self._gather(idx)[0]
-        return torch.from_numpy(features), int(self.store._guarded_labels()[idx[0]])
+        if self.native:
+            i = _args.index(int(idx[0]), len(self.store), of="instances")
+            return self._native_item(i), int(self.store._guarded_labels()[i])
+        features = self._gather(idx)  # IndexError naming an out-of-range index
+        label = int(self.store._guarded_labels()[idx[0]])
+        if isinstance(features, dict):
+            return {name: torch.from_numpy(a[0]) for name, a in features.items()}, label
+        return torch.from_numpy(features[0]), label
 
     def __getitems__(self, indices: Sequence[int]) -> TensorBatch:
         idx = _args.indices(indices, len(self.store))
-        shared = self._shared_output(len(idx))
-        if shared is None:
-            features = torch.from_numpy(self._gather(idx))
+        features: Any
+        if self.native:
+            items = [self._native_item(_args.index(int(i), len(self.store), of="instances")) for i in idx]
+            if self._multi and not self.concat:
+                features = {name: [item[name] for item in items] for name in self._columns}
+            else:
+                features = items
         else:
-            self._gather(idx, out=shared.numpy())
-            features = shared
+            shared = self._shared_output(len(idx))
+            if shared is None:
+                features = _tensors(self._gather(idx))
+            else:
+                self._gather(idx, out=_arrays(shared))
+                features = shared
         labels = self.store._guarded_labels()[idx].astype(np.int64)
         batch = TensorBatch(features, torch.from_numpy(labels), torch.from_numpy(idx))
         if self.transform is not None:
@@ -196,13 +251,48 @@ class StoreDataset(Dataset):
         return _Gathered(*tuple.__iter__(batch))
 
 
-def collate(batch: TensorBatch | list[tuple[torch.Tensor, int]]) -> TensorBatch:
+def _shared_tensor(batch: int, empty: np.ndarray) -> torch.Tensor:
+    """An uninitialised (batch, *empty.shape[1:]) tensor of empty's dtype in shared memory."""
+    shape = empty.shape[1:]
+    dtype = torch.float16 if empty.dtype == np.float16 else torch.float32
+    proto = torch.empty(0, dtype=dtype)
+    storage = proto._typed_storage()._new_shared(batch * shape[0] * shape[1], device=proto.device)
+    return proto.new(storage).resize_(batch, *shape)
+
+
+def _tensors(features: Any) -> Any:
+    """Arrays (one, or a dict of them) as tensors sharing their memory."""
+    if isinstance(features, dict):
+        return {name: torch.from_numpy(a) for name, a in features.items()}
+    return torch.from_numpy(features)
+
+
+def _arrays(tensors: Any) -> Any:
+    """Tensors (one, or a dict of them) as arrays sharing their memory."""
+    if isinstance(tensors, dict):
+        return {name: t.numpy() for name, t in tensors.items()}
+    return tensors.numpy()
+
+
+def _stack(features: list[Any]) -> Any:
+    # Items' features into a batch: stacked (per column for dicts); items of
+    # different T (a ragged column at native T) stay a list (per column).
+    if features and isinstance(features[0], dict):
+        return {name: _stack([f[name] for f in features]) for name in features[0]}
+    if len({tuple(f.shape) for f in features}) > 1:
+        return list(features)
+    return torch.stack(features)
+
+
+def collate(batch: TensorBatch | list[tuple[Any, int]]) -> TensorBatch:
     """collate_fn for StoreDataset: hands a gathered batch on as a plain
-    TensorBatch without copying it (and stacks items, should a DataLoader
-    hand it single items)."""
+    TensorBatch without copying it (features a tensor, a dict of tensors or
+    a list of native-T tensors, as gathered), and stacks items, should a
+    DataLoader hand it single items (per column for dicts; items of
+    different T stay a list)."""
     if isinstance(batch, TensorBatch):
         return TensorBatch(*tuple.__iter__(batch))
-    features = torch.stack([f for f, _ in batch])
+    features = _stack([f for f, _ in batch])
     labels = torch.tensor([label for _, label in batch], dtype=torch.int64)
     return TensorBatch(features, labels, torch.full((len(batch),), -1, dtype=torch.int64))
 
@@ -212,7 +302,8 @@ def tensor_batches(loader: Loader, *, device: torch.device | str | None = None,
     """Iterate one epoch of ``loader`` as :class:`TensorBatch` es.
 
     ``device=None`` or a CPU device: tensors that share the batch memory
-    (``torch.from_numpy``, no copy). A CUDA device (``"cuda"``,
+    (``torch.from_numpy``, no copy; features a dict of tensors for a loader
+    of several columns without ``concat``). A CUDA device (``"cuda"``,
     ``"cuda:1"``, a ``torch.device``): features, labels (int64) and
     indices on that GPU. The loader's background gathers then write
     straight into page-locked (pinned) host buffers, a small ring of
@@ -231,17 +322,23 @@ def tensor_batches(loader: Loader, *, device: torch.device | str | None = None,
     ValueError naming ``device`` for a device that is not there (CUDA
     unavailable, an index beyond the GPUs) or not a CPU or CUDA device,
     and TypeError for a ``device`` that is not a str or torch.device or a
-    ``non_blocking`` that is not a bool, at the call."""
+    ``non_blocking`` that is not a bool, at the call. A CUDA device takes a
+    loader of one column, or of several with ``concat=True`` (ValueError
+    otherwise)."""
     non_blocking = _args.flag(non_blocking, "tensor_batches(): non_blocking")
     target = _device(device)
     if target is None:
         return _host_batches(loader)
+    if not isinstance(loader.column, str) and not loader.concat:
+        raise ValueError("tensor_batches(): device= takes a loader of one column, or of several with "
+                         "concat=True (one array per batch); this loader gathers a dict of "
+                         f"{len(loader.column)} columns")
     return _device_batches(loader, _CudaCopies(target, non_blocking))
 
 
 def _host_batches(loader: Loader) -> Iterator[TensorBatch]:
     for b in loader:
-        yield TensorBatch(torch.from_numpy(b.features), torch.from_numpy(b.labels.astype(np.int64)),
+        yield TensorBatch(_tensors(b.features), torch.from_numpy(b.labels.astype(np.int64)),
                           torch.from_numpy(b.indices))
 
 
@@ -420,7 +517,8 @@ _TORCH_DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torc
 
 
 def _device_batches(loader: Loader, copies: _Copies, capacity: int | None = None) -> Iterator[TensorBatch]:
-    empty = loader.store.gather(loader.column, np.zeros(0, np.int64), spec=loader.spec, threads=1)
+    empty = loader.store.gather(loader.column, np.zeros(0, np.int64), spec=loader.spec, threads=1,
+                                concat=loader.concat)
     batch_size, column = loader.batch_size, loader.column
     ring = _PinnedRing(copies, (batch_size, *empty.shape[1:]), _TORCH_DTYPES[empty.dtype],
                        loader.prefetch + 3 if capacity is None else capacity)

@@ -82,6 +82,8 @@ CHILD = textwrap.dedent(
         "gather_fix": lambda: store.gather("fix", list(range(len(store))), threads=2),
         "gather_rag": lambda: store.gather("rag", list(range(len(store))), num_segments=3, mode="test", threads=2),
         "gather_f16": lambda: store.gather("rag", [0, -1], num_segments=2, mode="test", dtype=np.float16),
+        "gather_concat": lambda: store.gather(["fix"], list(range(len(store))), concat=True, threads=2),
+        "native_items": lambda: [store._copy_features("rag", i).tolist() for i in range(len(store))],
         "features": lambda: [store.features("rag", i).tolist() for i in range(len(store))],
         "column_index": lambda: store.column("fix")[0],
         "values": lambda: store.column("fix").values,
@@ -162,8 +164,11 @@ def test_truncated_while_open_raises_oserror_naming_the_file(stores, tmp_path, w
         assert ops["gather_rag"][1] == before["gather"]
     if ops["ids_list"][0] == "ok":
         assert ops["ids_list"][1] == before["ids"]
+    if ops["native_items"][0] == "ok":
+        assert ops["native_items"][1] == before["features"]
     if which == "big" and cut == 4096:  # features/fix starts at 4096: its pages are gone
         assert ops["gather_fix"][0] == ops["gather_rag"][0] == ops["loader"][0] == "OSError"
+        assert ops["gather_concat"][0] == ops["native_items"][0] == "OSError"
     assert out["reopen"] == "FormatError"
 
 

@@ -375,3 +375,30 @@ def test_gpu_data_wait_benchmark_runs_on_cpu(tmp_path):
         assert result["ratios"][key] is None or result["ratios"][key] > 0
     assert "tensor_batches" in proc.stdout and "DataLoader" in proc.stdout
     assert not (tmp_path / "work").exists() or not any((tmp_path / "work").iterdir())
+
+
+def test_device_path_concatenated_columns_use_the_ring(tmp_path, monkeypatch):
+    import finegym_store as fgs
+    from finegym_store import synth
+
+    ids = synth.make_ids(37, seed=2)
+    rng = np.random.default_rng(0)
+    x = {k: rng.standard_normal((6, 5)).astype(np.float32) for k in ids}
+    y = {k: 2 * v[:, :3] for k, v in x.items()}
+    two = fgs.convert({"x": x, "y": y}, tmp_path / "two.fgs", progress=False)
+    spec = dict(num_segments=3, mode="train", seed=1, prefetch=1)
+    copies = FakeCopies()
+    loader = two.loader(["x", "y"], 8, concat=True, **spec)
+    got = _device_run(two, copies, epochs=2, loader=loader)
+    assert copies.hosts > 0  # gathered into the ring's host buffers
+    plain = two.loader(["x", "y"], 8, concat=True, **spec)
+    for epoch in got:
+        expected = [(b.features.copy(), b.labels.astype(np.int64), b.indices.copy()) for b in plain]
+        _assert_same(epoch, expected)
+        for b in epoch:
+            assert b.features.shape[2] == 8
+            torch.testing.assert_close(b.features[..., 5:], 2 * b.features[..., :3], rtol=0, atol=0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a machine with one GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="device= takes a loader of one column, or of several with concat=True"):
+        tensor_batches(two.loader(["x", "y"], 8, **spec), device="cuda:0")

@@ -335,3 +335,134 @@ def test_stateful_dataloader_resumes_the_rest_of_the_epoch(store, workers):
     for b in rest:
         np.testing.assert_array_equal(b.features.numpy(), store.gather("x", b.indices.numpy(), num_segments=3,
                                                                       mode="train", seed=2, epoch=1))
+
+
+# ---- several columns, native T ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def multi(tmp_path_factory):
+    """Fixed T = 12: 'a' (C = 6) and 'b' = 2 * a[:, :4]; ragged 'r' and 's' = 3 * r (equal T per instance)."""
+    import finegym_store as fgs
+    from finegym_store import synth
+
+    rng = np.random.default_rng(8)
+    ids = synth.make_ids(45, seed=8)
+    a = {k: rng.standard_normal((12, 6)).astype(np.float32) for k in ids}
+    r = {k: rng.standard_normal((int(rng.integers(1, 15)), 3)).astype(np.float32) for k in ids}
+    folder = tmp_path_factory.mktemp("multi")
+    labels = synth.long_tailed_labels(45, 4, seed=8)
+    synth.write_split(folder / "split.txt", ids, labels)
+    return fgs.convert({"a": a, "b": {k: 2 * v[:, :4] for k, v in a.items()}, "r": r,
+                        "s": {k: 3 * v for k, v in r.items()}}, folder / "m.fgs", split=folder / "split.txt",
+                       progress=False)
+
+
+def test_dataset_of_several_columns(multi):
+    ds = StoreDataset(multi, ["a", "b"], num_segments=3, mode="train", seed=2)
+    cat = StoreDataset(multi, ("b", "a"), num_segments=3, mode="train", seed=2, concat=True)
+    for epoch in range(2):
+        ds.set_epoch(epoch)
+        cat.set_epoch(epoch)
+        f, label = ds[7]
+        assert list(f) == ["a", "b"] and label == int(multi.labels[7])
+        want = multi.gather(["a", "b"], [7], num_segments=3, mode="train", seed=2, epoch=epoch)
+        assert all(np.array_equal(f[k].numpy(), want[k][0]) for k in want)
+        torch.testing.assert_close(f["b"], 2 * f["a"][:, :4], rtol=0, atol=0)
+        batch = ds.__getitems__([3, 0, 44])
+        want = multi.gather(["a", "b"], [3, 0, 44], num_segments=3, mode="train", seed=2, epoch=epoch)
+        assert list(batch.features) == ["a", "b"]
+        assert all(np.array_equal(batch.features[k].numpy(), want[k]) for k in want)
+        c = cat.__getitems__([3, 0, 44]).features
+        np.testing.assert_array_equal(c.numpy(), np.concatenate([want["b"], want["a"]], axis=2))
+        assert tuple(cat[3][0].shape) == (3, 10)
+    items = collate([ds[1], ds[2]])  # items: stacked per column
+    assert list(items.features) == ["a", "b"] and tuple(items.features["b"].shape) == (2, 3, 4)
+    loader = multi.loader(["a", "b"], 16, num_segments=3, mode="test", shuffle=False)
+    tb = next(tensor_batches(loader))
+    assert list(tb.features) == ["a", "b"] and isinstance(tb.features["a"], torch.Tensor)
+    np.testing.assert_array_equal(tb.features["b"].numpy(), 2 * tb.features["a"].numpy()[:, :, :4])
+    with pytest.raises(ValueError, match="differ in T"):
+        StoreDataset(multi, ["a", "r"], num_segments=3, mode="train")
+    with pytest.raises(ValueError, match="empty list"):
+        StoreDataset(multi, [], num_segments=3, mode="train")
+
+
+def _features_report(batch):
+    """collate_fn in a worker: the features' per-column sharing, and the batch as a plain TensorBatch."""
+    f = batch.features
+    shared = {k: v.is_shared() for k, v in f.items()} if isinstance(f, dict) else f.is_shared()
+    return shared, collate(batch)
+
+
+@fork_ok
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+@pytest.mark.parametrize("concat", [False, True])
+def test_workers_gather_several_columns(multi, context, concat):
+    ds = StoreDataset(multi.path, ["a", "b"], num_segments=2, mode="train", seed=5, concat=concat)
+    dl = torch.utils.data.DataLoader(ds, batch_size=10, num_workers=2, collate_fn=_features_report,
+                                     multiprocessing_context=context)
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        got = list(dl)
+        assert len(got) == 5
+        for shared, batch in got:
+            assert shared == ({"a": True, "b": True} if not concat else True)
+            want = multi.gather(["a", "b"], batch.indices.numpy(), num_segments=2, mode="train", seed=5,
+                                epoch=epoch, concat=concat)
+            if concat:
+                np.testing.assert_array_equal(batch.features.numpy(), want)
+            else:
+                assert all(np.array_equal(batch.features[k].numpy(), want[k]) for k in want)
+
+
+@fork_ok
+def test_ragged_items_at_native_t(multi):
+    lengths = multi.column("r").lengths()
+    ds = StoreDataset(multi, "r")
+    for i in (0, 5, -1):
+        f, label = ds[i]
+        assert tuple(f.shape) == (lengths[i], 3) and f.dtype == torch.float32 and label == int(multi.labels[i])
+        np.testing.assert_array_equal(f.numpy(), multi.features("r", i))
+    with pytest.raises(IndexError, match="out of range"):
+        ds[len(multi)]
+    batch = ds.__getitems__([2, 9])
+    assert isinstance(batch.features, list) and [tuple(t.shape) for t in batch.features] == \
+        [(lengths[2], 3), (lengths[9], 3)]
+    plain = collate(batch)
+    assert type(plain) is TensorBatch and plain.features is batch.features
+    j = int(np.flatnonzero(lengths != lengths[2])[0])
+    items = collate([ds[2], ds[j]]).features  # items of different T stay a list
+    assert isinstance(items, list) and [len(t) for t in items] == [lengths[2], lengths[j]]
+    half = StoreDataset(multi, "r", dtype="float16")
+    assert half[4][0].dtype == torch.float16
+    np.testing.assert_array_equal(half[4][0].numpy(), multi.features("r", 4).astype(np.float16))
+
+    both = StoreDataset(multi, ["r", "s"])
+    f, _ = both[5]
+    torch.testing.assert_close(f["s"], 3 * f["r"], rtol=0, atol=0)
+    b = both.__getitems__([1, 2, 3])
+    assert list(b.features) == ["r", "s"] and [len(t) for t in b.features["s"]] == list(lengths[[1, 2, 3]])
+    cat = StoreDataset(multi, ["r", "s"], concat=True)
+    assert tuple(cat[5][0].shape) == (lengths[5], 6)
+    assert [tuple(t.shape) for t in cat.__getitems__([0, 1]).features] == [(lengths[0], 6), (lengths[1], 6)]
+    with pytest.raises(ValueError, match="ragged.*num_segments=K"):  # a fixed-T batch cannot hold them
+        multi.gather(["r", "s"], [0], num_segments=None)
+
+    dl = torch.utils.data.DataLoader(both, batch_size=8, num_workers=2, collate_fn=collate,
+                                     multiprocessing_context="fork")
+    got = list(dl)
+    indices = torch.cat([x.indices for x in got]).numpy()
+    np.testing.assert_array_equal(indices, np.arange(len(multi)))
+    for x in got:
+        for j, i in enumerate(x.indices.tolist()):
+            np.testing.assert_array_equal(x.features["r"][j].numpy(), multi.features("r", i))
+
+
+@fork_ok
+def test_default_collate_names_collate_for_every_features_shape(multi):
+    for ds in (StoreDataset(multi, ["a", "b"], num_segments=3, mode="test"),
+               StoreDataset(multi, ["a", "b"], num_segments=3, mode="test", concat=True),
+               StoreDataset(multi, "r"), StoreDataset(multi, ["r", "s"])):
+        with pytest.raises(TypeError, match=r"finegym_store\.torch\.collate"):
+            next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
+        with pytest.raises(TypeError, match=r"finegym_store\.torch\.collate"):
+            next(iter(torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1, multiprocessing_context="fork")))

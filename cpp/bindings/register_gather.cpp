@@ -109,9 +109,20 @@ IndexArray to_indices(const py::handle& obj) {
     return IndexArray::ensure(a);  // a safe cast now (forcecast only lets uint64 through, checked above)
 }
 
+// An output array and the row stride the gather writes it with (bytes; 0:
+// C-contiguous).
+struct Output {
+    py::array array;
+    std::size_t row_stride = 0;
+};
+
 // Checks `out` against the batch and returns it, or allocates a fresh array.
-py::array prepare_out(py::object out, std::size_t batch, std::uint64_t rows, std::uint64_t channels,
-                      const py::dtype& dtype) {
+// `out` may be C-contiguous, or have contiguous rows (last dimension of
+// itemsize stride) at a row stride of at least C * itemsize and instances
+// rows * row stride apart: a column slice big[:, :, off:off + C] of a
+// C-contiguous (B, rows, wider) array, which concatenated gathers fill.
+Output prepare_out(py::object out, std::size_t batch, std::uint64_t rows, std::uint64_t channels,
+                   const py::dtype& dtype) {
     // ValueError, not MemoryError or a wrapped size, for an impossible output.
     finegym::output_bytes(batch, rows, channels, static_cast<std::size_t>(dtype.itemsize()));
     const std::vector<py::ssize_t> shape = {static_cast<py::ssize_t>(batch), static_cast<py::ssize_t>(rows),
@@ -128,32 +139,48 @@ py::array prepare_out(py::object out, std::size_t batch, std::uint64_t rows, std
         py::array_t<std::uint8_t> raw(static_cast<py::ssize_t>(bytes + page));
         auto* data = static_cast<unsigned char*>(raw.mutable_data());
         data += (page - reinterpret_cast<std::uintptr_t>(data) % page) % page;
-        return py::array(dtype, shape, data, raw);
+        return {py::array(dtype, shape, data, raw), 0};
     }
     auto arr = out.cast<py::array>();
     const bool shape_ok = arr.ndim() == 3 && arr.shape(0) == shape[0] && arr.shape(1) == shape[1] &&
                           arr.shape(2) == shape[2];
-    if (!shape_ok || !arr.dtype().is(dtype) || !(arr.flags() & py::array::c_style) || !arr.writeable()) {
+    std::size_t row_stride = 0;
+    bool layout_ok = (arr.flags() & py::array::c_style) != 0;
+    if (shape_ok && !layout_ok) {
+        // Strided rows: the last dimension contiguous, rows row_stride apart
+        // (for one row per instance, numpy's stride of the rows dimension is
+        // meaningless: the instances' stride is the row stride).
+        const py::ssize_t item = dtype.itemsize();
+        const py::ssize_t row = shape[1] > 1 ? arr.strides(1) : arr.strides(0);
+        layout_ok = (shape[2] <= 1 || arr.strides(2) == item) && row >= shape[2] * item &&
+                    (shape[0] <= 1 || arr.strides(0) == shape[1] * row);
+        if (layout_ok) row_stride = static_cast<std::size_t>(row);
+    }
+    if (!shape_ok || !arr.dtype().is(dtype) || !layout_ok || !arr.writeable()) {
         std::string got = "(";
         for (py::ssize_t i = 0; i < arr.ndim(); ++i) got += (i ? ", " : "") + std::to_string(arr.shape(i));
-        throw py::value_error("out must be a writeable C-contiguous " + py::str(dtype).cast<std::string>() +
-                              " array of shape (" + std::to_string(batch) + ", " + std::to_string(rows) + ", " +
-                              std::to_string(channels) + "), got " + py::str(arr.dtype()).cast<std::string>() +
-                              " " + got + (arr.ndim() == 1 ? ",)" : ")"));
+        std::string strides = "(";
+        for (py::ssize_t i = 0; i < arr.ndim(); ++i) strides += (i ? ", " : "") + std::to_string(arr.strides(i));
+        throw py::value_error("out must be a writeable " + py::str(dtype).cast<std::string>() + " array of shape (" +
+                              std::to_string(batch) + ", " + std::to_string(rows) + ", " + std::to_string(channels) +
+                              "), C-contiguous or a column slice out[:, :, a:b] of a C-contiguous array, got " +
+                              (arr.writeable() ? "" : "a read-only ") + py::str(arr.dtype()).cast<std::string>() +
+                              " " + got + (arr.ndim() == 1 ? ",)" : ")") + " with strides " + strides +
+                              (arr.ndim() == 1 ? ",)" : ")"));
     }
-    return arr;
+    return {arr, row_stride};
 }
 
 // Python's handle on a finegym::GatherJob: holds the reader, indices and
 // output alive for as long as the job may use them.
 class PyGatherJob {
 public:
-    PyGatherJob(py::object reader, IndexArray indices, py::array out, const finegym::FeatureColumn& col,
+    PyGatherJob(py::object reader, IndexArray indices, Output out, const finegym::FeatureColumn& col,
                 const GatherSpec& spec, const finegym::GatherOptions& options)
-        : reader_(std::move(reader)), indices_(std::move(indices)), out_(std::move(out)) {
+        : reader_(std::move(reader)), indices_(std::move(indices)), out_(std::move(out.array)) {
         job_ = std::make_unique<finegym::GatherJob>(reader_.cast<const StoreReader&>(), col, indices_.data(),
                                                     static_cast<std::size_t>(indices_.size()), spec, options,
-                                                    out_.mutable_data());
+                                                    out_.mutable_data(), out.row_stride);
     }
     ~PyGatherJob() {
         // In the owning process this waits for the job (GIL released: it may
@@ -222,15 +249,16 @@ void register_gather(py::module_& m) {
             IndexArray idx_array = to_indices(indices);
             const auto batch = static_cast<std::size_t>(idx_array.size());
             const std::int64_t* idx = idx_array.data();
-            py::array result = prepare_out(std::move(out), batch, finegym::output_rows(col, spec), col.channels,
-                                           output_numpy_dtype(finegym::output_dtype(col, spec)));
-            void* dst = result.mutable_data();
+            Output result = prepare_out(std::move(out), batch, finegym::output_rows(col, spec), col.channels,
+                                        output_numpy_dtype(finegym::output_dtype(col, spec)));
+            void* dst = result.array.mutable_data();
             {
                 py::gil_scoped_release release;  // see the note at the top of this file
                 // Indices are range-checked here, before anything is copied.
-                finegym::gather(r, col, idx, batch, spec, options, dst, *finegym::ThreadPool::shared(threads));
+                finegym::gather(r, col, idx, batch, spec, options, dst, *finegym::ThreadPool::shared(threads),
+                                result.row_stride);
             }
-            return result;
+            return result.array;
         },
         py::arg("reader"), py::arg("column"), py::arg("indices"), py::arg("spec"), py::arg("epoch"), py::arg("out"),
         py::arg("threads"), py::arg("readahead") = "auto");
@@ -243,7 +271,7 @@ void register_gather(py::module_& m) {
                  const finegym::GatherOptions options{epoch, threads, parse_readahead(readahead)};
                  IndexArray idx = to_indices(indices);
                  if (spec.normalize) finegym::check_normalizable(r, col);
-                 py::array result = prepare_out(std::move(out), static_cast<std::size_t>(idx.size()),
+                 Output result = prepare_out(std::move(out), static_cast<std::size_t>(idx.size()),
                                                 finegym::output_rows(col, spec), col.channels,
                                                 output_numpy_dtype(finegym::output_dtype(col, spec)));
                  // Index errors surface in the constructor (at submission), not later in wait().

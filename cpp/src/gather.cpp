@@ -317,13 +317,26 @@ void check_indices(const std::int64_t* indices, std::size_t batch, std::uint64_t
                                     ") is out of range for a store of " + std::to_string(n) + " instances");
 }
 
+std::size_t output_row_stride(const FeatureColumn& col, const GatherSpec& spec, std::size_t out_row_stride) {
+    const std::size_t packed = col.channels * dtype_size(output_dtype(col, spec));
+    if (out_row_stride == 0) return packed;
+    if (out_row_stride < packed)
+        throw std::invalid_argument("output row stride of " + std::to_string(out_row_stride) +
+                                    " bytes is below a row of column '" + col.name + "' (" +
+                                    std::to_string(packed) + " bytes)");
+    return out_row_stride;
+}
+
 void gather(const StoreReader& reader, const FeatureColumn& col, const std::int64_t* indices, std::size_t batch,
-            const GatherSpec& spec, const GatherOptions& options, void* out, ThreadPool& pool) {
+            const GatherSpec& spec, const GatherOptions& options, void* out, ThreadPool& pool,
+            std::size_t out_row_stride) {
     validate(spec);
     if (spec.normalize) check_normalizable(reader, col);
     const DType out_dtype = output_dtype(col, spec);
     const std::uint64_t rows_out = output_rows(col, spec);
     output_bytes(batch, rows_out, col.channels, dtype_size(out_dtype));  // the caller's `out` has this size
+    const std::size_t out_stride = output_row_stride(col, spec, out_row_stride);
+    output_bytes(batch, rows_out, out_stride, 1);  // and spans this many bytes
     const auto n = static_cast<std::int64_t>(reader.num_instances());
     check_indices(indices, batch, reader.num_instances());
     std::vector<Rows> sources(batch);
@@ -432,7 +445,8 @@ void gather(const StoreReader& reader, const FeatureColumn& col, const std::int6
         }, threads);
     }
 
-    // Pass 2: copy (and convert) runs of consecutive segments, one call each.
+    // Pass 2: copy (and convert) runs of consecutive segments, one call each
+    // (row by row into a strided output).
     // A file truncated under the mapping raises SIGBUS in the copy: the guard
     // (fault_guard.hpp) abandons that instance and the batch raises IoError.
     ensure_sigbus_handler();
@@ -441,7 +455,7 @@ void gather(const StoreReader& reader, const FeatureColumn& col, const std::int6
         if (faulted.load(std::memory_order_relaxed)) return;
         const std::uint64_t* s = segments_of(b);
         const unsigned char* src = sources[b].data;
-        unsigned char* row_out = dst + b * rows_out * out_row;
+        unsigned char* row_out = dst + b * rows_out * out_stride;
         // Guarded: pointer arithmetic, prefetches and convert_rows() into the
         // caller's buffer; no allocation, lock or destructor (fault_guard.hpp).
         if (!guard_sigbus([&] {
@@ -451,10 +465,17 @@ void gather(const StoreReader& reader, const FeatureColumn& col, const std::int6
             // behind each copy.
             for (std::uint64_t r = 0; r < rows_out; ++r)
                 for (std::size_t off = 0; off < in_row; off += 4096) __builtin_prefetch(src + s[r] * in_row + off);
-            for_each_run(s, rows_out, [&](std::uint64_t r, std::uint64_t run) {
-                convert_rows(src + s[r] * in_row, col.dtype, row_out + r * out_row, out_dtype,
-                             static_cast<std::size_t>(run) * col.channels, norm);
-            });
+            if (out_stride == out_row) {
+                for_each_run(s, rows_out, [&](std::uint64_t r, std::uint64_t run) {
+                    convert_rows(src + s[r] * in_row, col.dtype, row_out + r * out_row, out_dtype,
+                                 static_cast<std::size_t>(run) * col.channels, norm);
+                });
+            } else {
+                // Strided output rows (a column slice of a wider array): one row at a time.
+                for (std::uint64_t r = 0; r < rows_out; ++r)
+                    convert_rows(src + s[r] * in_row, col.dtype, row_out + r * out_stride, out_dtype,
+                                 col.channels, norm);
+            }
         }))
             faulted.store(true, std::memory_order_relaxed);
     }, threads);

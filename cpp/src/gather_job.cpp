@@ -18,22 +18,23 @@ struct GatherJob::State {
 
 GatherJob::GatherJob(const StoreReader& reader, const FeatureColumn& col, const std::int64_t* indices,
                      std::size_t batch, const GatherSpec& spec, const GatherOptions& options,
-                     void* out)
+                     void* out, std::size_t out_row_stride)
     : state_(std::make_shared<State>()), owner_pid_(::getpid()) {
     // Fail at submission, not later in wait(): the same checks gather() starts with.
     check_indices(indices, batch, reader.num_instances());
     validate(spec);
     output_bytes(batch, output_rows(col, spec), col.channels, dtype_size(output_dtype(col, spec)));
+    output_bytes(batch, output_rows(col, spec), output_row_stride(col, spec, out_row_stride), 1);
     // Plain pointers, captured by value; the state by shared_ptr, so a task
     // that outlives this object (it cannot in the owner: ~GatherJob waits)
     // never touches freed memory.
     const StoreReader* r = &reader;
     const FeatureColumn* c = &col;
     std::shared_ptr<State> state = state_;
-    ThreadPool::background()->submit([state, r, c, indices, batch, spec, options, out] {
+    ThreadPool::background()->submit([state, r, c, indices, batch, spec, options, out, out_row_stride] {
         std::exception_ptr error;
         try {
-            gather(*r, *c, indices, batch, spec, options, out, *ThreadPool::shared(options.threads));
+            gather(*r, *c, indices, batch, spec, options, out, *ThreadPool::shared(options.threads), out_row_stride);
         } catch (...) {
             error = std::current_exception();
         }

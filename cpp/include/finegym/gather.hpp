@@ -70,13 +70,23 @@ void check_normalizable(const StoreReader& reader, const FeatureColumn& col);
 // Throws std::out_of_range naming the first index outside [-n, n) and its position.
 void check_indices(const std::int64_t* indices, std::size_t batch, std::uint64_t num_instances);
 
-// Fills `out` (B x output_rows x C elements of output_dtype, C-contiguous);
-// with spec.normalize, each value x of channel c becomes
-// (x - col.mean[c]) * col.scale[c], computed in float32.
-// Every index is checked before anything is copied: std::out_of_range names
-// the first bad one and its position. Negative indices count from the end.
+// Fills `out` (B x output_rows x C elements of output_dtype). Rows are
+// `out_row_stride` bytes apart (0: C * itemsize, C-contiguous) and
+// instances output_rows * out_row_stride bytes apart, each row's C
+// elements contiguous: a stride above C * itemsize writes a column slice
+// out[:, :, off:off + C] of a wider C-contiguous array (one copy per row
+// instead of one per run of consecutive segments). std::invalid_argument
+// for a stride below C * itemsize. Every index is checked before anything
+// is copied: std::out_of_range names the first bad one and its position.
+// Negative indices count from the end. With spec.normalize, each value x
+// of channel c becomes (x - col.mean[c]) * col.scale[c], computed in float32.
 void gather(const StoreReader& reader, const FeatureColumn& col, const std::int64_t* indices, std::size_t batch,
-            const GatherSpec& spec, const GatherOptions& options, void* out, ThreadPool& pool);
+            const GatherSpec& spec, const GatherOptions& options, void* out, ThreadPool& pool,
+            std::size_t out_row_stride = 0);
+
+// The row stride gather() uses for `out_row_stride` (0: C * itemsize of the
+// output dtype); std::invalid_argument, naming both, when it is below that.
+std::size_t output_row_stride(const FeatureColumn& col, const GatherSpec& spec, std::size_t out_row_stride);
 
 // Copies `bytes` from src to dst (not overlapping). Same as memcpy, except
 // when dst lies 1 to 31 bytes past src modulo 4096: there x86 `rep movsb`

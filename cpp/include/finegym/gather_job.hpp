@@ -26,11 +26,12 @@ public:
 
 class GatherJob {
 public:
-    // Starts gather(reader, col, indices, batch, spec, options, out, ThreadPool::shared(options.threads))
-    // in the background. Index and spec errors are thrown here, at submission.
-    // The caller keeps reader, indices and out alive until this job is destroyed.
+    // Starts gather(reader, col, indices, batch, spec, options, out, ThreadPool::shared(options.threads),
+    // out_row_stride) in the background. Index, spec and stride errors are
+    // thrown here, at submission. The caller keeps reader, indices and out
+    // alive until this job is destroyed.
     GatherJob(const StoreReader& reader, const FeatureColumn& col, const std::int64_t* indices, std::size_t batch,
-              const GatherSpec& spec, const GatherOptions& options, void* out);
+              const GatherSpec& spec, const GatherOptions& options, void* out, std::size_t out_row_stride = 0);
     ~GatherJob();
     GatherJob(const GatherJob&) = delete;
     GatherJob& operator=(const GatherJob&) = delete;
