@@ -55,17 +55,9 @@ def assert_same_store(a: fgs.Store, b: fgs.Store) -> None:
     assert b.verify() == []
 
 
-def require(module: str):
+def require(module: str, name: str | None = None, install: str = "pip install '.[test]'"):
     """Import a test dependency, or skip where it is not installed (never in
     CI, which installs the test extra: there a missing one fails)."""
-    import importlib
-    import os
+    from conftest import require as require_in_conftest
 
-    import pytest
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"{module} is not installed (pip install '.[test]')", allow_module_level=True)
+    return require_in_conftest(module, name or module, install)
