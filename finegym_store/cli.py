@@ -68,12 +68,17 @@ def _parser() -> argparse.ArgumentParser:
                     "each feature column of STORE, which normalize=True applies. Stores written by "
                     "finegym-store 0.3 and later (format version 3) hold them; for an older store, --output "
                     "writes a copy that holds them and --in-place replaces STORE with such a copy (atomically: "
-                    "written beside it, then renamed over it).")
+                    "written beside it, then renamed over it). With --from TRAIN, that copy holds TRAIN's "
+                    "statistics instead of its own, so that normalize=True standardises a validation store "
+                    "as its training store.")
     st.add_argument("store")
     where = st.add_mutually_exclusive_group()
     where.add_argument("-o", "--output", metavar="OUT", help="write a copy of STORE with statistics to OUT")
     where.add_argument("--in-place", action="store_true", help="replace STORE with a copy that holds statistics")
     st.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    st.add_argument("--from", dest="stats_from", metavar="TRAIN",
+                    help="with --output or --in-place: give every column the statistics of the column of that name "
+                         "in the store TRAIN (same channels) instead of its own")
     st.add_argument("--json", action="store_true",
                     help="print every channel's mean and std as JSON ({column: {mean, std, count}})")
 
@@ -255,16 +260,21 @@ def _stats(args: argparse.Namespace) -> None:
     store = open_store(args.store)
     if args.overwrite and args.output is None:
         raise ValueError("--overwrite goes with --output OUT (--in-place replaces STORE without it)")
+    if args.stats_from is not None and args.output is None and not args.in_place:
+        raise ValueError(f"--from {args.stats_from} writes a copy of STORE with those statistics: add --output OUT "
+                         "(or --in-place to replace STORE)")
     if args.output is not None or args.in_place:
         target = args.store if args.in_place else args.output
         if args.output is not None and "://" not in store.path and os.path.exists(args.output) \
                 and os.path.samefile(args.output, store.path):
             raise ValueError(f"--output {args.output} is STORE itself; use --in-place to replace it")
         before = store.format_version
-        store = add_stats(store, target, overwrite=args.overwrite or args.in_place)
+        store = add_stats(store, target, stats_from=args.stats_from, overwrite=args.overwrite or args.in_place)
         if not args.json:
-            done = "already held statistics; left as it is" if args.in_place and before >= 3 else \
-                f"wrote {store.path} (format version {store.format_version})"
+            kept = args.in_place and before >= 3 and args.stats_from is None
+            done = "already held statistics; left as it is" if kept else \
+                f"wrote {store.path} (format version {store.format_version}" + \
+                (f", statistics of {args.stats_from})" if args.stats_from else ")")
             print(f"{args.store}: {done}")
     elif store.format_version < 3:
         raise ValueError(f"{store.path} (format version {store.format_version}) holds no statistics: "
@@ -540,6 +550,8 @@ def _check_paths(args: argparse.Namespace) -> None:
     --json, ...) and what to do."""
     if args.command in ("info", "verify", "export", "select", "stats"):
         _check_store("STORE", args.store)
+    if args.command == "stats" and args.stats_from is not None:
+        _check_store("--from", args.stats_from)
     elif args.command == "probe":
         for k, path in enumerate(args.stores):
             _check_store("VAL" if k % 2 else "TRAIN", path)

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 __all__ = ["select", "rows_of", "ids_file", "split_ids", "parse_rows"]
 
 #: attrs keys written anew for every store (not copied from the source).
-_FRESH = ("created_by", "label_space", "label_mismatch_allowed", "selected_from")
+_FRESH = ("created_by", "label_space", "label_mismatch_allowed", "selected_from", "stats_from")
 
 
 def rows_of(store: Store, rows_or_ids: Any) -> np.ndarray:
@@ -137,9 +137,12 @@ def split_ids(store: Store, path: str | os.PathLike[str]) -> list[str]:
 
 
 def select(store: Store, rows_or_ids: Any, out: str | os.PathLike[str], *, overwrite: bool = False,
-           how: str | None = None) -> Store:
+           how: str | None = None, stats_from: Store | None = None) -> Store:
     """See :meth:`Store.select`; ``how`` describes the selection in
-    ``attrs["selected_from"]`` (default: the count and the kind)."""
+    ``attrs["selected_from"]`` (default: the count and the kind).
+    ``stats_from``: every column gets that store's statistics of the column
+    of its name instead of its own rows' (:func:`finegym_store.add_stats`),
+    recorded in ``attrs["stats_from"]``."""
     from .store import Store
 
     out = os.fspath(out)
@@ -163,6 +166,9 @@ def select(store: Store, rows_or_ids: Any, out: str | os.PathLike[str], *, overw
         "how": how,
         **({"selected_from": source_attrs["selected_from"]} if "selected_from" in source_attrs else {}),
     }
+    given = None if stats_from is None else _given_stats(store, stats_from)
+    if given is not None:
+        attrs["stats_from"] = {"path": _where(stats_from), "counts": {k: v.count for k, v in given.items()}}
     all_ids = store.ids.to_list()
     ids = [all_ids[r] for r in rows.tolist()]
     labels = np.asarray(store.labels)[rows]
@@ -178,14 +184,41 @@ def select(store: Store, rows_or_ids: Any, out: str | os.PathLike[str], *, overw
                 for a in range(0, len(rows), step):
                     chunk = store.gather(name, rows[a : a + step], num_segments=None, mode="test")
                     w.append(chunk.reshape(-1, col.channels))
-                w.close(None)
+                w.close(None, _pair(given, name))
             else:
                 store._ensure_rows(name, rows)  # a remote store: all these rows in parallel requests, once
                 for r in rows.tolist():
                     w.append(store.features(name, r))
-                w.close(col.lengths()[rows])
+                w.close(col.lengths()[rows], _pair(given, name))
         writer.finish(ids, labels, cats, attrs, labels_from=store.path, categories_from=f"{store.path}'s hierarchy",
                       name=os.path.basename(store.path),
                       allow_label_mismatch=bool(source_attrs.get("label_mismatch_allowed")),
                       label_space=store.label_space)
     return Store(out)
+
+
+def _where(store: Store) -> str:
+    """A store's absolute path, or its URL."""
+    return store.path if "://" in store.path else os.path.abspath(store.path)
+
+
+def _pair(given: dict[str, Any] | None, column: str) -> tuple[np.ndarray, np.ndarray] | None:
+    return None if given is None else (given[column].mean, given[column].std)
+
+
+def _given_stats(store: Store, source: Store) -> dict[str, Any]:
+    """The statistics of ``source`` for every column of ``store``: a column
+    of the same name and channel count with statistics, or ValueError
+    naming the column, both stores and what differs."""
+    out = {}
+    for name in store.columns:
+        if name not in source.columns:
+            raise ValueError(f"stats_from: {source.path} has no column {name!r} (it has {', '.join(source.columns)}); "
+                             f"{store.path} needs statistics for each of its columns "
+                             f"({', '.join(store.columns)})")
+        mine, theirs = store.column(name).channels, source.column(name).channels
+        if mine != theirs:
+            raise ValueError(f"stats_from: column {name!r} has {theirs} channels in {source.path} but {mine} in "
+                             f"{store.path}; statistics apply only to a column of the same features")
+        out[name] = source.stats(name)  # ValueError for a store without statistics, saying how to add them
+    return out

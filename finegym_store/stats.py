@@ -41,11 +41,19 @@ def missing_message(store: Store, column: str) -> str:
 
 
 def add_stats(source: Store | str | os.PathLike[str], out: str | os.PathLike[str], *,
-              overwrite: bool = False) -> Store:
+              stats_from: Store | str | os.PathLike[str] | None = None, overwrite: bool = False) -> Store:
     """Write ``source`` with per-channel statistics (format version 3) to
     ``out`` and return it opened. Every column, id, label, the hierarchy and
     the provenance are copied (attrs gain a ``selected_from`` entry naming
     the source); the writer computes the statistics as it writes each column.
+
+    ``stats_from`` (a store or its path or URL): every column gets that
+    store's statistics of the column of the same name instead, so that
+    ``normalize=True`` on a validation store standardises with its training
+    store's mean and deviation. Each column needs a column of that name and
+    channel count there, with statistics (ValueError naming the column
+    otherwise). ``attrs["stats_from"]`` records the store and its row
+    counts; :meth:`Store.stats` then reports those counts.
 
     ``out`` may be ``source`` itself with ``overwrite=True``: the new file is
     written beside it and renamed over it once complete (a symlink's target
@@ -58,24 +66,28 @@ def add_stats(source: Store | str | os.PathLike[str], out: str | os.PathLike[str
     store = source if isinstance(source, Store) else open_store(source)
     if not isinstance(overwrite, bool):
         raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
+    if stats_from is not None and not isinstance(stats_from, (Store, str, os.PathLike)):
+        raise TypeError(f"stats_from must be a Store, a path or None, got {type(stats_from).__name__}")
+    given = stats_from if stats_from is None or isinstance(stats_from, Store) else open_store(stats_from)
     out = os.fspath(out)
-    how = "every row, to add per-channel statistics"
+    how = "every row, to add per-channel statistics" if given is None else \
+        "every row, with the per-channel statistics of another store"
     local = "://" not in store.path
     if not local and out == store.path:
         raise ValueError(f"{out} is a remote store: it cannot be replaced in place; write the copy elsewhere "
                          "(out=PATH, finegym-store stats URL --output PATH)")
     if not (local and os.path.exists(out) and os.path.samefile(out, store.path)):
-        return sel.select(store, slice(None), out, overwrite=overwrite, how=how)
+        return sel.select(store, slice(None), out, overwrite=overwrite, how=how, stats_from=given)
     if not overwrite:
         raise FileExistsError(f"{out} is the source store; pass overwrite=True to replace it with a copy that "
                               "holds statistics")
-    if store.format_version >= 3:
+    if store.format_version >= 3 and given is None:
         return store  # it holds them already: nothing to replace
     target = os.path.realpath(out)
     folder, name = os.path.split(target)
     temp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}.stats.tmp")
     try:
-        sel.select(store, slice(None), temp, overwrite=False, how=how)
+        sel.select(store, slice(None), temp, overwrite=False, how=how, stats_from=given)
         os.replace(temp, target)
     finally:
         if os.path.lexists(temp):

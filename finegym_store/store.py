@@ -449,14 +449,21 @@ class Store:
     def stats(self, column: str) -> ColumnStats:
         """Per-channel mean and standard deviation of ``column`` over every
         stored row (:class:`finegym_store.stats.ColumnStats`; copies, read and
-        checked at open). ValueError for a store of format version 1 or 2,
-        which holds none, saying how to add them (``finegym-store stats``)."""
+        checked at open). A store written with another store's statistics
+        (``add_stats(..., stats_from=TRAIN)``) gives those, with that store's
+        row count; ``attrs["stats_from"]`` names it. ValueError for a store of
+        format version 1 or 2, which holds none, saying how to add them
+        (``finegym-store stats``)."""
         self.column(column)  # KeyError naming the columns
         pair = self._reader.stats(column)
         if pair is None:
             raise ValueError(missing_message(self, column))
         col = self.column(column)
         count = len(self) * col.length if col.length is not None else int(col.offsets[-1])  # type: ignore[index]
+        given = self.attrs.get("stats_from")
+        counts = given.get("counts") if isinstance(given, dict) else None
+        if isinstance(counts, dict) and type(counts.get(column)) is int and counts[column] >= 0:
+            count = counts[column]
         return ColumnStats(pair[0], pair[1], count)
 
     def _copy_features(self, column: str, index: int, dtype: Any = None) -> np.ndarray:

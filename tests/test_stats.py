@@ -324,8 +324,8 @@ def test_in_place_interrupted_leaves_the_source_and_no_temporary(old_store, tmp_
 import os, signal, finegym_store as fgs
 from finegym_store import _write
 real = _write.ColumnWriter.close
-def close(self, lengths):
-    real(self, lengths)
+def close(self, *args):
+    real(self, *args)
     os.kill(os.getpid(), signal.SIGKILL)
 _write.ColumnWriter.close = close
 fgs.add_stats({str(old_store)!r}, {str(old_store)!r}, overwrite=True)
@@ -349,3 +349,114 @@ def test_store_dataset_normalises(stores):
     np.testing.assert_array_equal(ds[2][0].numpy(), want[2])
     loader = torch.utils.data.DataLoader(ds, batch_size=8, collate_fn=collate)
     np.testing.assert_array_equal(next(iter(loader)).features.numpy(), want)
+
+
+# -- another store's statistics (stats_from / --from) ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def train(tmp_path_factory):
+    """A 'training' store: the columns of `stores`, other values (other means and deviations)."""
+    rng = np.random.default_rng(11)
+    ids = synth.make_ids(30, seed=9)
+    fixed = {k: rng.normal(50, 7, (12, 24)).astype(np.float32) for k in ids}
+    ragged = {k: rng.normal(-4, 0.5, (int(t), 5)).astype(np.float32) for k, t in zip(ids, rng.integers(1, 6, 30))}
+    return fgs.convert({"fix": fixed, "rag": ragged}, tmp_path_factory.mktemp("train") / "train.fgs",
+                       progress=False)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_stats_from_gives_the_training_statistics(stores, train, tmp_path, dtype):
+    val = stores[dtype]
+    out = fgs.add_stats(val, tmp_path / "val.fgs", stats_from=train.path)
+    assert out.verify() == [] and out.format_version == 3
+    for column in ("fix", "rag"):
+        mine, theirs = out.stats(column), train.stats(column)
+        np.testing.assert_array_equal(mine.mean, theirs.mean)
+        np.testing.assert_array_equal(mine.std, theirs.std)
+        assert mine.count == theirs.count != val.stats(column).count
+        np.testing.assert_array_equal(np.asarray(out.column(column).values), np.asarray(val.column(column).values))
+    assert out.attrs["stats_from"] == {"path": os.path.abspath(train.path),
+                                       "counts": {c: train.stats(c).count for c in ("fix", "rag")}}
+    assert out.ids.to_list() == val.ids.to_list()
+    # normalize=True standardises with the training statistics, bit for bit as numpy does.
+    idx = np.arange(len(out))
+    plain = out.gather("fix", idx, num_segments=3, mode="test", dtype="float32")
+    got = out.gather("fix", idx, num_segments=3, mode="test", dtype="float32", normalize=True)
+    np.testing.assert_array_equal(got, _reference(train, "fix", plain))
+    assert not np.array_equal(got, val.gather("fix", idx, num_segments=3, mode="test", dtype="float32",
+                                              normalize=True))
+    # A selection of it computes its own rows' statistics again and drops the record.
+    sub = out.select(slice(0, 10), tmp_path / "sub.fgs")
+    np.testing.assert_allclose(sub.stats("fix").mean, _expected(sub, "fix")[0], rtol=1e-6)
+    assert "stats_from" not in sub.attrs and sub.stats("fix").count == 10 * 12
+
+
+def test_stats_from_refuses_other_columns_and_stores_without_statistics(stores, train, old_store, tmp_path):
+    other = fgs.convert({"fix": {k: np.ones((12, 24), np.float32) for k in _ids(4)}}, tmp_path / "one.fgs",
+                        progress=False)
+    with pytest.raises(ValueError, match=r"has no column 'rag' \(it has fix\)"):
+        fgs.add_stats(stores["float32"], tmp_path / "a.fgs", stats_from=other)
+    narrow = fgs.convert({"fix": {k: np.ones((12, 8), np.float32) for k in _ids(4)},
+                          "rag": {k: np.ones((2, 5), np.float32) for k in _ids(4)}}, tmp_path / "narrow.fgs",
+                         progress=False)
+    with pytest.raises(ValueError, match="column 'fix' has 8 channels in .*narrow.fgs but 24 in"):
+        fgs.add_stats(stores["float32"], tmp_path / "a.fgs", stats_from=narrow)
+    v2 = fgs.open(old_store)
+    with pytest.raises(ValueError, match="format version 2.*finegym-store stats"):
+        fgs.add_stats(v2, tmp_path / "a.fgs", stats_from=v2)
+    with pytest.raises(TypeError, match="stats_from must be a Store, a path or None, got int"):
+        fgs.add_stats(stores["float32"], tmp_path / "a.fgs", stats_from=3)
+    assert not (tmp_path / "a.fgs").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["narrow.fgs", "old.fgs", "one.fgs"]
+
+
+def test_stats_from_a_version_2_store_into_a_copy(old_store, tmp_path):
+    # The usual upgrade: an old validation store given its (upgraded) training store's statistics.
+    upgraded = fgs.add_stats(old_store, tmp_path / "train3.fgs")
+    out = fgs.add_stats(old_store, tmp_path / "val3.fgs", stats_from=upgraded)
+    for name in out.columns:
+        np.testing.assert_array_equal(out.stats(name).mean, upgraded.stats(name).mean)
+
+
+def test_cli_stats_from(stores, train, tmp_path, capsys):
+    val = stores["float32"].path
+    assert main(["stats", val, "--from", train.path]) == 2
+    err = capsys.readouterr().err
+    assert f"--from {train.path}" in err and "--output OUT" in err and "--in-place" in err
+    assert main(["stats", val, "--from", str(tmp_path / "absent.fgs"), "--output", str(tmp_path / "o.fgs")]) == 2
+    assert "--from: no such file" in capsys.readouterr().err
+    out = tmp_path / "val.fgs"
+    assert main(["stats", val, "--from", train.path, "--output", str(out)]) == 0
+    assert f"statistics of {train.path}" in capsys.readouterr().out
+    np.testing.assert_array_equal(fgs.open(out).stats("rag").std, train.stats("rag").std)
+    # --in-place over a store that already holds statistics replaces them with TRAIN's.
+    inode = os.stat(out).st_ino
+    assert main(["stats", str(out), "--in-place", "--from", val]) == 0
+    assert os.stat(out).st_ino != inode
+    np.testing.assert_array_equal(fgs.open(out).stats("rag").std, stores["float32"].stats("rag").std)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["val.fgs"]
+
+
+def test_a_damaged_stats_from_record_falls_back_to_the_own_row_count(train):
+    store = fgs.open(train.path)
+    own = store.stats("fix").count
+    for record in ({"counts": {"fix": "9"}}, {"counts": {"fix": -1}}, {"counts": ["fix"]}, "x", {"counts": None},
+                   {"counts": {"fix": True}}):
+        store.__dict__["attrs"] = {"stats_from": record}
+        assert store.stats("fix").count == own
+
+
+def test_the_writer_checks_given_statistics(tmp_path):
+    w = _core.Writer(str(tmp_path / "w.fgs"), 1, False)
+    with pytest.raises(RuntimeError, match="outside begin_features"):
+        w.set_feature_stats(np.zeros(4, np.float32))
+    w.begin_features("x", np.dtype(np.float32), 1, 2)
+    with pytest.raises(ValueError, match="has 2 channels: its statistics are 4 values .* got 3"):
+        w.set_feature_stats(np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="channel 1 has standard deviation -1.0+ \\(a finite value >= 0"):
+        w.set_feature_stats(np.array([0, 0, 1, -1], np.float32))
+    with pytest.raises(ValueError, match="channel 0 has mean nan"):
+        w.set_feature_stats(np.array([np.nan, 0, 1, 1], np.float32))
+    w.discard()
+    assert list(tmp_path.iterdir()) == []

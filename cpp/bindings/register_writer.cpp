@@ -56,6 +56,7 @@ void register_writer(py::module_& m) {
                 w.append_features(data, size);
             },
             py::arg("rows"))
+        .def("set_feature_stats", &StoreWriter::set_feature_stats, py::arg("mean_then_std"))
         .def("end_features", &StoreWriter::end_features, py::arg("row_counts") = std::vector<std::int64_t>{})
         .def("commit", &StoreWriter::commit, py::call_guard<py::gil_scoped_release>())
         .def("discard", &StoreWriter::discard);

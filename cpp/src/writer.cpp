@@ -6,6 +6,7 @@
 
 #include <array>
 #include <cerrno>
+#include <cmath>
 #include <cstring>
 #include <random>
 #include <stdexcept>
@@ -195,6 +196,26 @@ void StoreWriter::begin_features(const std::string& column, DType dtype, std::ui
     block_fill_ = 0;
     block_sums_.clear();
     stats_ = ChannelStats(channels);
+    stats_given_.clear();
+}
+
+void StoreWriter::set_feature_stats(const std::vector<float>& mean_then_std) {
+    if (!in_features_) throw std::logic_error("set_feature_stats() outside begin_features()/end_features()");
+    const std::size_t c = static_cast<std::size_t>(feat_channels_);
+    if (mean_then_std.size() != 2 * c)
+        throw std::invalid_argument("column '" + feat_column_ + "' has " + std::to_string(c) +
+                                    " channels: its statistics are " + std::to_string(2 * c) +
+                                    " values (C means, then C standard deviations), got " +
+                                    std::to_string(mean_then_std.size()));
+    for (std::size_t k = 0; k < 2 * c; ++k) {
+        const float v = mean_then_std[k];
+        const bool is_std = k >= c;
+        if (!std::isfinite(v) || (is_std && v < 0))
+            throw std::invalid_argument("column '" + feat_column_ + "': channel " + std::to_string(is_std ? k - c : k) +
+                                        " has " + (is_std ? "standard deviation " : "mean ") + std::to_string(v) +
+                                        (is_std ? " (a finite value >= 0 is needed)" : " (a finite value is needed)"));
+    }
+    stats_given_ = mean_then_std;
 }
 
 void StoreWriter::hash_blocks(const unsigned char* data, std::size_t size) {
@@ -237,7 +258,7 @@ void StoreWriter::end_features(const std::vector<std::int64_t>& row_counts) {
         const std::string base = std::string(schema::kFeaturePrefix) + feat_column_;
         add_section(base + std::string(schema::kBlocksSuffix), DType::Int64, {block_sums_.size()},
                     block_sums_.data(), block_sums_.size() * sizeof(std::int64_t));
-        const std::vector<float> stats = stats_.result();
+        const std::vector<float> stats = stats_given_.empty() ? stats_.result() : stats_given_;
         add_section(base + std::string(schema::kStatsSuffix), DType::Float32, {2, feat_channels_}, stats.data(),
                     stats.size() * sizeof(float));
     };

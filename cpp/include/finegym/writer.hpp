@@ -41,6 +41,10 @@ public:
     void begin_features(const std::string& column, DType dtype, std::uint64_t segments, std::uint64_t channels);
     void append_features(const void* data, std::size_t size);
     void end_features(const std::vector<std::int64_t>& row_counts);
+    // Statistics for the open feature column given, not computed: its end()
+    // writes these 2 x C float32 values (C means, then C standard
+    // deviations; finite, deviations >= 0) instead of the rows' own.
+    void set_feature_stats(const std::vector<float>& mean_then_std);
 
     // Validates the schema, writes table and header, fsyncs, names the file.
     void commit();
@@ -85,6 +89,7 @@ private:
     std::vector<std::int64_t> block_sums_;
     // Per-channel statistics of the feature column being streamed.
     ChannelStats stats_;
+    std::vector<float> stats_given_;  // set_feature_stats(); empty: the rows' own
 };
 
 }  // namespace finegym
