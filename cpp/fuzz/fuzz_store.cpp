@@ -88,6 +88,18 @@ void read_views(const StoreReader& r) {
     }
 }
 
+template <typename Fn>
+void expecting_errors(Fn&& fn) {
+    try {
+        fn();
+    } catch (const FormatError&) {
+    } catch (const IoError&) {
+    } catch (const NotFound&) {
+    } catch (const std::out_of_range&) {
+    } catch (const std::invalid_argument&) {
+    }
+}
+
 // The guarded paths: gather and string copies.
 void read_guarded(const StoreReader& r, ThreadPool& pool) {
     const auto n = r.num_instances();
@@ -105,6 +117,16 @@ void read_guarded(const StoreReader& r, ThreadPool& pool) {
             options.threads = 1;
             std::vector<unsigned char> out(idx.size() * 3 * row * 2);
             gather(r, col, idx.data(), n == 0 ? 0 : idx.size(), spec, options, out.data(), pool);
+            // Standardised (the statistics as the input gives them) into
+            // rows with a gap after each, as a concatenated gather writes.
+            if (!col.has_stats) continue;
+            spec.normalize = true;
+            spec.out_dtype = DType::Float32;
+            const std::size_t stride = col.channels * 4 + 12;
+            std::vector<unsigned char> strided(idx.size() * 3 * stride);
+            expecting_errors([&] {
+                gather(r, col, idx.data(), n == 0 ? 0 : idx.size(), spec, options, strided.data(), pool, stride);
+            });
         }
     }
     for (const char* base : {"ids", "meta/video", "classes/name", "classes/event"}) {
@@ -120,17 +142,6 @@ void read_guarded(const StoreReader& r, ThreadPool& pool) {
     }
 }
 
-template <typename Fn>
-void expecting_errors(Fn&& fn) {
-    try {
-        fn();
-    } catch (const FormatError&) {
-    } catch (const IoError&) {
-    } catch (const NotFound&) {
-    } catch (const std::out_of_range&) {
-    } catch (const std::invalid_argument&) {
-    }
-}
 
 }  // namespace
 

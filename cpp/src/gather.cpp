@@ -163,7 +163,11 @@ struct Normalizer {
 // the package targets and for AVX2, picked at load time by the CPU it runs
 // on (target_clones: an ifunc). Same operations, in the same order, so the
 // results are bit for bit the same; AVX2 only does 8 at a time instead of 4.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__ELF__)
+// Not in sanitizer builds: the ifunc resolver runs while the program is
+// relocated, before the sanitizer's runtime is up, and its instrumented
+// code crashes there (ThreadSanitizer: SIGSEGV in the resolver).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__ELF__) && \
+    !defined(__SANITIZE_THREAD__) && !defined(__SANITIZE_ADDRESS__)
 #define FINEGYM_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define FINEGYM_SIMD_CLONES

@@ -86,6 +86,22 @@ std::vector<float> run_gather(const StoreReader& r, const std::vector<std::int64
     return out;
 }
 
+// Standardised (the column's statistics, read by every thread) into rows of
+// kC + 3 floats, as a concatenated multi-column gather writes them; the 3
+// floats after each row are left as they were.
+std::vector<float> run_normalized_strided(const StoreReader& r, const std::vector<std::int64_t>& idx,
+                                          unsigned threads) {
+    const auto& col = r.column("x");
+    auto spec = spec_for(SampleMode::Train);
+    spec.normalize = true;
+    spec.out_dtype = DType::Float32;
+    const std::size_t stride = kC + 3;
+    std::vector<float> out(idx.size() * output_rows(col, spec) * stride, -1.0f);
+    gather(r, col, idx.data(), idx.size(), spec, options_for(threads), out.data(), *ThreadPool::shared(threads),
+           stride * sizeof(float));
+    return out;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -97,6 +113,8 @@ int main(int argc, char** argv) {
     for (std::uint64_t i = 0; i < kN; ++i) idx[i] = static_cast<std::int64_t>((i * 37) % kN);
     const auto ref_train = run_gather(reader, idx, 1, SampleMode::Train);
     const auto ref_test = run_gather(reader, idx, 1, SampleMode::Test);
+    const auto ref_norm = run_normalized_strided(reader, idx, 1);
+    require(ref_norm[kC] == -1.0f && ref_norm[kC + 3] != -1.0f, "a strided gather leaves the gap");
 
     std::atomic<bool> stop{false};
     std::atomic<long> rounds{0};
@@ -108,6 +126,7 @@ int main(int argc, char** argv) {
             for (unsigned i = 0; !stop.load() || i < 10; ++i) {
                 const unsigned n = 1 + (i + t) % 8;
                 require(run_gather(reader, idx, n, SampleMode::Train) == ref_train, "concurrent gather");
+                require(run_normalized_strided(reader, idx, n) == ref_norm, "concurrent normalised strided gather");
                 ++rounds;
                 if (i > 200) break;
             }
