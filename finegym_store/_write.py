@@ -100,16 +100,16 @@ class ColumnWriter:
                 self._pending[k] = None
                 f.result()
 
-    def close(self, lengths: np.ndarray | None, stats: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+    def close(self, lengths: np.ndarray | None, stats: Any = None) -> None:
         """Write what is staged and end the column; ``lengths`` gives every
-        instance's T for a ragged column, None for a fixed one. ``stats``
-        (mean, std), each (C,): the column's statistics as given, instead of
-        those of its rows."""
+        instance's T for a ragged column, None for a fixed one. ``stats`` (a
+        :class:`finegym_store.ColumnStats`): the column's statistics as
+        given, instead of those of its rows."""
         if self._used:
             self._submit()
         self.wait()
         if stats is not None:
-            self._writer.set_feature_stats(np.concatenate([np.asarray(v, np.float32).ravel() for v in stats]))
+            self._writer.set_feature_stats(np.concatenate([stats.mean, stats.std]).astype(np.float32, copy=False))
         self._writer.end_features(np.asarray([], np.int64) if lengths is None else np.asarray(lengths, np.int64))
 
 

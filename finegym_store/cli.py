@@ -550,8 +550,8 @@ def _check_paths(args: argparse.Namespace) -> None:
     --json, ...) and what to do."""
     if args.command in ("info", "verify", "export", "select", "stats"):
         _check_store("STORE", args.store)
-    if args.command == "stats" and args.stats_from is not None:
-        _check_store("--from", args.stats_from)
+        if args.command == "stats" and args.stats_from is not None:
+            _check_store("--from", args.stats_from)
     elif args.command == "probe":
         for k, path in enumerate(args.stores):
             _check_store("VAL" if k % 2 else "TRAIN", path)

@@ -18,6 +18,7 @@ import numpy as np
 
 from ._write import STAGING_BYTES, StoreWriter
 from .finegym import Categories, read_split
+from .stats import given_stats
 
 if TYPE_CHECKING:
     from .store import Store
@@ -160,13 +161,13 @@ def select(store: Store, rows_or_ids: Any, out: str | os.PathLike[str], *, overw
     source_attrs = store.attrs
     attrs = {k: v for k, v in source_attrs.items() if k not in _FRESH}
     attrs["selected_from"] = {
-        "path": os.path.abspath(store.path),
+        "path": _where(store),
         "instances": len(store),
         "selected": int(len(rows)),
         "how": how,
         **({"selected_from": source_attrs["selected_from"]} if "selected_from" in source_attrs else {}),
     }
-    given = None if stats_from is None else _given_stats(store, stats_from)
+    given = None if stats_from is None else given_stats(store, stats_from)
     if given is not None:
         attrs["stats_from"] = {"path": _where(stats_from), "counts": {k: v.count for k, v in given.items()}}
     all_ids = store.ids.to_list()
@@ -184,12 +185,12 @@ def select(store: Store, rows_or_ids: Any, out: str | os.PathLike[str], *, overw
                 for a in range(0, len(rows), step):
                     chunk = store.gather(name, rows[a : a + step], num_segments=None, mode="test")
                     w.append(chunk.reshape(-1, col.channels))
-                w.close(None, _pair(given, name))
+                w.close(None, None if given is None else given[name])
             else:
                 store._ensure_rows(name, rows)  # a remote store: all these rows in parallel requests, once
                 for r in rows.tolist():
                     w.append(store.features(name, r))
-                w.close(col.lengths()[rows], _pair(given, name))
+                w.close(col.lengths()[rows], None if given is None else given[name])
         writer.finish(ids, labels, cats, attrs, labels_from=store.path, categories_from=f"{store.path}'s hierarchy",
                       name=os.path.basename(store.path),
                       allow_label_mismatch=bool(source_attrs.get("label_mismatch_allowed")),
@@ -201,24 +202,3 @@ def _where(store: Store) -> str:
     """A store's absolute path, or its URL."""
     return store.path if "://" in store.path else os.path.abspath(store.path)
 
-
-def _pair(given: dict[str, Any] | None, column: str) -> tuple[np.ndarray, np.ndarray] | None:
-    return None if given is None else (given[column].mean, given[column].std)
-
-
-def _given_stats(store: Store, source: Store) -> dict[str, Any]:
-    """The statistics of ``source`` for every column of ``store``: a column
-    of the same name and channel count with statistics, or ValueError
-    naming the column, both stores and what differs."""
-    out = {}
-    for name in store.columns:
-        if name not in source.columns:
-            raise ValueError(f"stats_from: {source.path} has no column {name!r} (it has {', '.join(source.columns)}); "
-                             f"{store.path} needs statistics for each of its columns "
-                             f"({', '.join(store.columns)})")
-        mine, theirs = store.column(name).channels, source.column(name).channels
-        if mine != theirs:
-            raise ValueError(f"stats_from: column {name!r} has {theirs} channels in {source.path} but {mine} in "
-                             f"{store.path}; statistics apply only to a column of the same features")
-        out[name] = source.stats(name)  # ValueError for a store without statistics, saying how to add them
-    return out

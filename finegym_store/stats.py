@@ -93,3 +93,22 @@ def add_stats(source: Store | str | os.PathLike[str], out: str | os.PathLike[str
         if os.path.lexists(temp):
             os.unlink(temp)
     return Store(target)
+
+
+def given_stats(store: Store, source: Store) -> dict[str, ColumnStats]:
+    """The statistics of ``source`` for every column of ``store``
+    (``add_stats(stats_from=...)``): a column of the same name and channel
+    count with statistics, or ValueError naming the column, both stores and
+    what differs."""
+    out = {}
+    for name in store.columns:
+        if name not in source.columns:
+            raise ValueError(f"stats_from: {source.path} has no column {name!r} (it has {', '.join(source.columns)}); "
+                             f"{store.path} needs statistics for each of its columns "
+                             f"({', '.join(store.columns)})")
+        mine, theirs = store.column(name).channels, source.column(name).channels
+        if mine != theirs:
+            raise ValueError(f"stats_from: column {name!r} has {theirs} channels in {source.path} but {mine} in "
+                             f"{store.path}; statistics apply only to a column of the same features")
+        out[name] = source.stats(name)  # ValueError for a store without statistics, saying how to add them
+    return out

@@ -465,6 +465,12 @@ def test_cli_info_and_verify_open_urls(served, local_scratch, capsys):
     assert "fix" in capsys.readouterr().out
     assert main(["stats", url, "--in-place"]) == 2
     assert "remote store: it cannot be replaced in place" in capsys.readouterr().err
+    # A copy with a remote store's statistics records the URLs, not paths made of them.
+    out = local_scratch / "copy.fgs"
+    assert main(["stats", url, "--from", url, "--output", str(out)]) == 0
+    copy = fgs.open(out)
+    assert copy.attrs["selected_from"]["path"] == url and copy.attrs["stats_from"]["path"] == url
+    np.testing.assert_array_equal(copy.stats("fix").mean, fgs.open(url, cache_dir=local_scratch).stats("fix").mean)
 
 
 def test_docs_example(served, moto, tmp_path, monkeypatch):
